@@ -1,0 +1,339 @@
+// layout.hpp: the shared-memory heap, as every process sees it.
+//
+// Design
+// ======
+// shmalloc is Go's heap (runtime/malloc.go, mheap.go, mcentral.go,
+// mcache.go) moved into one named POSIX shared-memory object that several
+// processes map at once, each at its own address. One daemon, shmallocd,
+// owns the page heap (mheap) and the per-span-class lists (mcentral); client
+// processes keep per-thread caches of spans (mcache) and allocate from them
+// without a lock, a syscall or a round trip.
+//
+// The structures, as in Go:
+//
+//   page     8 KiB of heap (Go's _PageSize), independent of the OS page.
+//   arena    64 MiB of pages (Go's heapArenaBytes on 64-bit Linux).
+//   mspan    a run of pages serving one span class, or one large object.
+//   size class  one of Go 1.23's 67 object sizes, 8 B .. 32 KiB
+//            (size_classes.hpp). A span class is size class * 2 + noscan:
+//            136 span classes, 0 and 1 tagging large-object spans.
+//   mheap    free page runs, growth, and the scavenger (mheap.hpp).
+//   mcentral per span class, spans with free objects ("partial") and
+//            spans without ("full") (mcentral.hpp).
+//   mcache   per client thread: one span per span class (client/, later).
+//
+// Map of the segment (offsets from the segment base; every region's offset
+// and size is recorded in segment_header::regions, computed by
+// compute_layout() from the capacity):
+//
+//   0            segment_header     identity, layout facts, region map
+//   +            mheap_state        accounting, span pool, mcentral[136]
+//   page_map     uint32 per page: span_id+1 of the in-use span covering it
+//   page_bits    1 bit per page: 1 = not free (in use, or not committed)
+//   page_summary segment tree over page_bits (see page_alloc.hpp)
+//   chunks       per 4 MiB chunk: when a page in it was last freed
+//   released     1 bit per page: free and returned to the OS
+//   spans        the mspan table (Go's mspan fixalloc)
+//   caches       mcache slots: per-thread statistics blocks
+//   arenas       the heap pages; starts 64 MiB-aligned
+//
+// The segment's file is sized to the whole map at creation but is sparse:
+// memory is committed with posix_fallocate (see segment.hpp) when the heap
+// grows, in steps of at least one 4 MiB chunk as Go grows, so that a full
+// /dev/shm is a clean error at growth time and never a SIGBUS later. The
+// scavenger returns idle pages with FALLOC_FL_PUNCH_HOLE (MADV_DONTNEED
+// frees nothing on shared tmpfs) and they are committed again before reuse.
+//
+// The allocation path
+// -------------------
+// A client thread allocates from the span its mcache holds for the span
+// class: it finds a clear bit in mspan::alloc_bits, sets it and returns
+// base + index * size. The bitmap lives here, in the segment, and the bit is
+// set before the object is returned, so if the process dies at any
+// instruction the daemon sees every object that might be in use and never
+// hands one out twice (at most the objects in flight leak). When the span is
+// full the thread asks for another: from its process's pool, else from the
+// daemon, which takes one from mcentral (sweeping remote frees into it
+// first) or carves a new one out of mheap, growing the heap if it must.
+// Objects over 32 KiB get a span of their own straight from mheap.
+//
+// The free path
+// -------------
+// Any thread of any process may free any object. The handle gives the page,
+// page_map gives the span. The thread that holds the span (mspan::owner_cache
+// is its cache id) clears the bit itself. Anyone else pushes the object on
+// the span's lock-free remote-free stack (mspan::remote_free; the link is
+// written into the freed object). The holder folds that stack into the
+// bitmap when its span runs dry; the daemon folds it ("sweeps") for spans it
+// holds, and returns spans left with no object to mheap, so memory never
+// stays stuck in one size class.
+//
+// Who writes what
+// ---------------
+//   segment_header   the creating process, once, before it publishes
+//                    state = ready (release); attachers read it after an
+//                    acquire load of state, and never write it.
+//   mheap_state      the daemon only (single writer). Other processes read
+//                    heap_accounts through relaxed atomic loads.
+//   page_map, page_bits, page_summary, chunks, released
+//                    the daemon only. Clients read page_map entries of pages
+//                    that hold objects they free; those entries do not change
+//                    while the object is live.
+//   mspan            geometry and list links: the daemon, while it holds the
+//                    span (state central) or hands it out. alloc_bits: only
+//                    the current holder (one client thread, or the daemon).
+//                    owner_cache: the holding client thread (relaxed atomic;
+//                    only it ever stores its own id there, so a racing reader
+//                    can never mistake itself for the holder). remote_free:
+//                    any process, by CAS push; the holder by exchange.
+//                    state: the daemon (relaxed atomic; freers read it).
+//   mcache_slot      stats: the one client thread owning the slot, relaxed
+//                    single-writer stores (never read-modify-write); the
+//                    daemon reads them. client: the daemon.
+//
+// Every atomic in the segment is static_asserted lock-free (shared_atomic.hpp):
+// lock-based atomics would put a process-local lock around shared data.
+//
+// Where we differ from Go, and why
+// --------------------------------
+// - Objects are freed explicitly; there is no garbage collector. Go frees by
+//   sweeping mark bits; we clear alloc bits on free and keep a remote-free
+//   stack per span for frees from other threads and processes.
+// - mheap's free pages are a bitmap with a segment tree of (start, end, max)
+//   free-run summaries (page_alloc.hpp), a simpler cousin of Go's radix
+//   summaries: O(log n) first fit at the lowest address, as Go does.
+// - The alloc bitmap is part of mspan (1024 bits, Go's maxObjsPerSpan)
+//   rather than in separate gcBits arenas: one table, one commit policy.
+// - No malloc headers, so every size up to 32 KiB is small (size_classes.hpp).
+// - Freshly grown memory is committed (fallocated), so it counts as idle,
+//   not released, unlike Go's Prepared state.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "shm/ids.hpp"
+#include "shm/shared_atomic.hpp"
+#include "shm/size_classes.hpp"
+
+namespace shmalloc {
+
+// ---------------------------------------------------------------------------
+// Constants
+// ---------------------------------------------------------------------------
+
+inline constexpr std::uint64_t heap_magic = 0x636f6c6c616d6873ULL;  // "shmalloc", little endian
+inline constexpr std::uint32_t layout_version = 1;
+inline constexpr std::uint64_t arena_bytes = 64ULL << 20;           // Go: heapArenaBytes
+inline constexpr std::uint32_t pages_per_arena = arena_bytes / page_size;
+inline constexpr std::uint32_t chunk_pages = 512;                   // Go: pallocChunkPages
+inline constexpr std::uint64_t chunk_bytes = std::uint64_t{chunk_pages} * page_size;  // 4 MiB growth step
+inline constexpr std::uint64_t default_capacity = 4ULL << 30;
+inline constexpr std::uint64_t min_capacity = chunk_bytes;
+inline constexpr std::uint64_t max_capacity = 1ULL << 40;           // 1 TiB: page ids fit 28 bits
+inline constexpr std::uint32_t default_max_caches = 1024;
+inline constexpr std::uint64_t os_page = 4096;                      // commit granularity of metadata
+inline constexpr std::uint32_t bitmap_words = max_objects_per_span / 64;
+
+// ---------------------------------------------------------------------------
+// Statistics blocks (mimalloc's MI_STAT_FIELDS pattern): every counter is
+// declared once here; metrics and checkers iterate the same list.
+// ---------------------------------------------------------------------------
+
+// X(name, help) for scalar monotonic counters kept per mcache.
+#define SHMALLOC_STAT_COUNTERS(X)                                                 \
+  X(large_allocs, "large objects allocated")                                      \
+  X(large_frees, "large objects freed")                                           \
+  X(large_alloc_bytes, "bytes of large objects allocated (whole pages)")          \
+  X(large_free_bytes, "bytes of large objects freed (whole pages)")               \
+  X(tiny_allocs, "objects packed by the tiny allocator")                          \
+  X(remote_frees, "objects freed into spans held by another thread or process")   \
+  X(refills, "spans taken from the process pool or the daemon")
+
+// Counters one cache (or the daemon) writes. Single writer: bump() with a
+// relaxed load and store, never a read-modify-write.
+struct stats_block {
+  shared_atomic<std::uint64_t> small_allocs[num_size_classes];
+  shared_atomic<std::uint64_t> small_frees[num_size_classes];
+#define SHMALLOC_X(name, help) shared_atomic<std::uint64_t> name;
+  SHMALLOC_STAT_COUNTERS(SHMALLOC_X)
+#undef SHMALLOC_X
+};
+
+// One per client thread cache; slot 0 belongs to the daemon itself (and to
+// a standalone heap user such as the foundation demo and tests).
+struct mcache_slot {
+  shared_atomic<std::uint32_t> client;  // daemon writes: client id using the slot, 0 = free
+  std::uint32_t reserved;
+  std::uint64_t reserved2;
+  stats_block stats;                  // the slot's thread writes
+};
+
+// ---------------------------------------------------------------------------
+// mspan: a span descriptor (Go's mspan), one entry of the span table.
+// ---------------------------------------------------------------------------
+
+enum class mspan_state : std::uint8_t {
+  dead = 0,     // descriptor unused (on the span pool's free list)
+  central = 1,  // small span held by the daemon, on an mcentral list
+  cached = 2,   // small span held by a client (owner_client)
+  large = 3,    // large object's span; owner_client holds it
+};
+
+struct mspan {
+  // Geometry: written by the daemon when it carves the span; constant while
+  // the span is in use.
+  page_id start;
+  std::uint32_t npages;
+  std::uint32_t elem_size;  // bytes per object (npages * page_size for large)
+  std::uint16_t nelems;     // object slots
+  std::uint8_t span_class;  // span_class::value
+  shared_atomic<mspan_state> state;  // daemon writes; freers read (relaxed)
+
+  // mcentral / span-pool links: daemon only.
+  span_id next;
+  span_id prev;
+
+  std::uint32_t owner_client;              // daemon writes: client holding it, 0 = daemon
+  shared_atomic<std::uint32_t> owner_cache;  // holder thread writes: its cache id + 1, 0 = none
+  shared_atomic<std::uint32_t> remote_free;  // any process pushes: object index + 1, 0 = empty
+  std::uint16_t alloc_count;               // live objects per alloc_bits (exact while daemon holds it)
+  std::uint16_t reserved;
+  std::uint64_t reserved2;
+
+  std::uint64_t alloc_bits[bitmap_words];  // 1 = allocated; written by the holder only
+};
+
+// ---------------------------------------------------------------------------
+// mheap and mcentral state.
+// ---------------------------------------------------------------------------
+
+// Per span class (Go's mcentral): spans with and without free objects held by
+// the daemon, and a count of spans out in client caches. Daemon only.
+struct mcentral_state {
+  span_id partial;  // list head: spans with at least one free slot
+  span_id full;     // list head: spans with none (may have pending remote frees)
+  std::uint32_t partial_count;
+  std::uint32_t full_count;
+  std::uint32_t cached_count;
+  std::uint32_t reserved;
+};
+
+// Per 4 MiB chunk: the scavenger's bookkeeping. Daemon only.
+struct chunk_info {
+  std::uint64_t last_free_ns;    // when a page in the chunk was last freed
+  std::uint32_t released_pages;  // pages of this chunk returned to the OS
+  std::uint32_t reserved;
+};
+
+// The span table's free list and commit watermark (Go's fixalloc). Daemon only.
+struct span_pool_state {
+  span_id free_head;       // chain through mspan::next
+  std::uint32_t committed; // descriptors backed by committed memory
+  std::uint32_t in_use;    // descriptors in use
+  std::uint32_t high_water;// descriptors ever handed out (table prefix in use)
+};
+
+// MemStats-style accounts. The daemon writes (single writer, relaxed
+// store); anyone reads. Bytes are derived from pages where they can be.
+struct heap_accounts {
+  shared_atomic<std::uint64_t> pages_committed;  // heap_sys / page_size
+  shared_atomic<std::uint64_t> pages_in_use;     // heap_inuse / page_size
+  shared_atomic<std::uint64_t> pages_released;   // heap_released / page_size
+  shared_atomic<std::uint64_t> metadata_committed_bytes;  // segment bytes committed outside arenas
+  shared_atomic<std::uint64_t> large_spans;      // large objects live
+  shared_atomic<std::uint64_t> large_pages;      // pages of live large objects
+  shared_atomic<std::uint64_t> grow_count;       // successful heap growths
+  shared_atomic<std::uint64_t> grow_failures;    // growths refused (capacity or no space)
+  shared_atomic<std::uint64_t> scavenged_bytes_total;  // bytes returned to the OS, cumulative
+  shared_atomic<std::uint64_t> recommitted_bytes_total;// released bytes committed again on reuse
+  shared_atomic<std::uint64_t> reclaimed_bytes_total;  // bytes taken back from dead clients
+  shared_atomic<std::uint64_t> caches_in_use;    // mcache slots assigned
+  shared_atomic<std::uint64_t> caches_committed; // mcache slots backed by committed memory
+};
+
+struct mheap_state {
+  heap_accounts accounts;
+  span_pool_state span_pool;
+  std::uint32_t reserved;
+  mcentral_state central[num_span_classes];
+  stats_block retired;  // counters of cache slots that were recycled (daemon writes)
+};
+
+// ---------------------------------------------------------------------------
+// The segment header and the map of the segment.
+// ---------------------------------------------------------------------------
+
+struct region {
+  std::uint64_t offset;
+  std::uint64_t bytes;
+};
+
+struct region_map {
+  region fixed;         // segment_header + mheap_state
+  region page_map;
+  region page_bits;
+  region page_summary;
+  region chunks;
+  region released;
+  region spans;
+  region caches;
+  region arenas;
+};
+
+enum class segment_state : std::uint32_t { initializing = 0, ready = 1 };
+
+struct segment_header {
+  std::uint64_t magic;
+  std::uint32_t layout_version;
+  std::uint32_t page_size;
+  std::uint64_t arena_bytes;
+  std::uint64_t capacity;             // bytes of the arena region (heap pages)
+  std::uint64_t size_class_checksum;  // size_class_table_checksum() of the creator
+  std::uint64_t instance_id;          // random, new for every heap created
+  std::uint64_t segment_bytes;        // size of the shared-memory object
+  std::uint32_t max_pages;
+  std::uint32_t max_spans;
+  std::uint32_t max_caches;
+  std::uint32_t summary_leaves;       // leaves of the page_summary tree (power of two)
+  std::uint32_t creator_pid;
+  shared_atomic<segment_state> state;   // creator stores ready (release) last
+  std::uint64_t created_unix_ns;
+  std::uint32_t mspan_size;           // sizeof(mspan) of the creator
+  std::uint32_t mcache_slot_size;     // sizeof(mcache_slot) of the creator
+  region_map regions;
+};
+
+// The fixed region: header then mheap state, at offset 0.
+struct segment_fixed {
+  segment_header header;
+  alignas(64) mheap_state heap;
+};
+
+// Computes the segment map for a capacity (bytes of heap, rounded up to whole
+// arenas) and a number of cache slots. Pure: attachers recompute it to check
+// the header they read.
+region_map compute_layout(std::uint64_t capacity, std::uint32_t max_caches,
+                          std::uint32_t* summary_leaves);
+
+// ---------------------------------------------------------------------------
+// Layout guarantees (more in layout.cpp).
+// ---------------------------------------------------------------------------
+
+// Every struct placed in the segment is trivially copyable and standard
+// layout, with its size pinned, so that a change of layout is a deliberate
+// layout_version bump. shared_atomic<T> asserts that each atomic is lock-free.
+template <class T>
+inline constexpr bool is_shareable_v = std::is_trivially_copyable_v<T> && std::is_standard_layout_v<T>;
+
+static_assert(is_shareable_v<mspan> && is_shareable_v<segment_header> && is_shareable_v<mheap_state>);
+static_assert(is_shareable_v<stats_block> && is_shareable_v<mcache_slot> && is_shareable_v<segment_fixed>);
+static_assert(sizeof(mspan) == 176);
+static_assert(sizeof(stats_block) == (2 * num_size_classes + 7) * 8);
+static_assert(sizeof(mcache_slot) == 16 + sizeof(stats_block));
+static_assert(sizeof(mcentral_state) == 24);
+static_assert(sizeof(chunk_info) == 16);
+
+}  // namespace shmalloc

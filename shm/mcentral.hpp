@@ -1,0 +1,58 @@
+// mcentral.hpp: per span class, the spans the daemon holds (Go's mcentral).
+//
+// "partial" spans have at least one free slot; "full" spans have none
+// except, perhaps, objects other processes freed since the daemon last
+// looked (pending on the span's remote-free stack). Sweeping folds those in:
+// a span that gains free slots moves to partial, and a span left with no
+// object goes back to mheap, so memory never stays stuck in one size class.
+//
+// cache_span hands a span with free slots to a client (Go's cacheSpan):
+// partial first, then full spans with pending remote frees (at most
+// sweep_budget of them, as Go's spanBudget), then a fresh span from mheap.
+// uncache_span takes one back. Both run on the daemon's thread only.
+#pragma once
+
+#include <cstdint>
+
+#include "shm/errc.hpp"
+#include "shm/layout.hpp"
+
+namespace shmalloc {
+
+class mheap;
+
+class mcentral {
+ public:
+  static constexpr std::uint32_t sweep_budget = 100;
+
+  mcentral(mheap& heap, span_class spc) noexcept;
+
+  // A span with at least one free slot, now held by client owner.
+  result<span_id> cache_span(std::uint32_t owner);
+  // A span a client gives back (or the daemon takes back from a dead
+  // client): its bitmap is recounted and its remote frees folded in.
+  error uncache_span(span_id id);
+  // Folds remote frees into up to budget spans this class holds. Returns
+  // the number of spans returned to mheap.
+  std::uint32_t sweep(std::uint32_t budget = sweep_budget);
+
+  mcentral_state& state() const noexcept { return *state_; }
+
+ private:
+  enum class list { partial, full };
+  void push(list l, span_id id) noexcept;
+  void unlink(list l, span_id id) noexcept;
+  span_id& head(list l) noexcept;
+  std::uint32_t& count(list l) noexcept;
+  // Folds remote frees and files the span on the list its count calls for
+  // (or frees it). Returns true if the span went back to mheap.
+  bool settle(span_id id, error* problem);
+  span_id take_swept_full();
+  span_id hand_out(span_id id, std::uint32_t owner) noexcept;
+
+  mheap* heap_;
+  span_class spc_;
+  mcentral_state* state_;
+};
+
+}  // namespace shmalloc

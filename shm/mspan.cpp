@@ -1,0 +1,108 @@
+#include "shm/mspan.hpp"
+
+#include "shm/segment.hpp"
+
+namespace shmalloc {
+
+heap_view heap_view::of(const segment& seg) noexcept {
+  const segment_header& h = seg.header();
+  heap_view v;
+  v.base = seg.base();
+  v.arenas = seg.base() + h.regions.arenas.offset;
+  v.page_map = seg.at<std::uint32_t>(h.regions.page_map.offset);
+  v.spans = seg.at<mspan>(h.regions.spans.offset);
+  v.max_pages = h.max_pages;
+  v.max_spans = h.max_spans;
+  return v;
+}
+
+span_id heap_view::span_at(handle_t h) const noexcept {
+  const auto arena_start = static_cast<handle_t>(arenas - base);
+  if (h < arena_start) return span_id::nil();
+  const std::uint64_t page = (h - arena_start) / page_size;
+  if (page >= max_pages) return span_id::nil();
+  const std::uint32_t entry = page_map[page];
+  if (entry == 0 || entry > max_spans) return span_id::nil();
+  return span_id{entry - 1};
+}
+
+errc heap_view::object_at(handle_t h, object_ref* out) const noexcept {
+  const span_id id = span_at(h);
+  if (!id) return errc::bad_handle;
+  const mspan& s = span(id);
+  const mspan_state st = s.state.load(std::memory_order_relaxed);
+  if (st == mspan_state::dead) return errc::bad_handle;
+  const std::uint64_t offset = h - handle_of(span_base(s));
+  const std::uint64_t size = object_bytes(s);
+  if (offset % size != 0 || offset / size >= s.nelems) return errc::bad_handle;
+  *out = {id, static_cast<std::uint32_t>(offset / size)};
+  return errc::ok;
+}
+
+std::int32_t span_alloc_object(mspan& s) noexcept {
+  for (std::uint32_t w = 0; w * 64 < s.nelems; ++w) {
+    const std::uint64_t free = ~s.alloc_bits[w];
+    if (free == 0) continue;
+    const std::uint32_t i = w * 64 + static_cast<std::uint32_t>(std::countr_zero(free));
+    if (i >= s.nelems) return -1;
+    s.alloc_bits[w] |= std::uint64_t{1} << (i % 64);
+    ++s.alloc_count;
+    return static_cast<std::int32_t>(i);
+  }
+  return -1;
+}
+
+errc span_free_local(mspan& s, std::uint32_t i) noexcept {
+  if (i >= s.nelems) return errc::bad_handle;
+  const std::uint64_t bit = std::uint64_t{1} << (i % 64);
+  if ((s.alloc_bits[i / 64] & bit) == 0) return errc::double_free;
+  s.alloc_bits[i / 64] &= ~bit;
+  --s.alloc_count;
+  return errc::ok;
+}
+
+namespace {
+std::uint32_t& link_of(const heap_view& v, const mspan& s, std::uint32_t i) noexcept {
+  return *reinterpret_cast<std::uint32_t*>(v.span_base(s) + std::uint64_t{i} * object_bytes(s));
+}
+}  // namespace
+
+void span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept {
+  std::uint32_t& link = link_of(v, s, i);
+  std::uint32_t top = s.remote_free.load(std::memory_order_relaxed);
+  do {
+    link = top;  // published by the release CAS below
+  } while (!s.remote_free.compare_exchange_weak(top, i + 1, std::memory_order_release, std::memory_order_relaxed));
+}
+
+std::uint32_t span_fold_remote(const heap_view& v, mspan& s, errc* status, std::string* why) noexcept {
+  *status = errc::ok;
+  std::uint32_t top = s.remote_free.exchange(0, std::memory_order_acquire);
+  std::uint32_t folded = 0;
+  while (top != 0) {
+    const std::uint32_t i = top - 1;
+    if (i >= s.nelems || folded >= s.nelems) {
+      *status = errc::corrupt;
+      if (why) *why = "remote-free list of span at page " + std::to_string(s.start.value) + " is corrupt";
+      return folded;
+    }
+    top = link_of(v, s, i);
+    if (span_free_local(s, i) != errc::ok) {
+      *status = errc::double_free;
+      if (why) *why = "object " + std::to_string(i) + " of span at page " + std::to_string(s.start.value) +
+                      " was freed twice (remote free of a free object)";
+      return folded;
+    }
+    ++folded;
+  }
+  return folded;
+}
+
+std::uint32_t count_remote_pending(const heap_view& v, const mspan& s) noexcept {
+  std::uint32_t n = 0;
+  for (std::uint32_t top = s.remote_free.load(std::memory_order_acquire); top != 0 && n <= s.nelems; ++n)
+    top = top - 1 < s.nelems ? link_of(v, s, top - 1) : 0;
+  return n;
+}
+
+}  // namespace shmalloc

@@ -1,0 +1,88 @@
+// mspan.hpp: what any process may do with a span it can see.
+//
+// heap_view is the process-local set of base pointers into a mapped heap
+// that both sides need: handle -> page -> span lookups (the free path) and
+// span -> object addresses (the allocation path). The span operations below
+// follow layout.hpp's rules on who writes what: alloc/free_local only by the
+// span's holder, push_remote by anyone, fold_remote by the holder.
+#pragma once
+
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "shm/check.hpp"
+#include "shm/errc.hpp"
+#include "shm/layout.hpp"
+
+namespace shmalloc {
+
+class segment;
+
+struct object_ref {
+  span_id span;
+  std::uint32_t index = 0;
+};
+
+// Base pointers into one mapping of a heap; cheap to copy.
+struct heap_view {
+  std::byte* base = nullptr;
+  std::byte* arenas = nullptr;        // base + regions.arenas.offset
+  std::uint32_t* page_map = nullptr;  // span_id + 1 per page, 0 = none
+  mspan* spans = nullptr;
+  std::uint32_t max_pages = 0;
+  std::uint32_t max_spans = 0;
+
+  static heap_view of(const segment& seg) noexcept;
+
+  mspan& span(span_id id) const noexcept { return spans[id.value]; }
+  span_id span_id_of(const mspan& s) const noexcept { return span_id{static_cast<std::uint32_t>(&s - spans)}; }
+  std::byte* span_base(const mspan& s) const noexcept { return arenas + std::uint64_t{s.start.value} * page_size; }
+  handle_t handle_of(const void* p) const noexcept { return static_cast<handle_t>(static_cast<const std::byte*>(p) - base); }
+  void* pointer(handle_t h) const noexcept { return base + h; }
+
+  // The in-use span covering handle h, or nil if h is not inside one
+  // (outside the arenas, in a free page, or a corrupt page_map entry).
+  span_id span_at(handle_t h) const noexcept;
+  // The object whose first byte is h; errc::bad_handle if h is not an
+  // object's start inside an in-use span.
+  errc object_at(handle_t h, object_ref* out) const noexcept;
+};
+
+// Bytes per object of a span: the class size, or the whole run for a large
+// object.
+inline std::uint64_t object_bytes(const mspan& s) noexcept {
+  return s.elem_size != 0 ? s.elem_size : std::uint64_t{s.npages} * page_size;
+}
+
+inline bool is_allocated(const mspan& s, std::uint32_t i) noexcept { return (s.alloc_bits[i / 64] >> (i % 64)) & 1; }
+
+inline std::uint32_t count_allocated(const mspan& s) noexcept {
+  std::uint32_t n = 0;
+  for (std::uint64_t w : s.alloc_bits) n += static_cast<std::uint32_t>(std::popcount(w));
+  return n;
+}
+
+// Holder only: the lowest free slot, marked allocated, or -1 if the span is
+// full. The generic scan; the client's fast path keeps a cached word.
+std::int32_t span_alloc_object(mspan& s) noexcept;
+
+// Holder only: frees slot i. errc::double_free if it was not allocated.
+errc span_free_local(mspan& s, std::uint32_t i) noexcept;
+
+// Any process: pushes slot i on the span's remote-free stack. The link to
+// the previous top is written into the object's first four bytes.
+void span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept;
+
+// Holder only: takes the whole remote-free stack and clears those slots'
+// bits. Returns the number of objects folded in. A slot that is out of range
+// or already free (a remote double free) or a cycle stops the fold with
+// errc::double_free or errc::corrupt in *status and a message in *why; the
+// objects folded until then stay folded.
+std::uint32_t span_fold_remote(const heap_view& v, mspan& s, errc* status, std::string* why) noexcept;
+
+// Objects waiting on the remote-free stack (walks it; the checker's use).
+std::uint32_t count_remote_pending(const heap_view& v, const mspan& s) noexcept;
+
+}  // namespace shmalloc

@@ -1,0 +1,169 @@
+#include <doctest/doctest.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "shm/verify.hpp"
+#include "support/test_heap.hpp"
+
+using namespace shmalloc;
+using shmalloc::test::test_heap;
+
+namespace {
+void require_healthy(mheap& h) {
+  const verify_report r = verify_heap(h);
+  REQUIRE_MESSAGE(r.ok(), r.summary());
+}
+
+void fill(mspan& s) {
+  while (span_alloc_object(s) >= 0) {
+  }
+}
+}  // namespace
+
+TEST_SUITE("mcentral") {
+  TEST_CASE("cache_span hands out a fresh span with every slot free") {
+    test_heap t;
+    mheap& h = *t.heap;
+    const auto spc = span_class::make(10, true);  // 128-byte noscan objects
+    auto id = h.central(spc).cache_span(4);
+    REQUIRE(id);
+    const mspan& s = h.span(*id);
+    CHECK(s.state.load() == mspan_state::cached);
+    CHECK(s.owner_client == 4);
+    CHECK(count_allocated(s) == 0);
+    CHECK(h.central(spc).state().cached_count == 1);
+    require_healthy(h);
+  }
+
+  TEST_CASE("a full span comes back on the full list and a partial one on the partial list") {
+    test_heap t;
+    mheap& h = *t.heap;
+    const auto spc = span_class::make(3, false);
+    mcentral c = h.central(spc);
+    auto full = *c.cache_span(1);
+    auto part = *c.cache_span(1);
+    fill(h.span(full));
+    span_alloc_object(h.span(part));
+    CHECK(!c.uncache_span(full).message.size());
+    CHECK(!c.uncache_span(part).message.size());
+    CHECK(c.state().full_count == 1);
+    CHECK(c.state().partial_count == 1);
+    CHECK(c.state().cached_count == 0);
+    require_healthy(h);
+    // The partial span is handed out before anything new is carved.
+    CHECK(c.cache_span(2)->value == part.value);
+    require_healthy(h);
+  }
+
+  TEST_CASE("a span whose objects are all freed goes back to mheap") {
+    test_heap t;
+    mheap& h = *t.heap;
+    const auto spc = span_class::make(20, false);
+    mcentral c = h.central(spc);
+    auto id = *c.cache_span(1);
+    const auto in_use = h.accounts().pages_in_use.load();
+    const int i = span_alloc_object(h.span(id));
+    span_free_local(h.span(id), static_cast<std::uint32_t>(i));
+    CHECK(!c.uncache_span(id).message.size());
+    CHECK(h.accounts().pages_in_use.load() == in_use - class_to_npages(20));
+    CHECK(c.state().partial_count + c.state().full_count == 0);
+    require_healthy(h);
+  }
+
+  TEST_CASE("remote frees are folded in by the sweep, which moves and frees spans") {
+    test_heap t;
+    mheap& h = *t.heap;
+    const auto spc = span_class::make(1, true);  // 8-byte objects, 1024 per span
+    mcentral c = h.central(spc);
+    auto id = *c.cache_span(1);
+    mspan& s = h.span(id);
+    fill(s);
+    REQUIRE(count_allocated(s) == 1024);
+    REQUIRE(!c.uncache_span(id).message.size());
+    CHECK(c.state().full_count == 1);
+
+    // Another process frees three objects: they wait on the stack.
+    for (std::uint32_t i : {5u, 700u, 1023u}) span_push_remote(h.view(), s, i);
+    CHECK(count_remote_pending(h.view(), s) == 3);
+    require_healthy(h);
+    c.sweep();
+    CHECK(c.state().partial_count == 1);
+    CHECK(c.state().full_count == 0);
+    CHECK(s.alloc_count == 1021);
+    CHECK_FALSE(is_allocated(s, 700));
+    require_healthy(h);
+
+    // Free the rest remotely: the sweep returns the span to mheap.
+    for (std::uint32_t i = 0; i < 1024; ++i)
+      if (is_allocated(s, i)) span_push_remote(h.view(), s, i);
+    CHECK(c.sweep() == 1);
+    CHECK(c.state().partial_count == 0);
+    require_healthy(h);
+  }
+
+  TEST_CASE("cache_span takes a full span with pending remote frees before carving a new one") {
+    test_heap t;
+    mheap& h = *t.heap;
+    const auto spc = span_class::make(7, false);
+    mcentral c = h.central(spc);
+    auto id = *c.cache_span(1);
+    fill(h.span(id));
+    REQUIRE(!c.uncache_span(id).message.size());
+    span_push_remote(h.view(), h.span(id), 0);
+    auto again = c.cache_span(2);
+    REQUIRE(again);
+    CHECK(again->value == id.value);
+    CHECK_FALSE(is_allocated(h.span(id), 0));
+    require_healthy(h);
+  }
+
+  TEST_CASE("a remote double free is detected when it is folded") {
+    test_heap t;
+    mheap& h = *t.heap;
+    auto id = *h.central(span_class::make(4, false)).cache_span(1);
+    mspan& s = h.span(id);
+    const auto i = static_cast<std::uint32_t>(span_alloc_object(s));
+    span_alloc_object(s);
+    span_push_remote(h.view(), s, i);
+    errc status{};
+    std::string why;
+    CHECK(span_fold_remote(h.view(), s, &status, &why) == 1);
+    CHECK(status == errc::ok);
+    span_push_remote(h.view(), s, i);  // the same object again
+    CHECK(span_fold_remote(h.view(), s, &status, &why) == 0);
+    CHECK(status == errc::double_free);
+    CHECK(why.find("freed twice") != std::string::npos);
+    CHECK(span_free_local(s, i) == errc::double_free);
+  }
+
+  TEST_CASE("objects of the alignment table's types are aligned for their type") {
+    test_heap t;
+    mheap& h = *t.heap;
+    struct alignas(1) a1 { char c[3]; };
+    struct alignas(2) a2 { char c[6]; };
+    struct alignas(4) a4 { char c[12]; };
+    struct alignas(8) a8 { char c[24]; };
+    struct alignas(16) a16 { char c[48]; };
+    auto check_type = [&h](std::size_t size, std::size_t align) {
+      const std::uint8_t c = size_to_class_aligned(size, align);
+      REQUIRE(c != 0);
+      auto id = *h.central(span_class::make(c, false)).cache_span(1);
+      mspan& s = h.span(id);
+      for (int k = 0; k < 20 && k < s.nelems; ++k) {
+        const int i = span_alloc_object(s);
+        REQUIRE(i >= 0);
+        const auto* p = h.view().span_base(s) + static_cast<std::size_t>(i) * s.elem_size;
+        CHECK(reinterpret_cast<std::uintptr_t>(p) % align == 0);
+        CHECK(reinterpret_cast<std::uintptr_t>(p) % 8 == 0);  // every object at least 8-byte aligned
+      }
+    };
+    check_type(sizeof(a1), alignof(a1));
+    check_type(sizeof(a2), alignof(a2));
+    check_type(sizeof(a4), alignof(a4));
+    check_type(sizeof(a8), alignof(a8));
+    check_type(sizeof(a16), alignof(a16));
+    for (std::size_t align = 32; align <= 8192; align *= 2) check_type(align / 2 + 8, align);
+    require_healthy(h);
+  }
+}

@@ -1,0 +1,179 @@
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <vector>
+
+#include "shm/verify.hpp"
+#include "support/test_heap.hpp"
+
+using namespace shmalloc;
+using shmalloc::test::test_heap;
+
+namespace {
+// A page run of n pages, held as a large object (mheap's own unit of work).
+span_id alloc_run(mheap& h, std::uint32_t n) {
+  auto id = h.alloc_large(std::uint64_t{n} * page_size, true, 1);
+  REQUIRE(id);
+  return *id;
+}
+
+void require_healthy(mheap& h) {
+  const verify_report r = verify_heap(h);
+  REQUIRE_MESSAGE(r.ok(), r.summary());
+}
+
+std::uint64_t sys_pages(mheap& h) { return h.accounts().pages_committed.load(); }
+std::uint64_t inuse_pages(mheap& h) { return h.accounts().pages_in_use.load(); }
+}  // namespace
+
+TEST_SUITE("mheap") {
+  TEST_CASE("the first span grows the heap by one 4 MiB chunk") {
+    test_heap t;
+    mheap& h = *t.heap;
+    CHECK(sys_pages(h) == 0);
+    auto id = h.central(span_class::make(5, false)).cache_span(1);  // 48-byte objects
+    REQUIRE(id);
+    CHECK(sys_pages(h) == chunk_pages);
+    CHECK(inuse_pages(h) == 1);
+    CHECK(h.accounts().grow_count.load() == 1);
+    const mspan& s = h.span(*id);
+    CHECK(s.start.value == 0);
+    CHECK(s.nelems == class_to_objects(5));
+    CHECK(s.elem_size == 48);
+    require_healthy(h);
+  }
+
+  TEST_CASE("spans are carved lowest address first and freed runs coalesce") {
+    test_heap t;
+    mheap& h = *t.heap;
+    std::vector<span_id> ids;
+    for (int i = 0; i < 4; ++i) ids.push_back(alloc_run(h, 3));
+    for (int i = 0; i < 4; ++i) CHECK(h.span(ids[static_cast<std::size_t>(i)]).start.value == 3u * static_cast<unsigned>(i));
+    h.free_span(ids[1]);
+    h.free_span(ids[2]);
+    require_healthy(h);
+    // The two freed 3-page runs merged: a 6-page span fits in the hole.
+    auto six = h.alloc_large(6 * page_size, true, 1);
+    REQUIRE(six);
+    CHECK(h.span(*six).start.value == 3);
+    require_healthy(h);
+  }
+
+  TEST_CASE("a fragmented heap places a larger run past the holes") {
+    test_heap t;
+    mheap& h = *t.heap;
+    std::vector<span_id> ids;
+    for (int i = 0; i < 100; ++i) ids.push_back(alloc_run(h, 1));
+    for (std::size_t i = 0; i < ids.size(); i += 2) h.free_span(ids[i]);
+    CHECK(h.pages().longest_free_run() == chunk_pages - 100 + 0);  // the tail of the chunk
+    auto two = h.alloc_large(2 * page_size, true, 1);
+    REQUIRE(two);
+    CHECK(h.span(*two).start.value == 100);
+    auto one = h.alloc_large(1 * page_size, true, 1);
+    CHECK(h.span(*one).start.value == 0);  // the first hole
+    require_healthy(h);
+  }
+
+  TEST_CASE("growth stops at capacity with a clean error and the heap intact") {
+    test_heap t(64ULL << 20);  // 8192 pages
+    mheap& h = *t.heap;
+    std::vector<span_id> ids;
+    for (;;) {
+      auto id = h.alloc_large(1ULL << 20, true, 1);
+      if (!id) {
+        CHECK(id.code() == errc::no_memory);
+        CHECK(id.err().message.find("capacity") != std::string::npos);
+        break;
+      }
+      ids.push_back(*id);
+      REQUIRE(ids.size() <= 64);
+    }
+    CHECK(ids.size() == 64);
+    CHECK(sys_pages(h) == 8192);
+    CHECK(h.accounts().grow_failures.load() >= 1);
+    CHECK(h.accounts().large_spans.load() == 64);
+    require_healthy(h);
+    h.free_span(ids.back());
+    CHECK(h.alloc_large(1ULL << 20, true, 1));  // room again after a free
+    require_healthy(h);
+  }
+
+  TEST_CASE("a large object gets whole pages and one slot") {
+    test_heap t;
+    mheap& h = *t.heap;
+    auto id = h.alloc_large(40000, false, 3);
+    REQUIRE(id);
+    const mspan& s = h.span(*id);
+    CHECK(s.npages == 5);
+    CHECK(s.nelems == 1);
+    CHECK(object_bytes(s) == 5 * 8192);
+    CHECK(span_class{s.span_class}.size_class() == 0);
+    CHECK(s.state.load() == mspan_state::large);
+    CHECK(s.owner_client == 3);
+    h.free_span(*id);
+    CHECK(h.accounts().large_spans.load() == 0);
+    require_healthy(h);
+  }
+
+  TEST_CASE("the span table commits descriptors on demand and reuses freed ones") {
+    test_heap t;
+    mheap& h = *t.heap;
+    auto a = h.alloc_large(1 * page_size, true, 1);
+    const auto committed = h.state().span_pool.committed;
+    CHECK(committed > 0);
+    h.free_span(*a);
+    auto b = h.alloc_large(1 * page_size, true, 1);
+    CHECK(b->value == a->value);
+    CHECK(h.state().span_pool.committed == committed);
+    require_healthy(h);
+  }
+
+  TEST_CASE("the scavenger releases idle pages to the OS and they are committed again on reuse") {
+    test_heap t;
+    mheap& h = *t.heap;
+    std::vector<span_id> ids;
+    for (int i = 0; i < 4; ++i) ids.push_back(*h.alloc_large(1ULL << 20, true, 1));  // 4 MiB, touched below
+    for (span_id id : ids) std::memset(h.view().span_base(h.span(id)), 0xab, 1ULL << 20);
+    const std::uint64_t backed_before = t.seg->backed_bytes();
+    for (span_id id : ids) h.free_span(id);
+
+    // Not idle long enough: nothing is released.
+    CHECK(h.scavenge(5'000'000'000ULL) == 0);
+    shmalloc::test::advance_fake_clock(6'000'000'000ULL);
+    const std::uint64_t released = h.scavenge(5'000'000'000ULL);
+    CHECK(released >= 4ULL << 20);
+    CHECK(h.accounts().pages_released.load() * page_size == released);
+    CHECK(h.accounts().scavenged_bytes_total.load() == released);
+    CHECK(t.seg->backed_bytes() + released <= backed_before);  // st_blocks really went down
+    require_healthy(h);
+
+    // Reuse: the pages are committed again, reads see zeros, and the
+    // released account drops.
+    auto again = h.alloc_large(1ULL << 20, true, 1);
+    REQUIRE(again);
+    CHECK(h.accounts().recommitted_bytes_total.load() >= 1ULL << 20);
+    CHECK(h.accounts().pages_released.load() * page_size == released - (1ULL << 20));
+    const auto* p = reinterpret_cast<const unsigned char*>(h.view().span_base(h.span(*again)));
+    CHECK(p[0] == 0);
+    CHECK(p[(1 << 20) - 1] == 0);
+    require_healthy(h);
+  }
+
+  TEST_CASE("cache slots are assigned, counted and retired into monotonic totals") {
+    test_heap t;
+    mheap& h = *t.heap;
+    auto a = h.assign_cache(5);
+    auto b = h.assign_cache(6);
+    REQUIRE(a);
+    REQUIRE(b);
+    CHECK(*a != *b);
+    CHECK(h.accounts().caches_in_use.load() == 2);
+    bump(h.cache_slot(*a).stats.small_allocs[3], std::uint64_t{10});
+    h.retire_cache(*a);
+    CHECK(h.state().retired.small_allocs[3].load() == 10);
+    CHECK(h.cache_slot(*a).stats.small_allocs[3].load() == 0);
+    CHECK(h.accounts().caches_in_use.load() == 1);
+    CHECK(*h.assign_cache(7) == *a);  // the freed slot is reused
+    CHECK(h.assign_cache(0).code() == errc::invalid_argument);
+  }
+}

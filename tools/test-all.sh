@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds and runs every test twice: a normal optimised build and an
+# ASan+UBSan debug build (which also turns on the expensive assertions).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs=$(nproc)
+
+run_suite() {  # build-dir, extra cmake args...
+  local dir=$1; shift
+  cmake -S . -B "$dir" -G Ninja "$@" >/dev/null
+  cmake --build "$dir" -j "$jobs"
+  ctest --test-dir "$dir" -j "$jobs" --output-on-failure
+}
+
+echo "== normal build (RelWithDebInfo)"
+run_suite build -DCMAKE_BUILD_TYPE=RelWithDebInfo
+echo "== ASan+UBSan build (Debug)"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+  run_suite build-asan -DCMAKE_BUILD_TYPE=Debug -DSHMALLOC_SANITIZE=address,undefined
+leftover=$(ls /dev/shm | grep '^shmalloc-test-' || true)
+if [ -n "$leftover" ]; then
+  echo "test-all: tests left shared-memory objects behind: $leftover" >&2
+  exit 1
+fi
+echo "test-all: every test passed in both builds"
