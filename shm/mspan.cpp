@@ -13,6 +13,7 @@ heap_view heap_view::of(const segment& seg) noexcept {
   v.spans = seg.at<mspan>(h.regions.spans.offset);
   v.max_pages = h.max_pages;
   v.max_spans = h.max_spans;
+  v.committed_pages = &seg.heap().accounts.pages_committed;
   return v;
 }
 
@@ -20,7 +21,7 @@ span_id heap_view::span_at(handle_t h) const noexcept {
   const auto arena_start = static_cast<handle_t>(arenas - base);
   if (h < arena_start) return span_id::nil();
   const std::uint64_t page = (h - arena_start) / page_size;
-  if (page >= max_pages) return span_id::nil();
+  if (page >= max_pages || page >= committed_pages->load(std::memory_order_relaxed)) return span_id::nil();
   const std::uint32_t entry = page_map[page];
   if (entry == 0 || entry > max_spans) return span_id::nil();
   return span_id{entry - 1};

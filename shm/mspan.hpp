@@ -33,6 +33,9 @@ struct heap_view {
   mspan* spans = nullptr;
   std::uint32_t max_pages = 0;
   std::uint32_t max_spans = 0;
+  // Pages committed so far (mheap's account; it only grows). Lookups never
+  // read page_map beyond it: those entries are not backed by memory.
+  const shared_atomic<std::uint64_t>* committed_pages = nullptr;
 
   static heap_view of(const segment& seg) noexcept;
 

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -295,6 +296,8 @@ std::uint64_t segment::backed_bytes() const noexcept {
   if (fstat(impl_->fd(), &st) != 0) return 0;
   return static_cast<std::uint64_t>(st.st_blocks) * 512;
 }
+
+bool segment::try_lock_exclusive() noexcept { return flock(impl_->fd(), LOCK_EX | LOCK_NB) == 0; }
 
 std::uint64_t segment::filesystem_avail_bytes() const noexcept {
   struct statvfs st {};

@@ -82,6 +82,10 @@ class segment {
   error release(std::uint64_t offset, std::uint64_t bytes) noexcept;
   // Bytes of memory actually backing the object (st_blocks * 512).
   std::uint64_t backed_bytes() const noexcept;
+  // Takes an exclusive advisory lock (flock) on the object, held until this
+  // segment is destroyed or the process dies: one daemon per heap. False if
+  // another process holds it.
+  bool try_lock_exclusive() noexcept;
   // Free bytes of the filesystem behind the object (statvfs), or 0.
   std::uint64_t filesystem_avail_bytes() const noexcept;
 

@@ -1,0 +1,204 @@
+#include "service/config.hpp"
+
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <toml++/toml.h>
+
+#ifndef SHMALLOC_VERSION
+#define SHMALLOC_VERSION "0.0.0"
+#endif
+
+namespace shmalloc::service {
+
+std::string default_socket_path() {
+  if (const char* s = std::getenv("SHMALLOC_SOCKET"); s && *s) return s;
+  if (const char* x = std::getenv("XDG_RUNTIME_DIR"); x && *x) return std::string(x) + "/shmalloc/shmallocd.sock";
+  if (geteuid() == 0) return "/run/shmalloc/shmallocd.sock";
+  return "/tmp/shmalloc-" + std::to_string(geteuid()) + "/shmallocd.sock";
+}
+
+std::optional<std::uint64_t> parse_bytes(const std::string& text) {
+  if (text.empty()) return std::nullopt;
+  std::size_t used = 0;
+  unsigned long long v = 0;
+  try {
+    v = std::stoull(text, &used);
+  } catch (...) {
+    return std::nullopt;
+  }
+  const std::string suffix = text.substr(used);
+  static const std::map<std::string, unsigned> shifts{{"", 0},   {"B", 0},   {"K", 10},   {"KiB", 10},
+                                                      {"M", 20}, {"MiB", 20}, {"G", 30}, {"GiB", 30},
+                                                      {"T", 40}, {"TiB", 40}};
+  auto it = shifts.find(suffix);
+  if (it == shifts.end() || (it->second && v > (~0ULL >> it->second))) return std::nullopt;
+  return v << it->second;
+}
+
+std::optional<std::uint64_t> parse_duration(const std::string& text) {
+  std::size_t used = 0;
+  unsigned long long v = 0;
+  try {
+    v = std::stoull(text, &used);
+  } catch (...) {
+    return std::nullopt;
+  }
+  const std::string unit = text.substr(used);
+  static const std::map<std::string, std::uint64_t> ns{
+      {"ns", 1}, {"us", 1000}, {"ms", 1'000'000}, {"s", 1'000'000'000ULL}, {"m", 60'000'000'000ULL}, {"h", 3'600'000'000'000ULL}};
+  if (unit.empty()) return v == 0 ? std::optional<std::uint64_t>(0) : std::nullopt;
+  auto it = ns.find(unit);
+  if (it == ns.end()) return std::nullopt;
+  return v * it->second;
+}
+
+namespace {
+
+// One setting's raw text from flag, environment, then file.
+struct layered {
+  std::map<std::string, std::string> flags;
+  toml::table file;
+
+  std::optional<std::string> get(const std::string& key) const {
+    if (auto it = flags.find(key); it != flags.end()) return it->second;
+    std::string env = "SHMALLOC_";
+    for (char c : key) env += c == '-' ? '_' : static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    if (const char* e = std::getenv(env.c_str()); e && *e) return std::string(e);
+    std::string toml_key = key;
+    for (char& c : toml_key) c = c == '-' ? '_' : c;
+    if (auto node = file[toml_key]) {
+      if (auto s = node.value<std::string>()) return *s;
+      if (auto i = node.value<std::int64_t>()) return std::to_string(*i);
+      if (auto b = node.value<bool>()) return *b ? "true" : "false";
+    }
+    return std::nullopt;
+  }
+};
+
+struct invalid {
+  std::string line;
+};
+
+template <class T>
+T need(std::optional<T> v, const std::string& setting, const std::string& allowed, const std::string& got) {
+  if (!v) throw invalid{"shmallocd: invalid --" + setting + " '" + got + "': " + allowed};
+  return *v;
+}
+
+std::optional<std::uint64_t> parse_uint(const std::string& s) {
+  if (s.empty() || s.find_first_not_of("0123456789") != std::string::npos || s.size() > 10) return std::nullopt;
+  return std::stoull(s);
+}
+
+template <class T>
+std::vector<T> parse_id_list(const std::string& text, const std::string& setting) {
+  std::vector<T> out;
+  std::size_t at = 0;
+  while (at <= text.size()) {
+    const std::size_t comma = text.find(',', at);
+    const std::string part = text.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
+    out.push_back(static_cast<T>(need(parse_uint(part), setting, "a comma-separated list of numeric ids", text)));
+    if (comma == std::string::npos) break;
+    at = comma + 1;
+  }
+  return out;
+}
+
+void apply(const layered& in, daemon_settings& s) {
+  if (auto v = in.get("heap")) {
+    if (auto why = validate_heap_name(*v); !why.empty()) throw invalid{"shmallocd: invalid --heap '" + *v + "': " + why};
+    s.heap.name = *v;
+  }
+  if (auto v = in.get("capacity"))
+    s.heap.capacity = need(parse_bytes(*v), "capacity", "bytes with an optional K, M, G or T suffix, 4M to 1T", *v);
+  if (s.heap.capacity < min_capacity || s.heap.capacity > max_capacity)
+    throw invalid{"shmallocd: invalid --capacity: must be between 4M and 1T"};
+  s.socket_path = in.get("socket").value_or(default_socket_path());
+  if (s.socket_path.empty() || s.socket_path.size() >= 108)
+    throw invalid{"shmallocd: invalid --socket: a path of 1 to 107 bytes"};
+  if (auto v = in.get("socket-mode")) {
+    const auto mode = std::strtoul(v->c_str(), nullptr, 8);
+    if (v->find_first_not_of("01234567") != std::string::npos || mode > 0777 || (mode & 0600) != 0600)
+      throw invalid{"shmallocd: invalid --socket-mode '" + *v + "': octal, at most 0777, owner rw needed"};
+    s.socket_mode = static_cast<mode_t>(mode);
+  }
+  if (auto v = in.get("heap-mode")) {
+    const auto mode = std::strtoul(v->c_str(), nullptr, 8);
+    if (v->find_first_not_of("01234567") != std::string::npos || mode > 0777 || (mode & 0600) != 0600)
+      throw invalid{"shmallocd: invalid --heap-mode '" + *v + "': octal, at most 0777, owner rw needed"};
+    s.heap.mode = static_cast<mode_t>(mode);
+  }
+  if (auto v = in.get("allow-uid")) s.allow_uids = parse_id_list<uid_t>(*v, "allow-uid");
+  if (auto v = in.get("allow-gid")) s.allow_gids = parse_id_list<gid_t>(*v, "allow-gid");
+  if (auto v = in.get("quota")) s.quota_bytes = need(parse_bytes(*v), "quota", "bytes with an optional K, M, G suffix (0 = none)", *v);
+  if (auto v = in.get("scavenge-delay"))
+    s.scavenge_delay_ns = need(parse_duration(*v), "scavenge-delay", "a duration such as 300s, 5m or 0", *v);
+  if (auto v = in.get("metrics")) s.metrics = *v;
+  if (auto v = in.get("log-level")) {
+    static const std::vector<std::string> levels{"trace", "debug", "info", "warn", "error", "critical", "off"};
+    if (std::find(levels.begin(), levels.end(), *v) == levels.end())
+      throw invalid{"shmallocd: invalid --log-level '" + *v + "': one of trace, debug, info, warn, error, critical, off"};
+    s.log_level = *v;
+  }
+}
+
+}  // namespace
+
+std::optional<daemon_settings> parse_settings(int argc, char** argv, int* exit_code) {
+  CLI::App app{"shmallocd: the shmalloc shared-memory heap daemon"};
+  app.set_version_flag("--version", std::string("shmallocd ") + SHMALLOC_VERSION);
+  layered in;
+  daemon_settings s;
+  const std::vector<std::pair<std::string, std::string>> options{
+      {"heap", "heap name (default shmalloc)"},
+      {"capacity", "heap capacity in bytes, K/M/G suffixes (default 4G)"},
+      {"socket", "control socket path"},
+      {"socket-mode", "control socket mode, octal (default 0660)"},
+      {"heap-mode", "shared-memory object mode, octal (default 0600)"},
+      {"allow-uid", "uids allowed to connect, comma-separated (besides ours and root)"},
+      {"allow-gid", "gids allowed to connect, comma-separated"},
+      {"quota", "per-client byte quota (default none)"},
+      {"scavenge-delay", "return pages idle this long to the OS (default 300s)"},
+      {"metrics", "ADDR:PORT for /metrics, or off (default 127.0.0.1:9464)"},
+      {"log-level", "trace, debug, info, warn, error, critical or off"}};
+  for (const auto& [name, help] : options) {
+    app.add_option_function<std::string>("--" + name, [&in, name = name](const std::string& v) { in.flags[name] = v; },
+                                         help);
+  }
+  app.add_option("--config", s.config_file, "TOML config file (flags win over SHMALLOC_* variables, which win over it)");
+  app.add_flag("--keep-heap", s.keep_heap, "keep the heap object when stopping (a restarted daemon adopts it)");
+  app.add_flag("--fresh", s.fresh, "discard a heap left by a daemon that died and create it anew");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::Success& e) {
+    *exit_code = app.exit(e);
+    return std::nullopt;
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "shmallocd: %s\n", e.what());
+    *exit_code = 2;
+    return std::nullopt;
+  }
+  try {
+    if (s.config_file.empty())
+      if (const char* c = std::getenv("SHMALLOC_CONFIG"); c && *c) s.config_file = c;
+    if (!s.config_file.empty()) {
+      try {
+        in.file = toml::parse_file(s.config_file);
+      } catch (const toml::parse_error& e) {
+        throw invalid{"shmallocd: invalid --config '" + s.config_file + "': " + std::string(e.description())};
+      }
+    }
+    apply(in, s);
+  } catch (const invalid& e) {
+    std::fprintf(stderr, "%s\n", e.line.c_str());
+    *exit_code = 2;
+    return std::nullopt;
+  }
+  return s;
+}
+
+}  // namespace shmalloc::service

@@ -1,0 +1,48 @@
+// config.hpp: shmallocd's settings, from flags, the environment
+// (SHMALLOC_*) and a TOML file, in that order of precedence.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "shm/segment.hpp"
+
+namespace shmalloc::service {
+
+struct daemon_settings {
+  heap_options heap;
+  std::string socket_path;
+  mode_t socket_mode = 0660;
+  std::vector<uid_t> allow_uids;  // besides the daemon's own uid and root
+  std::vector<gid_t> allow_gids;
+  std::uint64_t quota_bytes = 0;  // per client, 0 = none
+  std::uint64_t scavenge_delay_ns = 300'000'000'000ULL;  // 5 minutes, Go's scavenger spirit
+  std::string metrics = "127.0.0.1:9464";  // "off" disables (metrics land with issue 5)
+  std::string log_level = "info";
+  std::string config_file;
+  bool keep_heap = false;
+  bool fresh = false;
+};
+
+// The socket path a daemon and its clients use when none is given:
+// $SHMALLOC_SOCKET, else $XDG_RUNTIME_DIR/shmalloc/shmallocd.sock, else
+// /run/shmalloc/shmallocd.sock for root and /tmp/shmalloc-$UID/shmallocd.sock
+// otherwise.
+std::string default_socket_path();
+
+// "4G", "512M", "64K", "1024": bytes, or nullopt.
+std::optional<std::uint64_t> parse_bytes(const std::string& text);
+// "300s", "5m", "250ms", "0": nanoseconds, or nullopt.
+std::optional<std::uint64_t> parse_duration(const std::string& text);
+
+// Parses argv (CLI11), the environment and the config file. On --help or
+// --version prints and sets *exit_code = 0; on an invalid value prints one
+// line naming the setting and what is allowed to stderr and sets
+// *exit_code = 2. Returns nullopt in both cases.
+std::optional<daemon_settings> parse_settings(int argc, char** argv, int* exit_code);
+
+}  // namespace shmalloc::service

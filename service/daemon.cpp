@@ -1,0 +1,231 @@
+#include "service/daemon.hpp"
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/experimental/awaitable_operators.hpp>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <spdlog/spdlog.h>
+
+#include "shm/verify.hpp"
+
+namespace shmalloc::service {
+
+using asio::awaitable;
+using asio::use_awaitable;
+using namespace asio::experimental::awaitable_operators;
+using stream = asio::local::stream_protocol;
+using clock_type = std::chrono::steady_clock;
+constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
+
+namespace {
+constexpr auto hello_timeout = std::chrono::seconds(10);
+constexpr auto frame_timeout = std::chrono::seconds(5);
+constexpr auto housekeeping_period = std::chrono::seconds(1);
+}  // namespace
+
+struct daemon::session {
+  explicit session(stream::socket s) : socket(std::move(s)), timer(socket.get_executor()) {}
+  stream::socket socket;
+  asio::steady_timer timer;
+  clock_type::time_point deadline = clock_type::time_point::max();
+  client_state client;
+};
+
+daemon::daemon(const daemon_settings& settings) : settings_(settings) {}
+
+daemon::~daemon() = default;
+
+result<std::unique_ptr<daemon>> daemon::open(const daemon_settings& settings) {
+  std::unique_ptr<daemon> d(new daemon(settings));
+  const std::string& name = settings.heap.name;
+  if (settings.fresh && segment::exists(name)) {
+    // Only if no daemon holds it: attach and try its lock first.
+    auto old = segment::attach(name);
+    if (old && !old.value()->try_lock_exclusive())
+      return error{errc::exists, "heap '" + name + "' is served by a running daemon; --fresh refused"};
+    segment::remove(name);
+  }
+  auto made = segment::create(settings.heap);
+  if (!made && made.code() == errc::exists) {
+    made = segment::attach(name);  // left by a daemon that died, or stopped with --keep-heap
+    if (made) d->adopted_ = true;
+  }
+  if (!made) return made.err();
+  d->seg_ = std::move(made.value());
+  if (!d->seg_->try_lock_exclusive())
+    return error{errc::exists, "heap '" + name + "' is already served by another shmallocd"};
+  d->heap_ = std::make_unique<mheap>(*d->seg_);
+  if (d->adopted_) {
+    const verify_report r = verify_heap(*d->heap_);
+    if (!r.ok()) return error{errc::corrupt, "heap '" + name + "' left by an earlier daemon fails its check: " + r.summary()};
+  }
+  d->handler_ = std::make_unique<request_handler>(*d->heap_, handler_settings{settings.quota_bytes});
+  if (error e = d->bind_socket(); e.code != errc::ok) {
+    if (!d->adopted_ && !settings.keep_heap) segment::remove(name);
+    return e;
+  }
+  return d;
+}
+
+error daemon::bind_socket() {
+  const std::string& path = settings_.socket_path;
+  const std::string dir = path.substr(0, path.rfind('/'));
+  if (!dir.empty() && mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST)
+    return {errc::os_error, "cannot create socket directory " + dir + ": " + std::strerror(errno)};
+  std::error_code ec;
+  // A socket file nobody answers on was left by a daemon that died: replace
+  // it. One that answers belongs to a live daemon: refuse.
+  if (access(path.c_str(), F_OK) == 0) {
+    stream::socket probe(io_);
+    probe.connect(stream::endpoint(path), ec);
+    if (!ec) return {errc::exists, "another shmallocd is listening on " + path};
+    ::unlink(path.c_str());
+  }
+  acceptor_.open(stream(), ec);
+  if (!ec) acceptor_.bind(stream::endpoint(path), ec);
+  if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) return {errc::os_error, "cannot listen on " + path + ": " + ec.message()};
+  if (chmod(path.c_str(), settings_.socket_mode) != 0)
+    return {errc::os_error, "cannot set the mode of " + path + ": " + std::strerror(errno)};
+  return {};
+}
+
+bool daemon::peer_allowed(session& s) {
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  if (getsockopt(s.socket.native_handle(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return false;
+  s.client.pid = cred.pid;
+  s.client.uid = cred.uid;
+  if (cred.uid == 0 || cred.uid == geteuid()) return true;
+  for (uid_t u : settings_.allow_uids)
+    if (u == cred.uid) return true;
+  for (gid_t g : settings_.allow_gids)
+    if (g == cred.gid) return true;
+  return false;
+}
+
+awaitable<void> daemon::accept_loop() {
+  while (!stopping_) {
+    auto [ec, sock] = co_await acceptor_.async_accept(use_tuple);
+    if (ec) {
+      if (stopping_ || ec == asio::error::operation_aborted) co_return;
+      continue;
+    }
+    auto s = std::make_shared<session>(std::move(sock));
+    sessions_.insert(s);
+    asio::co_spawn(io_, serve(s), asio::detached);
+  }
+}
+
+awaitable<void> daemon::serve(std::shared_ptr<session> s) {
+  if (!peer_allowed(*s)) {
+    spdlog::warn("refused connection from pid {} uid {}: not an allowed uid or gid", s->client.pid, s->client.uid);
+    auto frame = proto::make_reply(proto::msg::welcome, 0, errc::permission_denied,
+                                   "uid " + std::to_string(s->client.uid) + " may not use this heap");
+    std::error_code ec;
+    asio::write(s->socket, asio::buffer(frame), ec);
+  } else {
+    s->deadline = clock_type::now() + hello_timeout;
+    co_await (read_frames(s) || watchdog(s));
+  }
+  if (s->client.id != 0)
+    spdlog::info("client {} (pid {}, {}) disconnected; {} spans taken back", s->client.id, s->client.pid,
+                 s->client.name, s->client.spans.size());
+  handler_->disconnect(s->client);
+#if SHMALLOC_DEBUG_LEVEL >= 1
+  const verify_report r = verify_heap(*heap_);
+  SHMALLOC_CHECK(r.ok(), r.summary().c_str());
+#endif
+  std::error_code ec;
+  s->socket.close(ec);
+  sessions_.erase(s);
+}
+
+awaitable<void> daemon::watchdog(std::shared_ptr<session> s) {
+  for (;;) {
+    const auto deadline = s->deadline;
+    if (deadline <= clock_type::now()) co_return;  // ends the session: the reader is cancelled
+    s->timer.expires_at(deadline);
+    co_await s->timer.async_wait(use_tuple);
+  }
+}
+
+awaitable<void> daemon::read_frames(std::shared_ptr<session> s) {
+  std::uint8_t head[proto::header_bytes];
+  std::vector<std::uint8_t> payload;
+  for (;;) {
+    auto [ec, n] = co_await asio::async_read(s->socket, asio::buffer(head), use_tuple);
+    if (ec) co_return;
+    const proto::frame_header h = proto::decode_header(head);
+    if (std::string why = proto::check_header(h); !why.empty()) {
+      auto frame = proto::make_reply(proto::msg::ok, h.request_id, errc::protocol_error, why);
+      co_await asio::async_write(s->socket, asio::buffer(frame), use_tuple);
+      co_return;  // the framing is broken: nothing after this can be trusted
+    }
+    s->deadline = std::min(s->deadline, clock_type::now() + frame_timeout);
+    s->timer.cancel();
+    payload.resize(h.length);
+    auto [ec2, m] = co_await asio::async_read(s->socket, asio::buffer(payload), use_tuple);
+    if (ec2) co_return;
+    reply r = handler_->handle(s->client, h, payload);
+    s->deadline = s->client.id == 0 ? s->deadline : clock_type::time_point::max();
+    auto [ec3, w] = co_await asio::async_write(s->socket, asio::buffer(r.frame), use_tuple);
+    if (ec3 || r.close) co_return;
+  }
+}
+
+awaitable<void> daemon::housekeeping() {
+  while (!stopping_) {
+    housekeeping_timer_.expires_after(housekeeping_period);
+    auto [ec] = co_await housekeeping_timer_.async_wait(use_tuple);
+    if (ec || stopping_) co_return;
+    for (std::uint32_t c = 2; c < num_span_classes; ++c) heap_->central(span_class{static_cast<std::uint8_t>(c)}).sweep();
+    if (std::uint64_t released = heap_->scavenge(settings_.scavenge_delay_ns))
+      spdlog::debug("scavenger returned {} bytes to the OS", released);
+  }
+}
+
+void daemon::stop() {
+  if (stopping_) return;
+  stopping_ = true;
+  std::error_code ec;
+  acceptor_.close(ec);
+  signals_.cancel(ec);
+  housekeeping_timer_.cancel();
+  const auto notice = proto::make_reply(proto::msg::shutdown, 0, errc::unavailable, "shmallocd is stopping");
+  for (const auto& s : sessions_) {
+    ::send(s->socket.native_handle(), notice.data(), notice.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    s->socket.close(ec);  // the session's coroutine ends and reclaims
+  }
+}
+
+void daemon::run() {
+  signals_.add(SIGTERM);
+  signals_.add(SIGINT);
+  signals_.async_wait([this](const std::error_code& ec, int sig) {
+    if (ec) return;
+    spdlog::info("signal {}: stopping", sig);
+    stop();
+  });
+  spdlog::info("shmallocd serving heap '{}' ({} bytes{}) on {}", settings_.heap.name, seg_->header().capacity,
+               adopted_ ? ", adopted" : "", settings_.socket_path);
+  asio::co_spawn(io_, accept_loop(), asio::detached);
+  asio::co_spawn(io_, housekeeping(), asio::detached);
+  io_.run();
+  finish();
+}
+
+void daemon::finish() {
+  ::unlink(settings_.socket_path.c_str());
+  heap_.reset();
+  seg_.reset();
+  if (!settings_.keep_heap) segment::remove(settings_.heap.name);
+  spdlog::info("shmallocd stopped{}", settings_.keep_heap ? "; heap kept" : "");
+}
+
+}  // namespace shmalloc::service

@@ -1,0 +1,60 @@
+// daemon.hpp: shmallocd, the one writer of mheap and mcentral.
+//
+// One thread runs the io_context; it owns the heap, so mheap and mcentral
+// need no locks (Asio's single-threaded server shape). Each connection is a
+// session: a coroutine reading length-prefixed frames, raced against a
+// watchdog that closes the socket when its deadline passes (before hello,
+// and while a started frame is incomplete), so a stalled peer cannot hold
+// resources. When a connection ends for any reason the request handler takes
+// back the client's spans.
+#pragma once
+
+#include <asio.hpp>
+#include <memory>
+#include <set>
+
+#include "service/config.hpp"
+#include "service/request_handler.hpp"
+
+namespace shmalloc::service {
+
+class daemon {
+ public:
+  // Creates (or adopts) the heap, takes the heap's lock and binds the socket.
+  static result<std::unique_ptr<daemon>> open(const daemon_settings& settings);
+  ~daemon();
+
+  // Serves until SIGTERM or SIGINT (or stop()); then tells clients, closes
+  // them, removes the socket and, unless keep_heap, the heap.
+  void run();
+  void stop();
+
+  const std::string& socket_path() const noexcept { return settings_.socket_path; }
+  request_handler& handler() noexcept { return *handler_; }
+
+ private:
+  struct session;
+  explicit daemon(const daemon_settings& settings);
+  error bind_socket();
+  asio::awaitable<void> accept_loop();
+  asio::awaitable<void> serve(std::shared_ptr<session> s);
+  asio::awaitable<void> read_frames(std::shared_ptr<session> s);
+  asio::awaitable<void> watchdog(std::shared_ptr<session> s);
+  asio::awaitable<void> housekeeping();
+  bool peer_allowed(session& s);
+  void finish();
+
+  daemon_settings settings_;
+  asio::io_context io_{1};
+  asio::local::stream_protocol::acceptor acceptor_{io_};
+  asio::signal_set signals_{io_};
+  asio::steady_timer housekeeping_timer_{io_};
+  std::unique_ptr<segment> seg_;
+  std::unique_ptr<mheap> heap_;
+  std::unique_ptr<request_handler> handler_;
+  std::set<std::shared_ptr<session>> sessions_;
+  bool stopping_ = false;
+  bool adopted_ = false;
+};
+
+}  // namespace shmalloc::service

@@ -1,0 +1,188 @@
+#include "service/request_handler.hpp"
+
+#include "shm/segment.hpp"
+
+namespace shmalloc::service {
+
+using proto::msg;
+
+namespace {
+reply error_reply(msg type, const proto::frame_header& h, errc code, const std::string& why, bool close = false) {
+  return {proto::make_reply(type, h.request_id, code, why), close};
+}
+reply ok_reply(msg type, const proto::frame_header& h, const std::vector<std::uint8_t>& body = {}) {
+  return {proto::make_reply(type, h.request_id, errc::ok, {}, body), false};
+}
+}  // namespace
+
+reply request_handler::handle(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  if (std::string why = proto::check_header(h); !why.empty())
+    return error_reply(msg::ok, h, errc::protocol_error, why, true);
+  const auto type = static_cast<msg>(h.type);
+  if (c.id == 0 && type != msg::hello)
+    return error_reply(msg::ok, h, errc::protocol_error, "the first request must be hello");
+  switch (type) {
+    case msg::hello: return on_hello(c, h, p);
+    case msg::refill: return on_refill(c, h, p);
+    case msg::release: return on_release(c, h, p);
+    case msg::alloc_large: return on_alloc_large(c, h, p);
+    case msg::free_large: return on_free_large(c, h, p);
+    case msg::stats: return on_stats(c, h, p);
+    case msg::bye: return {proto::make_reply(msg::ok, h.request_id, errc::ok, {}), true};
+    default: return error_reply(msg::ok, h, errc::protocol_error, "unknown request type " + std::to_string(h.type));
+  }
+}
+
+reply request_handler::on_hello(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  if (c.id != 0) return error_reply(msg::welcome, h, errc::protocol_error, "hello was already said");
+  auto m = proto::decode_hello(p);
+  if (!m) return error_reply(msg::welcome, h, errc::protocol_error, "malformed hello");
+  if (m->layout_version != layout_version)
+    return error_reply(msg::welcome, h, errc::layout_mismatch,
+                       "client speaks heap layout version " + std::to_string(m->layout_version) + ", daemon " +
+                           std::to_string(layout_version));
+  auto slot = heap_->assign_cache(next_client_id_);
+  if (!slot) return error_reply(msg::welcome, h, slot.code(), slot.err().message);
+  c.id = next_client_id_++;
+  c.name = m->name;
+  c.cache_slot = *slot;
+  c.connected_ns = heap_->now();
+  by_id_[c.id] = &c;
+  ++clients_;
+  const segment_header& sh = heap_->seg().header();
+  proto::welcome_msg w{c.id, c.cache_slot, sh.instance_id, sh.layout_version, sh.page_size,
+                       sh.size_class_checksum, sh.capacity, heap_->seg().name()};
+  return ok_reply(msg::welcome, h, proto::encode(w));
+}
+
+std::uint64_t request_handler::span_bytes(std::uint32_t span) const noexcept {
+  return std::uint64_t{heap_->span(span_id{span}).npages} * page_size;
+}
+
+bool request_handler::over_quota(const client_state& c, std::uint64_t more) const noexcept {
+  return settings_.quota_bytes != 0 && c.bytes_held + more > settings_.quota_bytes;
+}
+
+reply request_handler::on_refill(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  auto m = proto::decode_refill(p);
+  if (!m) return error_reply(msg::spans, h, errc::protocol_error, "malformed refill (span class 2..135, 1..64 spans)");
+  const span_class spc{m->span_class};
+  const std::uint64_t bytes = class_span_bytes(spc.size_class());
+  proto::span_list_msg out;
+  error failure;
+  for (std::uint16_t i = 0; i < m->count; ++i) {
+    if (over_quota(c, bytes)) {
+      failure = {errc::quota_exceeded, "client quota of " + std::to_string(settings_.quota_bytes) + " bytes reached"};
+      break;
+    }
+    auto id = heap_->central(spc).cache_span(c.id);
+    if (!id) {
+      failure = id.err();
+      break;
+    }
+    c.spans.insert(id->value);
+    c.bytes_held += bytes;
+    out.span_ids.push_back(id->value);
+  }
+  // Partial success still hands over what was carved: the client must not
+  // lose spans the daemon now records as its own.
+  if (out.span_ids.empty()) return error_reply(msg::spans, h, failure.code, failure.message);
+  return ok_reply(msg::spans, h, proto::encode(out));
+}
+
+reply request_handler::on_release(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  auto m = proto::decode_span_list(p, proto::max_release);
+  if (!m) return error_reply(msg::ok, h, errc::protocol_error, "malformed release");
+  for (std::uint32_t id : m->span_ids) {
+    if (c.spans.count(id) == 0)
+      return error_reply(msg::ok, h, errc::bad_handle,
+                         "span " + std::to_string(id) + " is not held by this client (double release?)");
+  }
+  for (std::uint32_t id : m->span_ids) {
+    const mspan& s = heap_->span(span_id{id});
+    c.bytes_held -= span_bytes(id);
+    c.spans.erase(id);
+    heap_->central(span_class{s.span_class}).uncache_span(span_id{id});
+  }
+  return ok_reply(msg::ok, h);
+}
+
+reply request_handler::on_alloc_large(client_state& c, const proto::frame_header& h,
+                                      std::span<const std::uint8_t> p) {
+  auto m = proto::decode_alloc_large(p);
+  if (!m) return error_reply(msg::large, h, errc::protocol_error, "malformed alloc_large");
+  const std::uint64_t bytes = (m->bytes + page_size - 1) / page_size * page_size;
+  if (m->bytes > heap_->seg().header().capacity || over_quota(c, bytes))
+    return error_reply(msg::large, h, m->bytes > heap_->seg().header().capacity ? errc::no_memory : errc::quota_exceeded,
+                       "a large object of " + std::to_string(m->bytes) + " bytes does not fit the " +
+                           (m->bytes > heap_->seg().header().capacity ? "heap" : "client quota"));
+  auto id = heap_->alloc_large(m->bytes, m->noscan, c.id);
+  if (!id) return error_reply(msg::large, h, id.code(), id.err().message);
+  c.large.insert(id->value);
+  c.bytes_held += bytes;
+  const handle_t handle = heap_->view().handle_of(heap_->view().span_base(heap_->span(*id)));
+  return ok_reply(msg::large, h, proto::encode(proto::large_msg{id->value, handle}));
+}
+
+reply request_handler::on_free_large(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  auto m = proto::decode_free_large(p);
+  if (!m) return error_reply(msg::ok, h, errc::protocol_error, "malformed free_large");
+  object_ref ref;
+  if (m->handle >= heap_->seg().size() || heap_->view().object_at(m->handle, &ref) != errc::ok ||
+      heap_->span(ref.span).state.load(std::memory_order_relaxed) != mspan_state::large)
+    return error_reply(msg::ok, h, errc::bad_handle, "handle " + std::to_string(m->handle) + " is not a large object");
+  // Any process may free any object: the bytes come off the holder's quota.
+  mspan& s = heap_->span(ref.span);
+  if (auto it = by_id_.find(s.owner_client); it != by_id_.end()) {
+    it->second->large.erase(ref.span.value);
+    it->second->bytes_held -= span_bytes(ref.span.value);
+  }
+  heap_->free_span(ref.span);
+  return ok_reply(msg::ok, h);
+}
+
+reply request_handler::on_stats(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  if (!p.empty()) return error_reply(msg::stats_reply, h, errc::protocol_error, "stats takes no body");
+  return ok_reply(msg::stats_reply, h, proto::encode(stats()));
+}
+
+proto::stats_msg request_handler::stats() const {
+  const heap_accounts& a = heap_->accounts();
+  const span_pool_state& pool = heap_->state().span_pool;
+  proto::stats_msg s;
+  s.heap_sys_bytes = a.pages_committed.load(std::memory_order_relaxed) * page_size;
+  s.heap_inuse_bytes = a.pages_in_use.load(std::memory_order_relaxed) * page_size;
+  s.heap_idle_bytes = s.heap_sys_bytes - s.heap_inuse_bytes;
+  s.heap_released_bytes = a.pages_released.load(std::memory_order_relaxed) * page_size;
+  s.large_objects = a.large_spans.load(std::memory_order_relaxed);
+  s.large_bytes = a.large_pages.load(std::memory_order_relaxed) * page_size;
+  s.mspan_inuse_bytes = std::uint64_t{pool.in_use} * sizeof(mspan);
+  s.mspan_sys_bytes = std::uint64_t{pool.committed} * sizeof(mspan);
+  s.metadata_sys_bytes = a.metadata_committed_bytes.load(std::memory_order_relaxed);
+  s.clients = clients_;
+  s.reclaimed_bytes_total = a.reclaimed_bytes_total.load(std::memory_order_relaxed);
+  s.scavenged_bytes_total = a.scavenged_bytes_total.load(std::memory_order_relaxed);
+  s.grow_failures = a.grow_failures.load(std::memory_order_relaxed);
+  s.capacity_bytes = heap_->seg().header().capacity;
+  return s;
+}
+
+void request_handler::disconnect(client_state& c) {
+  if (c.id == 0) return;
+  std::uint64_t reclaimed = 0;
+  for (std::uint32_t id : c.spans) {
+    reclaimed += span_bytes(id);
+    heap_->central(span_class{heap_->span(span_id{id}).span_class}).uncache_span(span_id{id});
+  }
+  for (std::uint32_t id : c.large) heap_->span(span_id{id}).owner_client = 0;  // stays allocated
+  bump(heap_->accounts().reclaimed_bytes_total, reclaimed);
+  heap_->retire_cache(c.cache_slot);
+  by_id_.erase(c.id);
+  --clients_;
+  c.spans.clear();
+  c.large.clear();
+  c.bytes_held = 0;
+  c.id = 0;
+}
+
+}  // namespace shmalloc::service

@@ -1,0 +1,78 @@
+// request_handler.hpp: the daemon's answer to each control request, as a
+// pure function of (client, request) -> reply, tested without sockets (the
+// shape of Asio's HTTP server example). One small function per message type.
+//
+// It owns the client registry: which spans and large objects each client
+// holds. mheap and mcentral are used only from the thread that runs the
+// daemon's io_context, so nothing here takes a lock.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <set>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "shm/control_protocol.hpp"
+#include "shm/mheap.hpp"
+
+namespace shmalloc::service {
+
+struct client_state {
+  std::uint32_t id = 0;  // 0 until hello
+  pid_t pid = 0;         // from SO_PEERCRED, not from hello
+  uid_t uid = 0;
+  std::string name;
+  std::uint32_t cache_slot = 0;
+  std::set<std::uint32_t> spans;  // small spans it holds
+  std::set<std::uint32_t> large;  // large objects it allocated and holds
+  std::uint64_t bytes_held = 0;   // spans and large objects, for the quota
+  std::uint64_t connected_ns = 0;
+};
+
+struct handler_settings {
+  std::uint64_t quota_bytes = 0;  // per client; 0 = none
+};
+
+struct reply {
+  std::vector<std::uint8_t> frame;
+  bool close = false;  // the framing broke or the client said bye
+};
+
+class request_handler {
+ public:
+  request_handler(mheap& heap, handler_settings settings) : heap_(&heap), settings_(settings) {}
+
+  reply handle(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> payload);
+  // The connection ended (bye, EOF, kill -9): take back every span the
+  // client held. Objects still allocated in them stay allocated; their free
+  // slots return to mcentral. Large objects stay allocated and pass to the
+  // daemon (any client may still free them).
+  void disconnect(client_state& c);
+
+  void set_settings(handler_settings s) noexcept { settings_ = s; }
+  std::size_t clients() const noexcept { return clients_; }
+  proto::stats_msg stats() const;
+
+ private:
+  reply on_hello(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_refill(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_release(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_alloc_large(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_free_large(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_stats(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  bool over_quota(const client_state& c, std::uint64_t more) const noexcept;
+  std::uint64_t span_bytes(std::uint32_t span) const noexcept;
+
+  mheap* heap_;
+  handler_settings settings_;
+  std::uint32_t next_client_id_ = 1;
+  std::size_t clients_ = 0;
+  std::map<std::uint32_t, client_state*> by_id_;  // live clients, for frees of their large objects
+};
+
+}  // namespace shmalloc::service

@@ -1,0 +1,277 @@
+#include "shm/control_protocol.hpp"
+
+#include <cstring>
+
+namespace shmalloc::proto {
+
+namespace {
+template <class T>
+void put_le(std::uint8_t* out, T v) noexcept {
+  for (std::size_t i = 0; i < sizeof(T); ++i) out[i] = static_cast<std::uint8_t>(v >> (8 * i));
+}
+template <class T>
+T get_le(const std::uint8_t* in) noexcept {
+  T v = 0;
+  for (std::size_t i = 0; i < sizeof(T); ++i) v = static_cast<T>(v | static_cast<T>(T{in[i]} << (8 * i)));
+  return v;
+}
+}  // namespace
+
+void encode_header(const frame_header& h, std::uint8_t out[header_bytes]) noexcept {
+  put_le(out, h.length);
+  put_le(out + 4, h.type);
+  put_le(out + 6, h.version);
+  put_le(out + 8, h.request_id);
+  put_le(out + 12, h.status);
+}
+
+frame_header decode_header(const std::uint8_t in[header_bytes]) noexcept {
+  return {get_le<std::uint32_t>(in), get_le<std::uint16_t>(in + 4), get_le<std::uint16_t>(in + 6),
+          get_le<std::uint32_t>(in + 8), get_le<std::uint32_t>(in + 12)};
+}
+
+std::string check_header(const frame_header& h) {
+  if (h.version != protocol_version)
+    return "protocol version " + std::to_string(h.version) + " is not supported (this side speaks " +
+           std::to_string(protocol_version) + ")";
+  if (h.length > max_payload)
+    return "frame of " + std::to_string(h.length) + " bytes exceeds the limit of " + std::to_string(max_payload);
+  return {};
+}
+
+writer& writer::u8(std::uint8_t v) {
+  buf_.push_back(v);
+  return *this;
+}
+writer& writer::u16(std::uint16_t v) {
+  std::uint8_t b[2];
+  put_le(b, v);
+  buf_.insert(buf_.end(), b, b + 2);
+  return *this;
+}
+writer& writer::u32(std::uint32_t v) {
+  std::uint8_t b[4];
+  put_le(b, v);
+  buf_.insert(buf_.end(), b, b + 4);
+  return *this;
+}
+writer& writer::u64(std::uint64_t v) {
+  std::uint8_t b[8];
+  put_le(b, v);
+  buf_.insert(buf_.end(), b, b + 8);
+  return *this;
+}
+writer& writer::str(const std::string& s) {
+  const std::size_t n = std::min<std::size_t>(s.size(), 0xffff);
+  u16(static_cast<std::uint16_t>(n));
+  buf_.insert(buf_.end(), s.begin(), s.begin() + static_cast<std::ptrdiff_t>(n));
+  return *this;
+}
+
+bool reader::take(std::size_t n) noexcept {
+  if (failed_ || in_.size() - pos_ < n) {
+    failed_ = true;
+    return false;
+  }
+  return true;
+}
+std::uint8_t reader::u8() noexcept { return take(1) ? in_[pos_++] : 0; }
+std::uint16_t reader::u16() noexcept {
+  if (!take(2)) return 0;
+  pos_ += 2;
+  return get_le<std::uint16_t>(in_.data() + pos_ - 2);
+}
+std::uint32_t reader::u32() noexcept {
+  if (!take(4)) return 0;
+  pos_ += 4;
+  return get_le<std::uint32_t>(in_.data() + pos_ - 4);
+}
+std::uint64_t reader::u64() noexcept {
+  if (!take(8)) return 0;
+  pos_ += 8;
+  return get_le<std::uint64_t>(in_.data() + pos_ - 8);
+}
+std::string reader::str(std::size_t max_len) {
+  const std::uint16_t n = u16();
+  if (n > max_len || !take(n)) {
+    failed_ = true;
+    return {};
+  }
+  std::string s(reinterpret_cast<const char*>(in_.data() + pos_), n);
+  pos_ += n;
+  return s;
+}
+
+// --- encode -----------------------------------------------------------------
+
+std::vector<std::uint8_t> encode(const hello_msg& m) {
+  writer w;
+  w.u32(m.layout_version).u32(m.pid).str(m.name);
+  return std::move(w.bytes());
+}
+std::vector<std::uint8_t> encode(const welcome_msg& m) {
+  writer w;
+  w.u32(m.client_id).u32(m.cache_slot).u64(m.instance_id).u32(m.layout_version).u32(m.page_size);
+  w.u64(m.size_class_checksum).u64(m.capacity).str(m.heap_name);
+  return std::move(w.bytes());
+}
+std::vector<std::uint8_t> encode(const refill_msg& m) {
+  writer w;
+  w.u8(m.span_class).u16(m.count);
+  return std::move(w.bytes());
+}
+std::vector<std::uint8_t> encode(const span_list_msg& m) {
+  writer w;
+  w.u16(static_cast<std::uint16_t>(m.span_ids.size()));
+  for (std::uint32_t id : m.span_ids) w.u32(id);
+  return std::move(w.bytes());
+}
+std::vector<std::uint8_t> encode(const alloc_large_msg& m) {
+  writer w;
+  w.u64(m.bytes).u8(m.noscan ? 1 : 0);
+  return std::move(w.bytes());
+}
+std::vector<std::uint8_t> encode(const large_msg& m) {
+  writer w;
+  w.u32(m.span_id).u64(m.handle);
+  return std::move(w.bytes());
+}
+std::vector<std::uint8_t> encode(const free_large_msg& m) {
+  writer w;
+  w.u64(m.handle);
+  return std::move(w.bytes());
+}
+std::vector<std::uint8_t> encode(const stats_msg& m) {
+  writer w;
+  std::uint16_t n = 0;
+#define SHMALLOC_X(name) ++n;
+  SHMALLOC_PROTO_STATS(SHMALLOC_X)
+#undef SHMALLOC_X
+  w.u16(n);
+#define SHMALLOC_X(name) w.u64(m.name);
+  SHMALLOC_PROTO_STATS(SHMALLOC_X)
+#undef SHMALLOC_X
+  return std::move(w.bytes());
+}
+
+// --- decode -----------------------------------------------------------------
+
+template <class T>
+std::optional<T> finish(const reader& r, T value) {
+  if (!r.done()) return std::nullopt;
+  return value;
+}
+
+std::optional<hello_msg> decode_hello(std::span<const std::uint8_t> p) {
+  reader r(p);
+  hello_msg m;
+  m.layout_version = r.u32();
+  m.pid = r.u32();
+  m.name = r.str(max_name);
+  return finish(r, std::move(m));
+}
+std::optional<welcome_msg> decode_welcome(std::span<const std::uint8_t> p) {
+  reader r(p);
+  welcome_msg m;
+  m.client_id = r.u32();
+  m.cache_slot = r.u32();
+  m.instance_id = r.u64();
+  m.layout_version = r.u32();
+  m.page_size = r.u32();
+  m.size_class_checksum = r.u64();
+  m.capacity = r.u64();
+  m.heap_name = r.str(255);
+  return finish(r, std::move(m));
+}
+std::optional<refill_msg> decode_refill(std::span<const std::uint8_t> p) {
+  reader r(p);
+  refill_msg m;
+  m.span_class = r.u8();
+  m.count = r.u16();
+  // Span classes 0 and 1 tag large spans: a refill names a small one.
+  if (m.span_class < 2 || m.span_class >= 136 || m.count == 0 || m.count > max_refill) return std::nullopt;
+  return finish(r, m);
+}
+std::optional<span_list_msg> decode_span_list(std::span<const std::uint8_t> p, std::uint16_t max_count) {
+  reader r(p);
+  span_list_msg m;
+  const std::uint16_t n = r.u16();
+  if (r.failed() || n == 0 || n > max_count) return std::nullopt;
+  m.span_ids.reserve(n);
+  for (std::uint16_t i = 0; i < n; ++i) m.span_ids.push_back(r.u32());
+  return finish(r, std::move(m));
+}
+std::optional<alloc_large_msg> decode_alloc_large(std::span<const std::uint8_t> p) {
+  reader r(p);
+  alloc_large_msg m;
+  m.bytes = r.u64();
+  const std::uint8_t noscan = r.u8();
+  if (noscan > 1 || m.bytes == 0) return std::nullopt;
+  m.noscan = noscan == 1;
+  return finish(r, m);
+}
+std::optional<large_msg> decode_large(std::span<const std::uint8_t> p) {
+  reader r(p);
+  large_msg m;
+  m.span_id = r.u32();
+  m.handle = r.u64();
+  return finish(r, m);
+}
+std::optional<free_large_msg> decode_free_large(std::span<const std::uint8_t> p) {
+  reader r(p);
+  free_large_msg m;
+  m.handle = r.u64();
+  return finish(r, m);
+}
+std::optional<stats_msg> decode_stats(std::span<const std::uint8_t> p) {
+  reader r(p);
+  stats_msg m;
+  const std::uint16_t n = r.u16();
+  std::uint16_t want = 0;
+#define SHMALLOC_X(name) ++want;
+  SHMALLOC_PROTO_STATS(SHMALLOC_X)
+#undef SHMALLOC_X
+  if (n != want) return std::nullopt;
+#define SHMALLOC_X(name) m.name = r.u64();
+  SHMALLOC_PROTO_STATS(SHMALLOC_X)
+#undef SHMALLOC_X
+  return finish(r, m);
+}
+
+// --- frames -----------------------------------------------------------------
+
+namespace {
+std::vector<std::uint8_t> frame(msg type, std::uint32_t request_id, errc status, const std::vector<std::uint8_t>& payload) {
+  std::vector<std::uint8_t> out(header_bytes + payload.size());
+  frame_header h;
+  h.length = static_cast<std::uint32_t>(payload.size());
+  h.type = static_cast<std::uint16_t>(type);
+  h.request_id = request_id;
+  h.status = static_cast<std::uint32_t>(status);
+  encode_header(h, out.data());
+  std::memcpy(out.data() + header_bytes, payload.data(), payload.size());
+  return out;
+}
+}  // namespace
+
+std::vector<std::uint8_t> make_reply(msg type, std::uint32_t request_id, errc status, const std::string& message,
+                                     const std::vector<std::uint8_t>& body) {
+  writer w;
+  w.str(message.size() > 1024 ? message.substr(0, 1024) : message);
+  w.bytes().insert(w.bytes().end(), body.begin(), body.end());
+  return frame(type, request_id, status, w.bytes());
+}
+
+std::vector<std::uint8_t> make_request(msg type, std::uint32_t request_id, const std::vector<std::uint8_t>& body) {
+  return frame(type, request_id, errc::ok, body);
+}
+
+std::optional<reply_parts> split_reply(std::span<const std::uint8_t> payload) {
+  reader r(payload);
+  std::string message = r.str(1024);
+  if (r.failed()) return std::nullopt;
+  const std::size_t used = 2 + message.size();
+  return reply_parts{std::move(message), payload.subspan(used)};
+}
+
+}  // namespace shmalloc::proto

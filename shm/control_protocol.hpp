@@ -1,0 +1,183 @@
+// control_protocol.hpp: the frames shmallocd and its clients exchange over
+// the Unix-domain control socket (docs/protocol.md is the prose version).
+//
+// Every frame is a 16-byte header and a payload of at most max_payload
+// bytes, all integers little-endian:
+//
+//   u32 length      payload bytes after the header
+//   u16 type        msg
+//   u16 version     protocol_version of the sender
+//   u32 request_id  chosen by the client, echoed in the reply
+//   u32 status      replies: an errc; requests: 0
+//
+// A reply's payload starts with u16 n + n bytes of message text (empty on
+// success), then the reply's body. Decoders check every length and range and
+// that the payload is consumed exactly: every byte from a peer is untrusted.
+// This header belongs to shm/ because both sides must agree on it; it does
+// not depend on Asio.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "shm/errc.hpp"
+
+namespace shmalloc::proto {
+
+inline constexpr std::uint16_t protocol_version = 1;
+inline constexpr std::uint32_t header_bytes = 16;
+inline constexpr std::uint32_t max_payload = 64 * 1024;
+inline constexpr std::size_t max_name = 64;          // process and root names
+inline constexpr std::uint16_t max_refill = 64;       // spans per refill
+inline constexpr std::uint16_t max_release = 1024;    // spans per release
+
+enum class msg : std::uint16_t {
+  hello = 1,        // c->d  u32 layout_version, u32 pid, str name
+  welcome = 2,      // d->c  u32 client_id, u32 cache_slot, u64 instance_id, u32 layout_version,
+                    //       u32 page_size, u64 size_class_checksum, u64 capacity, str heap_name
+  refill = 3,       // c->d  u8 span_class, u16 count
+  spans = 4,        // d->c  u16 count, count x u32 span_id
+  release = 5,      // c->d  u16 count, count x u32 span_id
+  alloc_large = 6,  // c->d  u64 bytes, u8 noscan
+  large = 7,        // d->c  u32 span_id, u64 handle
+  free_large = 8,   // c->d  u64 handle
+  stats = 9,        // c->d  (empty)
+  stats_reply = 10, // d->c  u16 count, count x u64 (stats_fields order)
+  bye = 11,         // c->d  (empty); the daemon replies ok and closes
+  ok = 12,          // d->c  (no body)
+  shutdown = 13,    // d->c  unsolicited: the daemon is stopping
+};
+
+struct frame_header {
+  std::uint32_t length = 0;
+  std::uint16_t type = 0;
+  std::uint16_t version = protocol_version;
+  std::uint32_t request_id = 0;
+  std::uint32_t status = 0;
+};
+
+void encode_header(const frame_header& h, std::uint8_t out[header_bytes]) noexcept;
+frame_header decode_header(const std::uint8_t in[header_bytes]) noexcept;
+// Why a header cannot be accepted (bad length or version), or empty.
+std::string check_header(const frame_header& h);
+
+// Little-endian payload writer.
+class writer {
+ public:
+  writer& u8(std::uint8_t v);
+  writer& u16(std::uint16_t v);
+  writer& u32(std::uint32_t v);
+  writer& u64(std::uint64_t v);
+  writer& str(const std::string& s);  // u16 length + bytes
+  std::vector<std::uint8_t>& bytes() noexcept { return buf_; }
+
+ private:
+  std::vector<std::uint8_t> buf_;
+};
+
+// Bounds-checked reader; any short read sets failed() and yields zeros.
+class reader {
+ public:
+  explicit reader(std::span<const std::uint8_t> in) noexcept : in_(in) {}
+  std::uint8_t u8() noexcept;
+  std::uint16_t u16() noexcept;
+  std::uint32_t u32() noexcept;
+  std::uint64_t u64() noexcept;
+  std::string str(std::size_t max_len);
+  bool failed() const noexcept { return failed_; }
+  // True when everything was read and nothing is left over.
+  bool done() const noexcept { return !failed_ && pos_ == in_.size(); }
+
+ private:
+  bool take(std::size_t n) noexcept;
+  std::span<const std::uint8_t> in_;
+  std::size_t pos_ = 0;
+  bool failed_ = false;
+};
+
+// --- Messages ---------------------------------------------------------------
+
+struct hello_msg {
+  std::uint32_t layout_version = 0;
+  std::uint32_t pid = 0;
+  std::string name;
+};
+struct welcome_msg {
+  std::uint32_t client_id = 0;
+  std::uint32_t cache_slot = 0;
+  std::uint64_t instance_id = 0;
+  std::uint32_t layout_version = 0;
+  std::uint32_t page_size = 0;
+  std::uint64_t size_class_checksum = 0;
+  std::uint64_t capacity = 0;
+  std::string heap_name;
+};
+struct refill_msg {
+  std::uint8_t span_class = 0;
+  std::uint16_t count = 0;
+};
+struct span_list_msg {  // spans (reply) and release (request)
+  std::vector<std::uint32_t> span_ids;
+};
+struct alloc_large_msg {
+  std::uint64_t bytes = 0;
+  bool noscan = false;
+};
+struct large_msg {
+  std::uint32_t span_id = 0;
+  std::uint64_t handle = 0;
+};
+struct free_large_msg {
+  std::uint64_t handle = 0;
+};
+
+// The daemon's stats reply, in this order (shmallocctl stats prints them).
+#define SHMALLOC_PROTO_STATS(X)                                   \
+  X(heap_sys_bytes) X(heap_inuse_bytes) X(heap_idle_bytes)        \
+  X(heap_released_bytes) X(large_objects) X(large_bytes)          \
+  X(mspan_inuse_bytes) X(mspan_sys_bytes) X(metadata_sys_bytes)   \
+  X(clients) X(reclaimed_bytes_total) X(scavenged_bytes_total)    \
+  X(grow_failures) X(capacity_bytes)
+struct stats_msg {
+#define SHMALLOC_X(name) std::uint64_t name = 0;
+  SHMALLOC_PROTO_STATS(SHMALLOC_X)
+#undef SHMALLOC_X
+};
+
+std::vector<std::uint8_t> encode(const hello_msg& m);
+std::vector<std::uint8_t> encode(const welcome_msg& m);
+std::vector<std::uint8_t> encode(const refill_msg& m);
+std::vector<std::uint8_t> encode(const span_list_msg& m);
+std::vector<std::uint8_t> encode(const alloc_large_msg& m);
+std::vector<std::uint8_t> encode(const large_msg& m);
+std::vector<std::uint8_t> encode(const free_large_msg& m);
+std::vector<std::uint8_t> encode(const stats_msg& m);
+
+// Each returns nullopt unless the payload is exactly one well-formed
+// message with every field in range.
+std::optional<hello_msg> decode_hello(std::span<const std::uint8_t> p);
+std::optional<welcome_msg> decode_welcome(std::span<const std::uint8_t> p);
+std::optional<refill_msg> decode_refill(std::span<const std::uint8_t> p);
+std::optional<span_list_msg> decode_span_list(std::span<const std::uint8_t> p, std::uint16_t max_count);
+std::optional<alloc_large_msg> decode_alloc_large(std::span<const std::uint8_t> p);
+std::optional<large_msg> decode_large(std::span<const std::uint8_t> p);
+std::optional<free_large_msg> decode_free_large(std::span<const std::uint8_t> p);
+std::optional<stats_msg> decode_stats(std::span<const std::uint8_t> p);
+
+// A whole reply frame: header (status, request id) + message text + body.
+std::vector<std::uint8_t> make_reply(msg type, std::uint32_t request_id, errc status, const std::string& message,
+                                     const std::vector<std::uint8_t>& body = {});
+// A whole request frame.
+std::vector<std::uint8_t> make_request(msg type, std::uint32_t request_id, const std::vector<std::uint8_t>& body = {});
+
+// Splits a reply payload into its message text and body; nullopt if malformed.
+struct reply_parts {
+  std::string message;
+  std::span<const std::uint8_t> body;
+};
+std::optional<reply_parts> split_reply(std::span<const std::uint8_t> payload);
+
+}  // namespace shmalloc::proto
