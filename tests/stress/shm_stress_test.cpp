@@ -21,8 +21,8 @@
 
 #include <algorithm>
 #include <array>
-#include <bit>
 #include <atomic>
+#include <bit>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
@@ -577,6 +577,14 @@ share_entry* entries_of(share_board* b) {
   return reinterpret_cast<share_entry*>(reinterpret_cast<std::byte*>(b) + board_header_bytes);
 }
 
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 // One worker: waits until every worker is ready, then pushes its share of
 // the objects on their spans' remote-free stacks, counting each free in its
 // own stats slot at push time. Returns 0, or a code saying what was wrong.
@@ -600,14 +608,21 @@ int free_share(const heap_view& v, stats_block& stats, share_board& b, std::uint
     if (st != mspan_state::cached && st != mspan_state::central) return 22;
     if (span_class{s.span_class}.size_class() != e[j].size_class) return 23;
     if (!is_allocated(s, ref.index)) return 24;
-    if (!pattern_ok(static_cast<const std::byte*>(v.pointer(e[j].handle)), s.elem_size, e[j].pattern)) return 25;
+    const auto* p = static_cast<const std::byte*>(v.pointer(e[j].handle));
+    if (!pattern_ok(p, s.elem_size, e[j].pattern)) return 25;
+    // Touch the bytes the push will write: a child maps the heap afresh.
+    (void)*static_cast<const volatile std::byte*>(p);
     mine.push_back({&s, ref.index, e[j].size_class});
   }
 
   std::atomic_ref<std::uint32_t> ready(b.ready);
   ready.fetch_add(1, std::memory_order_acq_rel);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (ready.load(std::memory_order_acquire) < b.workers) {
+  // Spin (yielding now and then, for a worker still waiting for a CPU), so
+  // that the workers leave the start line together.
+  for (std::uint32_t spins = 1; ready.load(std::memory_order_acquire) < b.workers; ++spins) {
+    cpu_relax();
+    if (spins % 4096 != 0) continue;
     if (std::chrono::steady_clock::now() > deadline) return 20;
     std::this_thread::yield();
   }
@@ -699,10 +714,10 @@ void remote_free_rounds(workers_are kind, std::uint32_t nworkers, std::uint32_t 
         held.push_back(*id);
       }
     }
-    // 2. Give every other span back: full, on its mcentral's full list.
+    // 2. Give about half of them back: full, on their mcentral's full list.
     std::vector<span_id> still_held;
     for (std::size_t k = 0; k < held.size(); ++k) {
-      if (k % 2 == 0) {
+      if (pick(2) == 0) {
         still_held.push_back(held[k]);
         continue;
       }
