@@ -249,7 +249,7 @@ std::vector<std::uint8_t> frame(msg type, std::uint32_t request_id, errc status,
   h.request_id = request_id;
   h.status = static_cast<std::uint32_t>(status);
   encode_header(h, out.data());
-  std::memcpy(out.data() + header_bytes, payload.data(), payload.size());
+  if (!payload.empty()) std::memcpy(out.data() + header_bytes, payload.data(), payload.size());
   return out;
 }
 }  // namespace

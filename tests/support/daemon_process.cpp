@@ -1,6 +1,8 @@
 #include "support/daemon_process.hpp"
 
+#include <fcntl.h>
 #include <poll.h>
+#include <sys/prctl.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -23,6 +25,16 @@ namespace shmalloc::test {
 pid_t spawn_daemon(const std::vector<std::string>& args, const std::string& socket, int* stderr_fd) {
   const pid_t pid = fork();
   if (pid == 0) {
+    // The daemon dies with the test (a crashed test must not leave it
+    // running), and never holds the test's output pipe open: ctest waits
+    // for that pipe to close.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    const int devnull = open("/dev/null", O_RDWR);
+    if (devnull >= 0) {
+      dup2(devnull, STDIN_FILENO);
+      dup2(devnull, STDOUT_FILENO);
+      dup2(devnull, STDERR_FILENO);
+    }
     std::vector<char*> argv;
     static std::string path = SHMALLOC_DAEMON_PATH;
     argv.push_back(path.data());
