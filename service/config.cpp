@@ -21,16 +21,23 @@ std::string default_socket_path() {
   return "/tmp/shmalloc-" + std::to_string(geteuid()) + "/shmallocd.sock";
 }
 
-std::optional<std::uint64_t> parse_bytes(const std::string& text) {
-  if (text.empty()) return std::nullopt;
+namespace {
+// "512M" -> {512, "M"}; a text that does not start with digits -> {0, "?"}.
+std::pair<unsigned long long, std::string> split_number(const std::string& text) {
+  if (text.empty() || text[0] < '0' || text[0] > '9') return {0, "?"};
   std::size_t used = 0;
-  unsigned long long v = 0;
   try {
-    v = std::stoull(text, &used);
+    const unsigned long long v = std::stoull(text, &used);
+    return {v, text.substr(used)};
   } catch (...) {
-    return std::nullopt;
+    return {0, "?"};
   }
-  const std::string suffix = text.substr(used);
+}
+}  // namespace
+
+std::optional<std::uint64_t> parse_bytes(const std::string& text) {
+  auto [v, suffix] = split_number(text);
+  if (suffix == "?") return std::nullopt;
   static const std::map<std::string, unsigned> shifts{{"", 0},   {"B", 0},   {"K", 10},   {"KiB", 10},
                                                       {"M", 20}, {"MiB", 20}, {"G", 30}, {"GiB", 30},
                                                       {"T", 40}, {"TiB", 40}};
@@ -40,14 +47,8 @@ std::optional<std::uint64_t> parse_bytes(const std::string& text) {
 }
 
 std::optional<std::uint64_t> parse_duration(const std::string& text) {
-  std::size_t used = 0;
-  unsigned long long v = 0;
-  try {
-    v = std::stoull(text, &used);
-  } catch (...) {
-    return std::nullopt;
-  }
-  const std::string unit = text.substr(used);
+  auto [v, unit] = split_number(text);
+  if (unit == "?") return std::nullopt;
   static const std::map<std::string, std::uint64_t> ns{
       {"ns", 1}, {"us", 1000}, {"ms", 1'000'000}, {"s", 1'000'000'000ULL}, {"m", 60'000'000'000ULL}, {"h", 3'600'000'000'000ULL}};
   if (unit.empty()) return v == 0 ? std::optional<std::uint64_t>(0) : std::nullopt;
