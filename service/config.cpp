@@ -109,6 +109,15 @@ std::vector<T> parse_id_list(const std::string& text, const std::string& setting
   return out;
 }
 
+// An octal file mode that keeps the owner's read and write bits.
+mode_t parse_mode(const std::string& text, const std::string& setting) {
+  const bool octal = !text.empty() && text.size() <= 4 && text.find_first_not_of("01234567") == std::string::npos;
+  const auto mode = octal ? std::strtoul(text.c_str(), nullptr, 8) : 0UL;
+  if (!octal || mode > 0777 || (mode & 0600) != 0600)
+    throw invalid{"shmallocd: invalid --" + setting + " '" + text + "': octal, at most 0777, owner rw needed"};
+  return static_cast<mode_t>(mode);
+}
+
 void apply(const layered& in, daemon_settings& s) {
   if (auto v = in.get("heap")) {
     if (auto why = validate_heap_name(*v); !why.empty()) throw invalid{"shmallocd: invalid --heap '" + *v + "': " + why};
@@ -121,18 +130,8 @@ void apply(const layered& in, daemon_settings& s) {
   s.socket_path = in.get("socket").value_or(default_socket_path());
   if (s.socket_path.empty() || s.socket_path.size() >= 108)
     throw invalid{"shmallocd: invalid --socket: a path of 1 to 107 bytes"};
-  if (auto v = in.get("socket-mode")) {
-    const auto mode = std::strtoul(v->c_str(), nullptr, 8);
-    if (v->find_first_not_of("01234567") != std::string::npos || mode > 0777 || (mode & 0600) != 0600)
-      throw invalid{"shmallocd: invalid --socket-mode '" + *v + "': octal, at most 0777, owner rw needed"};
-    s.socket_mode = static_cast<mode_t>(mode);
-  }
-  if (auto v = in.get("heap-mode")) {
-    const auto mode = std::strtoul(v->c_str(), nullptr, 8);
-    if (v->find_first_not_of("01234567") != std::string::npos || mode > 0777 || (mode & 0600) != 0600)
-      throw invalid{"shmallocd: invalid --heap-mode '" + *v + "': octal, at most 0777, owner rw needed"};
-    s.heap.mode = static_cast<mode_t>(mode);
-  }
+  if (auto v = in.get("socket-mode")) s.socket_mode = parse_mode(*v, "socket-mode");
+  if (auto v = in.get("heap-mode")) s.heap.mode = parse_mode(*v, "heap-mode");
   if (auto v = in.get("allow-uid")) s.allow_uids = parse_id_list<uid_t>(*v, "allow-uid");
   if (auto v = in.get("allow-gid")) s.allow_gids = parse_id_list<gid_t>(*v, "allow-gid");
   if (auto v = in.get("quota")) s.quota_bytes = need(parse_bytes(*v), "quota", "bytes with an optional K, M, G suffix (0 = none)", *v);

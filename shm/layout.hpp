@@ -252,6 +252,7 @@ struct heap_accounts {
   shared_atomic<std::uint64_t> reclaimed_bytes_total;  // bytes taken back from dead clients
   shared_atomic<std::uint64_t> caches_in_use;    // mcache slots assigned
   shared_atomic<std::uint64_t> caches_committed; // mcache slots backed by committed memory
+  shared_atomic<std::uint64_t> remote_free_errors; // double frees and broken stacks found by folds
 };
 
 struct mheap_state {

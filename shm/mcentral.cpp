@@ -31,12 +31,19 @@ void mcentral::unlink(list l, span_id id) noexcept {
   --count(l);
 }
 
-bool mcentral::settle(span_id id, error* problem) {
-  mspan& s = heap_->span(id);
+error mcentral::fold(span_id id) {
   errc status = errc::ok;
   std::string why;
-  span_fold_remote(heap_->view(), s, &status, &why);
-  if (status != errc::ok && problem != nullptr) *problem = {status, why};
+  span_fold_remote(heap_->view(), heap_->span(id), &status, &why);
+  if (status == errc::ok) return {};
+  bump(heap_->accounts().remote_free_errors);
+  return {status, why};
+}
+
+bool mcentral::settle(span_id id, error* problem) {
+  mspan& s = heap_->span(id);
+  error e = fold(id);
+  if (e.code != errc::ok && problem != nullptr) *problem = std::move(e);
   if (s.alloc_count == 0) {
     heap_->free_span(id);
     return true;
@@ -64,8 +71,7 @@ span_id mcentral::take_swept_full() {
     const span_id next = s.next;
     if (s.remote_free.load(std::memory_order_relaxed) != 0) {
       unlink(list::full, id);
-      errc status = errc::ok;
-      span_fold_remote(heap_->view(), s, &status, nullptr);
+      fold(id);
       if (s.alloc_count < s.nelems) return id;
       push(list::full, id);
     }
@@ -77,8 +83,7 @@ span_id mcentral::take_swept_full() {
 result<span_id> mcentral::cache_span(std::uint32_t owner) {
   if (span_id id = state_->partial) {
     unlink(list::partial, id);
-    errc status = errc::ok;
-    span_fold_remote(heap_->view(), heap_->span(id), &status, nullptr);  // fresher bits for the client
+    fold(id);  // fresher bits for the client
     return hand_out(id, owner);
   }
   if (span_id id = take_swept_full()) return hand_out(id, owner);

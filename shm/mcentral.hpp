@@ -44,6 +44,9 @@ class mcentral {
   void unlink(list l, span_id id) noexcept;
   span_id& head(list l) noexcept;
   std::uint32_t& count(list l) noexcept;
+  // Folds the span's remote frees; a double free or a broken stack found
+  // there is counted in heap_accounts::remote_free_errors and returned.
+  error fold(span_id id);
   // Folds remote frees and files the span on the list its count calls for
   // (or frees it). Returns true if the span went back to mheap.
   bool settle(span_id id, error* problem);

@@ -80,19 +80,25 @@ std::uint32_t span_fold_remote(const heap_view& v, mspan& s, errc* status, std::
   *status = errc::ok;
   std::uint32_t top = s.remote_free.exchange(0, std::memory_order_acquire);
   std::uint32_t folded = 0;
-  while (top != 0) {
+  // A well-formed stack has at most nelems entries. An object pushed a
+  // second time while its first push is still pending turns the stack into a
+  // cycle; the step bound ends that walk.
+  for (std::uint32_t steps = 0; top != 0; ++steps) {
     const std::uint32_t i = top - 1;
-    if (i >= s.nelems || folded >= s.nelems) {
+    if (i >= s.nelems || steps > s.nelems) {
       *status = errc::corrupt;
       if (why) *why = "remote-free list of span at page " + std::to_string(s.start.value) + " is corrupt";
       return folded;
     }
     top = link_of(v, s, i);
     if (span_free_local(s, i) != errc::ok) {
+      // Freed twice, but after its first free was folded: the link is the
+      // second push's, so the rest of the stack is intact. Keep folding.
+      if (*status == errc::ok && why)
+        *why = "object " + std::to_string(i) + " of span at page " + std::to_string(s.start.value) +
+               " was freed twice (remote free of a free object)";
       *status = errc::double_free;
-      if (why) *why = "object " + std::to_string(i) + " of span at page " + std::to_string(s.start.value) +
-                      " was freed twice (remote free of a free object)";
-      return folded;
+      continue;
     }
     ++folded;
   }

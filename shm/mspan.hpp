@@ -79,10 +79,11 @@ errc span_free_local(mspan& s, std::uint32_t i) noexcept;
 void span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept;
 
 // Holder only: takes the whole remote-free stack and clears those slots'
-// bits. Returns the number of objects folded in. A slot that is out of range
-// or already free (a remote double free) or a cycle stops the fold with
-// errc::double_free or errc::corrupt in *status and a message in *why; the
-// objects folded until then stay folded.
+// bits. Returns the number of objects folded in. A slot already free (a
+// remote double free) is skipped and the fold goes on, reporting
+// errc::double_free; a slot out of range or a cycle (an object pushed twice
+// while pending) stops it with errc::corrupt. *why gets the first problem.
+// What a broken stack still held is lost: those objects stay allocated.
 std::uint32_t span_fold_remote(const heap_view& v, mspan& s, errc* status, std::string* why) noexcept;
 
 // Objects waiting on the remote-free stack (walks it; the checker's use).

@@ -171,7 +171,8 @@ class checker {
       const mspan& s = v_.span(span_id{i});
       const mspan_state st = s.state.load(std::memory_order_relaxed);
       if (st == mspan_state::central || st == mspan_state::cached)
-        live[span_class{s.span_class}.size_class()] += count_allocated(s) - count_remote_pending(v_, s);
+        live[span_class{s.span_class}.size_class()] +=
+            std::int64_t{count_allocated(s)} - std::int64_t{count_remote_pending(v_, s)};
     }
     std::vector<std::int64_t> counted(num_size_classes, 0);
     auto add = [&counted](const stats_block& b) {

@@ -137,6 +137,41 @@ TEST_SUITE("mcentral") {
     CHECK(span_free_local(s, i) == errc::double_free);
   }
 
+  TEST_CASE("a remote double free neither loses the other pending frees nor goes unreported by the sweep") {
+    test_heap t;
+    mheap& h = *t.heap;
+    mcentral c = h.central(span_class::make(4, false));
+    auto id = *c.cache_span(1);
+    mspan& s = h.span(id);
+    for (int k = 0; k < 10; ++k) span_alloc_object(s);
+    REQUIRE(!c.uncache_span(id).message.size());
+    span_push_remote(h.view(), s, 2);
+    c.sweep();  // object 2 is free now
+    for (std::uint32_t i : {1u, 2u, 3u}) span_push_remote(h.view(), s, i);  // 2 again, between two good frees
+    c.sweep();
+    CHECK(h.accounts().remote_free_errors.load() == 1);
+    CHECK_FALSE(is_allocated(s, 1));
+    CHECK_FALSE(is_allocated(s, 3));
+    CHECK(s.alloc_count == 7);
+    const verify_report r = verify_heap(h);
+    CHECK_MESSAGE(r.ok(), r.summary());
+  }
+
+  TEST_CASE("an object pushed twice while still pending is reported as a corrupt stack, not an endless fold") {
+    test_heap t;
+    mheap& h = *t.heap;
+    auto id = *h.central(span_class::make(4, false)).cache_span(1);
+    mspan& s = h.span(id);
+    for (int k = 0; k < 4; ++k) span_alloc_object(s);
+    for (std::uint32_t i : {0u, 1u, 0u}) span_push_remote(h.view(), s, i);  // 0 -> 1 -> 0 -> ... a cycle
+    errc status{};
+    std::string why;
+    span_fold_remote(h.view(), s, &status, &why);
+    CHECK(status == errc::corrupt);
+    CHECK(why.find("corrupt") != std::string::npos);
+    CHECK(s.remote_free.load() == 0);
+  }
+
   TEST_CASE("objects of the alignment table's types are aligned for their type") {
     test_heap t;
     mheap& h = *t.heap;
