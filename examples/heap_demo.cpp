@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "shm/memstats.hpp"
 #include "shm/mheap.hpp"
 #include "shm/segment.hpp"
 #include "shm/verify.hpp"
@@ -40,23 +41,21 @@ std::uint64_t live_objects(mheap& h) {
 }
 
 void print_accounts(const char* when, mheap& h) {
-  const heap_accounts& a = h.accounts();
-  const std::uint64_t sys = a.pages_committed.load() * page_size;
-  const std::uint64_t inuse = a.pages_in_use.load() * page_size;
-  const std::uint64_t released = a.pages_released.load() * page_size;
+  const heap_memstats m = read_memstats(h);
+  auto row = [](const char* name, std::uint64_t v) {
+    std::printf("  %-26s %12llu\n", name, static_cast<unsigned long long>(v));
+  };
   std::printf("-- %s\n", when);
-  std::printf("  heap_sys_bytes       %12llu\n", static_cast<unsigned long long>(sys));
-  std::printf("  heap_inuse_bytes     %12llu\n", static_cast<unsigned long long>(inuse));
-  std::printf("  heap_idle_bytes      %12llu\n", static_cast<unsigned long long>(sys - inuse));
-  std::printf("  heap_released_bytes  %12llu\n", static_cast<unsigned long long>(released));
-  std::printf("  heap_objects         %12llu\n", static_cast<unsigned long long>(live_objects(h)));
-  std::printf("  large_objects        %12llu\n", static_cast<unsigned long long>(a.large_spans.load()));
-  std::printf("  mspan_inuse_bytes    %12llu\n",
-              static_cast<unsigned long long>(h.state().span_pool.in_use * sizeof(mspan)));
-  std::printf("  mspan_sys_bytes      %12llu\n",
-              static_cast<unsigned long long>(h.state().span_pool.committed * sizeof(mspan)));
-  std::printf("  metadata_sys_bytes   %12llu\n", static_cast<unsigned long long>(a.metadata_committed_bytes.load()));
-  std::printf("  backed_bytes (st_blocks) %8llu\n", static_cast<unsigned long long>(h.seg().backed_bytes()));
+  row("heap_sys_bytes", m.heap_sys_bytes);
+  row("heap_inuse_bytes", m.heap_inuse_bytes);
+  row("heap_idle_bytes", m.heap_idle_bytes);
+  row("heap_released_bytes", m.heap_released_bytes);
+  row("heap_objects", live_objects(h));
+  row("large_objects", m.large_objects);
+  row("mspan_inuse_bytes", m.mspan_inuse_bytes);
+  row("mspan_sys_bytes", m.mspan_sys_bytes);
+  row("metadata_sys_bytes", m.metadata_sys_bytes);
+  row("backed_bytes (st_blocks)", h.seg().backed_bytes());
   const verify_report r = verify_heap(h);
   std::printf("  checker: %s\n", r.summary().c_str());
 }

@@ -1,5 +1,6 @@
 #include "service/request_handler.hpp"
 
+#include "shm/memstats.hpp"
 #include "shm/segment.hpp"
 
 namespace shmalloc::service {
@@ -147,23 +148,23 @@ reply request_handler::on_stats(client_state&, const proto::frame_header& h, std
 }
 
 proto::stats_msg request_handler::stats() const {
+  const heap_memstats m = read_memstats(*heap_);
   const heap_accounts& a = heap_->accounts();
-  const span_pool_state& pool = heap_->state().span_pool;
   proto::stats_msg s;
-  s.heap_sys_bytes = a.pages_committed.load(std::memory_order_relaxed) * page_size;
-  s.heap_inuse_bytes = a.pages_in_use.load(std::memory_order_relaxed) * page_size;
-  s.heap_idle_bytes = s.heap_sys_bytes - s.heap_inuse_bytes;
-  s.heap_released_bytes = a.pages_released.load(std::memory_order_relaxed) * page_size;
-  s.large_objects = a.large_spans.load(std::memory_order_relaxed);
-  s.large_bytes = a.large_pages.load(std::memory_order_relaxed) * page_size;
-  s.mspan_inuse_bytes = std::uint64_t{pool.in_use} * sizeof(mspan);
-  s.mspan_sys_bytes = std::uint64_t{pool.committed} * sizeof(mspan);
-  s.metadata_sys_bytes = a.metadata_committed_bytes.load(std::memory_order_relaxed);
+  s.heap_sys_bytes = m.heap_sys_bytes;
+  s.heap_inuse_bytes = m.heap_inuse_bytes;
+  s.heap_idle_bytes = m.heap_idle_bytes;
+  s.heap_released_bytes = m.heap_released_bytes;
+  s.large_objects = m.large_objects;
+  s.large_bytes = m.large_bytes;
+  s.mspan_inuse_bytes = m.mspan_inuse_bytes;
+  s.mspan_sys_bytes = m.mspan_sys_bytes;
+  s.metadata_sys_bytes = m.metadata_sys_bytes;
   s.clients = clients_;
   s.reclaimed_bytes_total = a.reclaimed_bytes_total.load(std::memory_order_relaxed);
   s.scavenged_bytes_total = a.scavenged_bytes_total.load(std::memory_order_relaxed);
   s.grow_failures = a.grow_failures.load(std::memory_order_relaxed);
-  s.capacity_bytes = heap_->seg().header().capacity;
+  s.capacity_bytes = m.capacity_bytes;
   return s;
 }
 
