@@ -182,9 +182,27 @@ std::optional<daemon_settings> parse_settings(int argc, char** argv, int* exit_c
     *exit_code = 2;
     return std::nullopt;
   }
+  if (s.config_file.empty())
+    if (const char* c = std::getenv("SHMALLOC_CONFIG"); c && *c) s.config_file = c;
+  s.flags = in.flags;
+  std::string why;
+  auto loaded = load_layers(s, &why);
+  if (!loaded) {
+    std::fprintf(stderr, "%s\n", why.c_str());
+    *exit_code = 2;
+  }
+  return loaded;
+}
+
+std::optional<daemon_settings> load_layers(const daemon_settings& base, std::string* why) {
+  layered in;
+  in.flags = base.flags;
+  daemon_settings s;  // defaults, so a setting dropped from the file reverts
+  s.config_file = base.config_file;
+  s.flags = base.flags;
+  s.keep_heap = base.keep_heap;
+  s.fresh = base.fresh;
   try {
-    if (s.config_file.empty())
-      if (const char* c = std::getenv("SHMALLOC_CONFIG"); c && *c) s.config_file = c;
     if (!s.config_file.empty()) {
       try {
         in.file = toml::parse_file(s.config_file);
@@ -194,8 +212,7 @@ std::optional<daemon_settings> parse_settings(int argc, char** argv, int* exit_c
     }
     apply(in, s);
   } catch (const invalid& e) {
-    std::fprintf(stderr, "%s\n", e.line.c_str());
-    *exit_code = 2;
+    *why = e.line;
     return std::nullopt;
   }
   return s;

@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -26,6 +27,7 @@ struct daemon_settings {
   std::string config_file;
   bool keep_heap = false;
   bool fresh = false;
+  std::map<std::string, std::string> flags;  // the command line's settings, kept for reloads
 };
 
 // The socket path a daemon and its clients use when none is given:
@@ -44,5 +46,9 @@ std::optional<std::uint64_t> parse_duration(const std::string& text);
 // line naming the setting and what is allowed to stderr and sets
 // *exit_code = 2. Returns nullopt in both cases.
 std::optional<daemon_settings> parse_settings(int argc, char** argv, int* exit_code);
+
+// Builds settings from base's command-line flags, the environment and
+// base.config_file read anew (SIGHUP). nullopt and *why on an invalid value.
+std::optional<daemon_settings> load_layers(const daemon_settings& base, std::string* why);
 
 }  // namespace shmalloc::service

@@ -65,6 +65,11 @@ result<std::unique_ptr<daemon>> daemon::open(const daemon_settings& settings) {
     if (!r.ok()) return error{errc::corrupt, "heap '" + name + "' left by an earlier daemon fails its check: " + r.summary()};
   }
   d->handler_ = std::make_unique<request_handler>(*d->heap_, handler_settings{settings.quota_bytes});
+  // Signals are ours before the socket can accept anyone: a client that sees
+  // the socket may already send SIGHUP or SIGTERM.
+  d->signals_.add(SIGTERM);
+  d->signals_.add(SIGINT);
+  d->hangup_.add(SIGHUP);
   if (error e = d->bind_socket(); e.code != errc::ok) {
     if (!d->adopted_ && !settings.keep_heap) segment::remove(name);
     return e;
@@ -196,6 +201,7 @@ void daemon::stop() {
   std::error_code ec;
   acceptor_.close(ec);
   signals_.cancel(ec);
+  hangup_.cancel(ec);
   housekeeping_timer_.cancel();
   const auto notice = proto::make_reply(proto::msg::shutdown, 0, errc::unavailable, "shmallocd is stopping");
   for (const auto& s : sessions_) {
@@ -204,9 +210,44 @@ void daemon::stop() {
   }
 }
 
+void daemon::await_hangup() {
+  hangup_.async_wait([this](const std::error_code& ec, int) {
+    if (ec || stopping_) return;
+    reload();
+    await_hangup();
+  });
+}
+
+void daemon::reload() {
+  std::string why;
+  auto next = load_layers(settings_, &why);
+  if (!next) {
+    spdlog::error("SIGHUP: reload failed, keeping the current settings: {}", why);
+    return;
+  }
+  // Structural settings need a restart: report them and keep running.
+  auto restart_needed = [](const char* what, bool changed) {
+    if (changed) spdlog::warn("SIGHUP: {} changed; it takes effect at the next start", what);
+  };
+  restart_needed("heap", next->heap.name != settings_.heap.name);
+  restart_needed("capacity", next->heap.capacity != settings_.heap.capacity);
+  restart_needed("heap-mode", next->heap.mode != settings_.heap.mode);
+  restart_needed("socket", next->socket_path != settings_.socket_path);
+  restart_needed("socket-mode", next->socket_mode != settings_.socket_mode);
+  restart_needed("metrics", next->metrics != settings_.metrics);
+  settings_.log_level = next->log_level;
+  settings_.quota_bytes = next->quota_bytes;
+  settings_.scavenge_delay_ns = next->scavenge_delay_ns;
+  settings_.allow_uids = next->allow_uids;
+  settings_.allow_gids = next->allow_gids;
+  spdlog::set_level(spdlog::level::from_str(settings_.log_level));
+  handler_->set_settings(handler_settings{settings_.quota_bytes});
+  spdlog::info("SIGHUP: reloaded (log level {}, quota {} bytes, scavenge delay {} ns)", settings_.log_level,
+               settings_.quota_bytes, settings_.scavenge_delay_ns);
+}
+
 void daemon::run() {
-  signals_.add(SIGTERM);
-  signals_.add(SIGINT);
+  await_hangup();
   signals_.async_wait([this](const std::error_code& ec, int sig) {
     if (ec) return;
     spdlog::info("signal {}: stopping", sig);

@@ -6,7 +6,8 @@
 // watchdog that closes the socket when its deadline passes (before hello,
 // and while a started frame is incomplete), so a stalled peer cannot hold
 // resources. When a connection ends for any reason the request handler takes
-// back the client's spans.
+// back the client's spans. SIGHUP re-reads the config file and environment
+// and applies what can change live: log level, quota, scavenger delay.
 #pragma once
 
 #include <asio.hpp>
@@ -43,11 +44,14 @@ class daemon {
   asio::awaitable<void> housekeeping();
   bool peer_allowed(session& s);
   void finish();
+  void await_hangup();
+  void reload();
 
   daemon_settings settings_;
   asio::io_context io_{1};
   asio::local::stream_protocol::acceptor acceptor_{io_};
   asio::signal_set signals_{io_};
+  asio::signal_set hangup_{io_};
   asio::steady_timer housekeeping_timer_{io_};
   std::unique_ptr<segment> seg_;
   std::unique_ptr<mheap> heap_;

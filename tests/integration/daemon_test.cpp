@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -288,5 +289,82 @@ TEST_SUITE("shmallocd") {
     CHECK(refill(good, span_class::make(12, false).value, 2).size() == 2);
     good.call(msg::bye);
     check_heap_after(d);
+  }
+}
+
+TEST_SUITE("shmallocd settings") {
+  TEST_CASE("SIGHUP reloads the quota from the config file; a bad file keeps the old settings") {
+    char tmpl[] = "/tmp/shmalloc-test-conf-XXXXXX";
+    const std::string dir = mkdtemp(tmpl);
+    const std::string conf = dir + "/shmallocd.toml";
+    auto write_conf = [&conf](const std::string& text) {
+      FILE* f = std::fopen(conf.c_str(), "w");
+      REQUIRE(f);
+      std::fputs(text.c_str(), f);
+      std::fclose(f);
+    };
+    write_conf("quota = \"1M\"\nscavenge_delay = \"10s\"\n");
+    daemon_process d({"--config", conf});
+    REQUIRE(d.started());
+    raw_client c(d.socket);
+    REQUIRE(c.hello());
+    auto alloc = [&c] {
+      auto f = c.call(msg::alloc_large, proto::encode(proto::alloc_large_msg{600 << 10, true}));
+      REQUIRE(f);
+      return f->status();
+    };
+    CHECK(alloc() == errc::ok);
+    CHECK(alloc() == errc::quota_exceeded);
+
+    write_conf("quota = \"not a size\"\n");
+    kill(d.pid(), SIGHUP);
+    usleep(200000);
+    CHECK(alloc() == errc::quota_exceeded);  // still the old quota, and still serving
+
+    write_conf("quota = \"4M\"\n");
+    kill(d.pid(), SIGHUP);
+    errc got = errc::quota_exceeded;
+    for (int i = 0; i < 100 && got != errc::ok; ++i) {
+      usleep(20000);
+      got = alloc();
+    }
+    CHECK(got == errc::ok);
+    CHECK(d.stop(SIGTERM) == 0);
+    std::remove(conf.c_str());
+    rmdir(dir.c_str());
+  }
+
+  TEST_CASE("flags win over the environment, which wins over the config file") {
+    char tmpl[] = "/tmp/shmalloc-test-conf-XXXXXX";
+    const std::string dir = mkdtemp(tmpl);
+    const std::string conf = dir + "/c.toml";
+    FILE* f = std::fopen(conf.c_str(), "w");
+    REQUIRE(f);
+    std::fputs("capacity = \"128M\"\n", f);
+    std::fclose(f);
+    // The capacity a daemon started this way reports in its welcome.
+    auto capacity = [&](std::vector<std::string> extra, const char* env) -> std::uint64_t {
+      if (env) setenv("SHMALLOC_CAPACITY", env, 1);
+      const std::string sock = dir + "/d.sock";
+      std::vector<std::string> args{"--heap", unique_heap_name("layers"), "--socket", sock, "--config", conf,
+                                    "--log-level", "off"};
+      args.insert(args.end(), extra.begin(), extra.end());
+      const pid_t pid = spawn_daemon(args, sock);
+      unsetenv("SHMALLOC_CAPACITY");
+      if (pid <= 0) return 0;
+      std::uint64_t got = 0;
+      {
+        raw_client c(sock);
+        if (auto w = c.hello()) got = w->capacity;
+      }
+      kill(pid, SIGTERM);  // removes its heap and socket
+      waitpid(pid, nullptr, 0);
+      return got;
+    };
+    CHECK(capacity({}, nullptr) == 128ULL << 20);
+    CHECK(capacity({}, "192M") == 192ULL << 20);
+    CHECK(capacity({"--capacity", "256M"}, "192M") == 256ULL << 20);
+    std::remove(conf.c_str());
+    rmdir(dir.c_str());
   }
 }
