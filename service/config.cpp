@@ -14,13 +14,6 @@
 
 namespace shmalloc::service {
 
-std::string default_socket_path() {
-  if (const char* s = std::getenv("SHMALLOC_SOCKET"); s && *s) return s;
-  if (const char* x = std::getenv("XDG_RUNTIME_DIR"); x && *x) return std::string(x) + "/shmalloc/shmallocd.sock";
-  if (geteuid() == 0) return "/run/shmalloc/shmallocd.sock";
-  return "/tmp/shmalloc-" + std::to_string(geteuid()) + "/shmallocd.sock";
-}
-
 namespace {
 // "512M" -> {512, "M"}; a text that does not start with digits -> {0, "?"}.
 std::pair<unsigned long long, std::string> split_number(const std::string& text) {

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "shm/control_client.hpp"
 #include "shm/segment.hpp"
 
 namespace shmalloc::service {
@@ -29,12 +30,6 @@ struct daemon_settings {
   bool fresh = false;
   std::map<std::string, std::string> flags;  // the command line's settings, kept for reloads
 };
-
-// The socket path a daemon and its clients use when none is given:
-// $SHMALLOC_SOCKET, else $XDG_RUNTIME_DIR/shmalloc/shmallocd.sock, else
-// /run/shmalloc/shmallocd.sock for root and /tmp/shmalloc-$UID/shmallocd.sock
-// otherwise.
-std::string default_socket_path();
 
 // "4G", "512M", "64K", "1024": bytes, or nullopt.
 std::optional<std::uint64_t> parse_bytes(const std::string& text);

@@ -20,7 +20,8 @@ reply request_handler::handle(client_state& c, const proto::frame_header& h, std
   if (std::string why = proto::check_header(h); !why.empty())
     return error_reply(msg::ok, h, errc::protocol_error, why, true);
   const auto type = static_cast<msg>(h.type);
-  if (c.id == 0 && type != msg::hello)
+  // stats is read-only, so observers such as shmallocctl need not register.
+  if (c.id == 0 && type != msg::hello && type != msg::stats)
     return error_reply(msg::ok, h, errc::protocol_error, "the first request must be hello");
   switch (type) {
     case msg::hello: return on_hello(c, h, p);

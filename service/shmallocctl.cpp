@@ -2,18 +2,21 @@
 //
 // Each subcommand is one add_<name>() that registers it with CLI11 and returns
 // what to run when it is chosen; main() only parses and dispatches. The
-// commands that will talk to the daemon over its Unix socket (stats, classes,
-// clients, spans, ping) slot in the same way; size-classes needs no daemon.
+// commands that talk to the daemon over its Unix socket (stats, ping; later
+// classes, clients, spans) slot in the same way; size-classes needs no daemon.
 //
 // Exit codes: 0 success (also --help, --version), 1 the command failed,
 // 2 usage error (no or unknown subcommand, bad option; help goes to stderr).
 
-#include "shm/size_classes.hpp"
-
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "shm/control_client.hpp"
+#include "shm/size_classes.hpp"
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -55,6 +58,71 @@ subcommand add_size_classes(CLI::App& root) {
   return {app, [] { return print_size_classes(std::cout); }};
 }
 
+// ---- commands that ask the daemon ------------------------------------------
+
+struct daemon_options {
+  std::string socket = shmalloc::default_socket_path();
+  bool json = false;
+};
+
+// The daemon's stats, or an error line on stderr and nullopt.
+std::optional<shmalloc::proto::stats_msg> fetch_stats(const daemon_options& o) {
+  shmalloc::control_client c(o.socket);
+  if (!c.connected()) {
+    std::cerr << "shmallocctl: no shmallocd answers on " << o.socket << "\n";
+    return std::nullopt;
+  }
+  auto body = c.request(shmalloc::proto::msg::stats);
+  if (!body) {
+    std::cerr << "shmallocctl: " << body.err().message << "\n";
+    return std::nullopt;
+  }
+  auto stats = shmalloc::proto::decode_stats(body.value());
+  if (!stats) std::cerr << "shmallocctl: malformed stats reply from " << o.socket << "\n";
+  return stats;
+}
+
+// Flat "name value" lines (like redis-cli INFO), or one JSON object.
+int print_stats(const daemon_options& o) {
+  auto s = fetch_stats(o);
+  if (!s) return exit_failure;
+  nlohmann::ordered_json j;
+#define SHMALLOC_X(name) j[#name] = s->name;
+  SHMALLOC_PROTO_STATS(SHMALLOC_X)
+#undef SHMALLOC_X
+  if (o.json) {
+    std::cout << j.dump(2) << '\n';
+  } else {
+    for (const auto& [name, value] : j.items()) std::cout << name << ' ' << value << '\n';
+  }
+  std::cout.flush();
+  return std::cout ? exit_ok : exit_failure;
+}
+
+int ping(const daemon_options& o) {
+  if (!fetch_stats(o)) return exit_failure;
+  if (o.json) std::cout << R"({"ok": true})" << '\n';
+  else std::cout << "ok\n";
+  return exit_ok;
+}
+
+void add_daemon_options(CLI::App* app, daemon_options& o) {
+  app->add_option("--socket", o.socket, "control socket (default: $SHMALLOC_SOCKET or the standard path)");
+  app->add_flag("--json", o.json, "print JSON");
+}
+
+subcommand add_stats(CLI::App& root, daemon_options& o) {
+  CLI::App* app = root.add_subcommand("stats", "Print the heap's memory summary (MemStats names)");
+  add_daemon_options(app, o);
+  return {app, [&o] { return print_stats(o); }};
+}
+
+subcommand add_ping(CLI::App& root, daemon_options& o) {
+  CLI::App* app = root.add_subcommand("ping", "Exit 0 when the daemon answers (a container healthcheck)");
+  add_daemon_options(app, o);
+  return {app, [&o] { return ping(o); }};
+}
+
 // ---- main -------------------------------------------------------------------
 
 int usage_error(const CLI::App& root, const std::string& message) {
@@ -69,8 +137,11 @@ int main(int argc, char** argv) {
   root.set_version_flag("--version", "shmallocctl " SHMALLOC_VERSION);
   root.require_subcommand(0, 1);  // at most one; none is reported below
 
+  daemon_options daemon;
   const std::vector<subcommand> commands{
       add_size_classes(root),
+      add_stats(root, daemon),
+      add_ping(root, daemon),
   };
 
   try {
