@@ -130,6 +130,12 @@ void apply(const layered& in, daemon_settings& s) {
   if (auto v = in.get("quota")) s.quota_bytes = need(parse_bytes(*v), "quota", "bytes with an optional K, M, G suffix (0 = none)", *v);
   if (auto v = in.get("scavenge-delay"))
     s.scavenge_delay_ns = need(parse_duration(*v), "scavenge-delay", "a duration such as 300s, 5m or 0", *v);
+  if (auto v = in.get("hello-timeout"))
+    s.hello_timeout_ns = need(parse_duration(*v), "hello-timeout", "a duration such as 10s or 500ms, above 0", *v);
+  if (auto v = in.get("frame-timeout"))
+    s.frame_timeout_ns = need(parse_duration(*v), "frame-timeout", "a duration such as 5s or 500ms, above 0", *v);
+  if (s.hello_timeout_ns == 0 || s.frame_timeout_ns == 0)
+    throw invalid{"shmallocd: invalid --hello-timeout or --frame-timeout: must be above 0"};
   if (auto v = in.get("metrics")) s.metrics = *v;
   if (auto v = in.get("log-level")) {
     static const std::vector<std::string> levels{"trace", "debug", "info", "warn", "error", "critical", "off"};
@@ -156,6 +162,8 @@ std::optional<daemon_settings> parse_settings(int argc, char** argv, int* exit_c
       {"allow-gid", "gids allowed to connect, comma-separated"},
       {"quota", "per-client byte quota (default none)"},
       {"scavenge-delay", "return pages idle this long to the OS (default 300s)"},
+      {"hello-timeout", "close connections that do not say hello within this (default 10s)"},
+      {"frame-timeout", "close connections that leave a frame incomplete this long (default 5s)"},
       {"metrics", "ADDR:PORT for /metrics, or off (default 127.0.0.1:9464)"},
       {"log-level", "trace, debug, info, warn, error, critical or off"}};
   for (const auto& [name, help] : options) {

@@ -23,8 +23,6 @@ using clock_type = std::chrono::steady_clock;
 constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
 
 namespace {
-constexpr auto hello_timeout = std::chrono::seconds(10);
-constexpr auto frame_timeout = std::chrono::seconds(5);
 constexpr auto housekeeping_period = std::chrono::seconds(1);
 }  // namespace
 
@@ -135,7 +133,7 @@ awaitable<void> daemon::serve(std::shared_ptr<session> s) {
     std::error_code ec;
     asio::write(s->socket, asio::buffer(frame), ec);
   } else {
-    s->deadline = clock_type::now() + hello_timeout;
+    s->deadline = clock_type::now() + std::chrono::nanoseconds(settings_.hello_timeout_ns);
     co_await (read_frames(s) || watchdog(s));
   }
   if (s->client.id != 0)
@@ -172,7 +170,7 @@ awaitable<void> daemon::read_frames(std::shared_ptr<session> s) {
       co_await asio::async_write(s->socket, asio::buffer(frame), use_tuple);
       co_return;  // the framing is broken: nothing after this can be trusted
     }
-    s->deadline = std::min(s->deadline, clock_type::now() + frame_timeout);
+    s->deadline = std::min(s->deadline, clock_type::now() + std::chrono::nanoseconds(settings_.frame_timeout_ns));
     s->timer.cancel();
     payload.resize(h.length);
     auto [ec2, m] = co_await asio::async_read(s->socket, asio::buffer(payload), use_tuple);

@@ -73,8 +73,10 @@ std::optional<control_client::frame> control_client::read_frame(int timeout_ms) 
 }
 
 std::optional<control_client::frame> control_client::call(proto::msg type, const std::vector<std::uint8_t>& body) {
-  if (!send_bytes(proto::make_request(type, next_id_++, body))) return std::nullopt;
-  return read_frame();
+  // Even if the send fails, read: a daemon that refuses a peer says why
+  // before it closes, and that reply may already be waiting.
+  const bool sent = send_bytes(proto::make_request(type, next_id_++, body));
+  return read_frame(sent ? 5000 : 0);
 }
 
 std::optional<proto::welcome_msg> control_client::hello(const std::string& name) {

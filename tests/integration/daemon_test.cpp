@@ -304,6 +304,83 @@ TEST_SUITE("shmallocd") {
   }
 }
 
+TEST_SUITE("shmallocd security and deadlines") {
+  TEST_CASE("a silent connection and a half-sent frame are closed at their deadlines") {
+    daemon_process d({"--hello-timeout", "300ms", "--frame-timeout", "300ms"});
+    REQUIRE(d.started());
+    raw_client silent(d.socket);
+    CHECK(silent.eof(3000));  // never said hello
+    raw_client stalled(d.socket);
+    REQUIRE(stalled.hello());
+    usleep(500000);  // past both timeouts: a client that has said hello may idle
+    CHECK(stalled.call(msg::stats).has_value());
+    auto half = proto::make_request(msg::refill, 10, proto::encode(proto::refill_msg{10, 1}));
+    half.resize(proto::header_bytes + 1);  // the header promises 3 bytes, 1 comes
+    REQUIRE(stalled.send_bytes(half));
+    CHECK(stalled.eof(3000));
+    raw_client fine(d.socket);
+    CHECK(fine.hello());
+  }
+
+  TEST_CASE("other protocol and layout versions are refused with their numbers") {
+    daemon_process d;
+    REQUIRE(d.started());
+    raw_client c(d.socket);
+    auto hello = proto::make_request(msg::hello, 1,
+                                     proto::encode(proto::hello_msg{layout_version + 1, 1, "future"}));
+    REQUIRE(c.send_bytes(hello));
+    auto r = c.read_frame();
+    REQUIRE(r);
+    CHECK(r->status() == errc::layout_mismatch);
+    CHECK(proto::split_reply(r->payload)->message.find(std::to_string(layout_version + 1)) != std::string::npos);
+    auto v2 = proto::make_request(msg::stats, 2);
+    v2[6] = 2;  // protocol version 2
+    REQUIRE(c.send_bytes(v2));
+    auto r2 = c.read_frame();
+    REQUIRE(r2);
+    CHECK(r2->status() == errc::protocol_error);
+    CHECK(proto::split_reply(r2->payload)->message.find("protocol version 2") != std::string::npos);
+    CHECK(c.eof());
+  }
+
+  TEST_CASE("the socket has an explicit mode and peers of other uids are refused unless allowed") {
+    if (geteuid() != 0) {
+      MESSAGE("skipped: needs root to connect as another uid");
+      return;
+    }
+    constexpr uid_t nobody = 65534;
+    auto connect_as_nobody = [](const std::string& sock) -> int {  // 0 welcome, 1 refused, 2 no connection
+      const pid_t pid = fork();
+      if (pid == 0) {
+        if (setgid(nobody) != 0 || setuid(nobody) != 0) _exit(3);
+        raw_client c(sock);
+        if (!c.connected()) _exit(2);
+        auto f = c.call(msg::hello, proto::encode(proto::hello_msg{layout_version, 1, "nobody"}));
+        _exit(f && f->status() == errc::ok ? 0 : f && f->status() == errc::permission_denied ? 1 : 4);
+      }
+      int status = 0;
+      waitpid(pid, &status, 0);
+      return WEXITSTATUS(status);
+    };
+    for (bool allowed : {false, true}) {
+      std::vector<std::string> extra{"--socket-mode", "0666"};
+      if (allowed) extra.insert(extra.end(), {"--allow-uid", std::to_string(nobody)});
+      daemon_process d(extra);
+      REQUIRE(d.started());
+      struct stat st {};
+      REQUIRE(stat(d.socket.c_str(), &st) == 0);
+      CHECK((st.st_mode & 0777) == 0666);
+      chmod(d.dir.c_str(), 0755);  // let nobody reach the socket: the credential check must refuse it
+      CHECK(connect_as_nobody(d.socket) == (allowed ? 0 : 1));
+    }
+    daemon_process def;
+    REQUIRE(def.started());
+    struct stat st {};
+    REQUIRE(stat(def.socket.c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0660);
+  }
+}
+
 TEST_SUITE("shmallocctl") {
   TEST_CASE("stats and ping ask the daemon; both fail cleanly when it is gone") {
     daemon_process d;
