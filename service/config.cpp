@@ -136,6 +136,8 @@ void apply(const layered& in, daemon_settings& s) {
     s.frame_timeout_ns = need(parse_duration(*v), "frame-timeout", "a duration such as 5s or 500ms, above 0", *v);
   if (s.hello_timeout_ns == 0 || s.frame_timeout_ns == 0)
     throw invalid{"shmallocd: invalid --hello-timeout or --frame-timeout: must be above 0"};
+  if (auto v = in.get("reattach-grace"))
+    s.reattach_grace_ns = need(parse_duration(*v), "reattach-grace", "a duration such as 30s or 0", *v);
   if (auto v = in.get("metrics")) s.metrics = *v;
   if (auto v = in.get("log-level")) {
     static const std::vector<std::string> levels{"trace", "debug", "info", "warn", "error", "critical", "off"};
@@ -164,6 +166,7 @@ std::optional<daemon_settings> parse_settings(int argc, char** argv, int* exit_c
       {"scavenge-delay", "return pages idle this long to the OS (default 300s)"},
       {"hello-timeout", "close connections that do not say hello within this (default 10s)"},
       {"frame-timeout", "close connections that leave a frame incomplete this long (default 5s)"},
+      {"reattach-grace", "after adopting a heap, how long clients of the old daemon have to reattach (default 30s)"},
       {"metrics", "ADDR:PORT for /metrics, or off (default 127.0.0.1:9464)"},
       {"log-level", "trace, debug, info, warn, error, critical or off"}};
   for (const auto& [name, help] : options) {

@@ -63,6 +63,7 @@ result<std::unique_ptr<daemon>> daemon::open(const daemon_settings& settings) {
     if (!r.ok()) return error{errc::corrupt, "heap '" + name + "' left by an earlier daemon fails its check: " + r.summary()};
   }
   d->handler_ = std::make_unique<request_handler>(*d->heap_, handler_settings{settings.quota_bytes});
+  if (d->adopted_) d->handler_->adopt_orphans();
   // Signals are ours before the socket can accept anyone: a client that sees
   // the socket may already send SIGHUP or SIGTERM.
   d->signals_.add(SIGTERM);
@@ -188,6 +189,8 @@ awaitable<void> daemon::housekeeping() {
     auto [ec] = co_await housekeeping_timer_.async_wait(use_tuple);
     if (ec || stopping_) co_return;
     for (std::uint32_t c = 2; c < num_span_classes; ++c) heap_->central(span_class{static_cast<std::uint8_t>(c)}).sweep();
+    if (std::size_t n = handler_->expire_orphans(settings_.reattach_grace_ns))
+      spdlog::info("{} client(s) of the previous daemon did not reattach; their spans were taken back", n);
     if (std::uint64_t released = heap_->scavenge(settings_.scavenge_delay_ns))
       spdlog::debug("scavenger returned {} bytes to the OS", released);
   }
@@ -236,6 +239,7 @@ void daemon::reload() {
   settings_.log_level = next->log_level;
   settings_.quota_bytes = next->quota_bytes;
   settings_.scavenge_delay_ns = next->scavenge_delay_ns;
+  settings_.reattach_grace_ns = next->reattach_grace_ns;
   settings_.allow_uids = next->allow_uids;
   settings_.allow_gids = next->allow_gids;
   spdlog::set_level(spdlog::level::from_str(settings_.log_level));
@@ -253,6 +257,9 @@ void daemon::run() {
   });
   spdlog::info("shmallocd serving heap '{}' ({} bytes{}) on {}", settings_.heap.name, seg_->header().capacity,
                adopted_ ? ", adopted" : "", settings_.socket_path);
+  if (handler_->orphan_groups() != 0)
+    spdlog::info("{} client(s) of the previous daemon may reattach within {} s", handler_->orphan_groups(),
+                 settings_.reattach_grace_ns / 1'000'000'000ULL);
   asio::co_spawn(io_, accept_loop(), asio::detached);
   asio::co_spawn(io_, housekeeping(), asio::detached);
   io_.run();

@@ -30,6 +30,7 @@ reply request_handler::handle(client_state& c, const proto::frame_header& h, std
     case msg::alloc_large: return on_alloc_large(c, h, p);
     case msg::free_large: return on_free_large(c, h, p);
     case msg::stats: return on_stats(c, h, p);
+    case msg::reattach: return on_reattach(c, h, p);
     case msg::bye: return {proto::make_reply(msg::ok, h.request_id, errc::ok, {}), true};
     default: return error_reply(msg::ok, h, errc::protocol_error, "unknown request type " + std::to_string(h.type));
   }
@@ -43,9 +44,11 @@ reply request_handler::on_hello(client_state& c, const proto::frame_header& h, s
     return error_reply(msg::welcome, h, errc::layout_mismatch,
                        "client speaks heap layout version " + std::to_string(m->layout_version) + ", daemon " +
                            std::to_string(layout_version));
-  auto slot = heap_->assign_cache(next_client_id_);
+  std::uint32_t& next_id = heap_->state().next_client_id;
+  if (next_id == 0 || next_id == mheap::daemon_client) next_id = 1;
+  auto slot = heap_->assign_cache(next_id);
   if (!slot) return error_reply(msg::welcome, h, slot.code(), slot.err().message);
-  c.id = next_client_id_++;
+  c.id = next_id++;
   c.name = m->name;
   c.cache_slot = *slot;
   c.connected_ns = heap_->now();
@@ -169,22 +172,94 @@ proto::stats_msg request_handler::stats() const {
   return s;
 }
 
-void request_handler::disconnect(client_state& c) {
-  if (c.id == 0) return;
+void request_handler::reclaim(const std::set<std::uint32_t>& spans, const std::set<std::uint32_t>& large,
+                              const std::vector<std::uint32_t>& slots) {
   std::uint64_t reclaimed = 0;
-  for (std::uint32_t id : c.spans) {
+  for (std::uint32_t id : spans) {
     reclaimed += span_bytes(id);
     heap_->central(span_class{heap_->span(span_id{id}).span_class}).uncache_span(span_id{id});
   }
-  for (std::uint32_t id : c.large) heap_->span(span_id{id}).owner_client = 0;  // stays allocated
+  for (std::uint32_t id : large) heap_->span(span_id{id}).owner_client = 0;  // stays allocated
+  for (std::uint32_t slot : slots) heap_->retire_cache(slot);
   bump(heap_->accounts().reclaimed_bytes_total, reclaimed);
-  heap_->retire_cache(c.cache_slot);
+}
+
+void request_handler::disconnect(client_state& c) {
+  if (c.id == 0) return;
+  std::vector<std::uint32_t> slots = c.old_slots;
+  slots.push_back(c.cache_slot);
+  reclaim(c.spans, c.large, slots);
   by_id_.erase(c.id);
   --clients_;
   c.spans.clear();
   c.large.clear();
+  c.old_slots.clear();
   c.bytes_held = 0;
   c.id = 0;
+}
+
+void request_handler::adopt_orphans() {
+  const std::uint64_t now = heap_->now();
+  const span_pool_state& pool = heap_->state().span_pool;
+  for (std::uint32_t i = 0; i < pool.high_water; ++i) {
+    const mspan& s = heap_->span(span_id{i});
+    const mspan_state st = s.state.load(std::memory_order_relaxed);
+    if (s.owner_client == 0 || (st != mspan_state::cached && st != mspan_state::large)) continue;
+    orphan_group& g = orphans_[s.owner_client];
+    (st == mspan_state::cached ? g.spans : g.large).insert(i);
+    g.since_ns = now;
+  }
+  const auto slots = static_cast<std::uint32_t>(heap_->accounts().caches_committed.load(std::memory_order_relaxed));
+  for (std::uint32_t i = 0; i < slots; ++i) {
+    const std::uint32_t owner = heap_->cache_slot(i).client.load(std::memory_order_relaxed);
+    if (owner == 0 || owner == mheap::daemon_client) continue;
+    orphan_group& g = orphans_[owner];
+    g.slots.push_back(i);
+    g.since_ns = now;
+  }
+}
+
+std::size_t request_handler::expire_orphans(std::uint64_t grace_ns) {
+  const std::uint64_t now = heap_->now();
+  std::size_t expired = 0;
+  for (auto it = orphans_.begin(); it != orphans_.end();) {
+    if (now - it->second.since_ns < grace_ns) {
+      ++it;
+      continue;
+    }
+    reclaim(it->second.spans, it->second.large, it->second.slots);
+    it = orphans_.erase(it);
+    ++expired;
+  }
+  return expired;
+}
+
+reply request_handler::on_reattach(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  auto m = proto::decode_reattach(p);
+  if (!m) return error_reply(msg::spans, h, errc::protocol_error, "malformed reattach");
+  auto it = orphans_.find(m->old_client_id);
+  if (it == orphans_.end())
+    return error_reply(msg::spans, h, errc::not_found,
+                       "no spans of an earlier client " + std::to_string(m->old_client_id) + " wait to be reattached");
+  orphan_group& g = it->second;
+  proto::span_list_msg taken;
+  for (std::uint32_t id : m->span_ids) {
+    std::set<std::uint32_t>* from = g.spans.count(id) ? &g.spans : g.large.count(id) ? &g.large : nullptr;
+    if (from == nullptr) continue;  // not that client's: left alone
+    from->erase(id);
+    (from == &g.spans ? c.spans : c.large).insert(id);
+    heap_->span(span_id{id}).owner_client = c.id;
+    c.bytes_held += span_bytes(id);
+    taken.span_ids.push_back(id);
+  }
+  // The group's cache slots pass to the claiming client. Spans not claimed
+  // yet wait for further reattach requests until the grace period ends.
+  c.old_slots.insert(c.old_slots.end(), g.slots.begin(), g.slots.end());
+  g.slots.clear();
+  if (g.spans.empty() && g.large.empty()) orphans_.erase(it);
+  if (taken.span_ids.empty())
+    return error_reply(msg::spans, h, errc::bad_handle, "none of those spans belonged to that client");
+  return ok_reply(msg::spans, h, proto::encode(taken));
 }
 
 }  // namespace shmalloc::service

@@ -28,6 +28,7 @@ struct client_state {
   uid_t uid = 0;
   std::string name;
   std::uint32_t cache_slot = 0;
+  std::vector<std::uint32_t> old_slots;  // cache slots it held before a daemon restart
   std::set<std::uint32_t> spans;  // small spans it holds
   std::set<std::uint32_t> large;  // large objects it allocated and holds
   std::uint64_t bytes_held = 0;   // spans and large objects, for the quota
@@ -54,6 +55,15 @@ class request_handler {
   // daemon (any client may still free them).
   void disconnect(client_state& c);
 
+  // Daemon restart: spans and cache slots held by clients of the previous
+  // daemon become orphans, grouped by their old client id. A client that
+  // reconnects claims its group with reattach; groups nobody claims within
+  // the grace period are reclaimed as if their client had died.
+  void adopt_orphans();
+  // Reclaims the groups orphaned longer than grace_ns; returns how many.
+  std::size_t expire_orphans(std::uint64_t grace_ns);
+  std::size_t orphan_groups() const noexcept { return orphans_.size(); }
+
   void set_settings(handler_settings s) noexcept { settings_ = s; }
   std::size_t clients() const noexcept { return clients_; }
   proto::stats_msg stats() const;
@@ -64,15 +74,27 @@ class request_handler {
   reply on_release(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_alloc_large(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_free_large(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_reattach(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_stats(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   bool over_quota(const client_state& c, std::uint64_t more) const noexcept;
   std::uint64_t span_bytes(std::uint32_t span) const noexcept;
+  // Takes back small spans (their free slots return to mcentral), lets large
+  // objects stay allocated with no holder, and retires cache slots.
+  void reclaim(const std::set<std::uint32_t>& spans, const std::set<std::uint32_t>& large,
+               const std::vector<std::uint32_t>& slots);
+
+  struct orphan_group {
+    std::set<std::uint32_t> spans;
+    std::set<std::uint32_t> large;
+    std::vector<std::uint32_t> slots;
+    std::uint64_t since_ns = 0;
+  };
 
   mheap* heap_;
   handler_settings settings_;
-  std::uint32_t next_client_id_ = 1;
   std::size_t clients_ = 0;
   std::map<std::uint32_t, client_state*> by_id_;  // live clients, for frees of their large objects
+  std::map<std::uint32_t, orphan_group> orphans_;  // by old client id
 };
 
 }  // namespace shmalloc::service

@@ -126,6 +126,13 @@ std::vector<std::uint8_t> encode(const span_list_msg& m) {
   for (std::uint32_t id : m.span_ids) w.u32(id);
   return std::move(w.bytes());
 }
+std::vector<std::uint8_t> encode(const reattach_msg& m) {
+  writer w;
+  w.u32(m.old_client_id);
+  auto list = encode(span_list_msg{m.span_ids});
+  w.bytes().insert(w.bytes().end(), list.begin(), list.end());
+  return std::move(w.bytes());
+}
 std::vector<std::uint8_t> encode(const alloc_large_msg& m) {
   writer w;
   w.u64(m.bytes).u8(m.noscan ? 1 : 0);
@@ -200,6 +207,16 @@ std::optional<span_list_msg> decode_span_list(std::span<const std::uint8_t> p, s
   m.span_ids.reserve(n);
   for (std::uint16_t i = 0; i < n; ++i) m.span_ids.push_back(r.u32());
   return finish(r, std::move(m));
+}
+std::optional<reattach_msg> decode_reattach(std::span<const std::uint8_t> p) {
+  reader r(p);
+  reattach_msg m;
+  m.old_client_id = r.u32();
+  if (r.failed() || m.old_client_id == 0) return std::nullopt;
+  auto list = decode_span_list(p.subspan(4), max_release);
+  if (!list) return std::nullopt;
+  m.span_ids = std::move(list->span_ids);
+  return m;
 }
 std::optional<alloc_large_msg> decode_alloc_large(std::span<const std::uint8_t> p) {
   reader r(p);

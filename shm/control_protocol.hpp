@@ -49,6 +49,7 @@ enum class msg : std::uint16_t {
   bye = 11,         // c->d  (empty); the daemon replies ok and closes
   ok = 12,          // d->c  (no body)
   shutdown = 13,    // d->c  unsolicited: the daemon is stopping
+  reattach = 14,    // c->d  u32 old_client_id, u16 count, count x u32 span_id; reply: spans (those taken)
 };
 
 struct frame_header {
@@ -122,6 +123,10 @@ struct refill_msg {
 struct span_list_msg {  // spans (reply) and release (request)
   std::vector<std::uint32_t> span_ids;
 };
+struct reattach_msg {  // after a daemon restart: "these spans were mine as old_client_id"
+  std::uint32_t old_client_id = 0;
+  std::vector<std::uint32_t> span_ids;
+};
 struct alloc_large_msg {
   std::uint64_t bytes = 0;
   bool noscan = false;
@@ -151,6 +156,7 @@ std::vector<std::uint8_t> encode(const hello_msg& m);
 std::vector<std::uint8_t> encode(const welcome_msg& m);
 std::vector<std::uint8_t> encode(const refill_msg& m);
 std::vector<std::uint8_t> encode(const span_list_msg& m);
+std::vector<std::uint8_t> encode(const reattach_msg& m);
 std::vector<std::uint8_t> encode(const alloc_large_msg& m);
 std::vector<std::uint8_t> encode(const large_msg& m);
 std::vector<std::uint8_t> encode(const free_large_msg& m);
@@ -162,6 +168,7 @@ std::optional<hello_msg> decode_hello(std::span<const std::uint8_t> p);
 std::optional<welcome_msg> decode_welcome(std::span<const std::uint8_t> p);
 std::optional<refill_msg> decode_refill(std::span<const std::uint8_t> p);
 std::optional<span_list_msg> decode_span_list(std::span<const std::uint8_t> p, std::uint16_t max_count);
+std::optional<reattach_msg> decode_reattach(std::span<const std::uint8_t> p);
 std::optional<alloc_large_msg> decode_alloc_large(std::span<const std::uint8_t> p);
 std::optional<large_msg> decode_large(std::span<const std::uint8_t> p);
 std::optional<free_large_msg> decode_free_large(std::span<const std::uint8_t> p);

@@ -258,7 +258,7 @@ struct heap_accounts {
 struct mheap_state {
   heap_accounts accounts;
   span_pool_state span_pool;
-  std::uint32_t reserved;
+  std::uint32_t next_client_id;  // daemon only: client ids stay unique across daemon restarts
   mcentral_state central[num_span_classes];
   stats_block retired;  // counters of cache slots that were recycled (daemon writes)
 };

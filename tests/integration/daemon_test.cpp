@@ -304,6 +304,72 @@ TEST_SUITE("shmallocd") {
   }
 }
 
+TEST_SUITE("shmallocd restart") {
+  TEST_CASE("after a daemon dies, a restarted one adopts the heap and clients reattach their spans") {
+    daemon_process d;
+    REQUIRE(d.started());
+    raw_client c(d.socket), idle(d.socket);
+    auto w = c.hello("survivor");
+    auto w_idle = idle.hello("never-returns");
+    REQUIRE(w);
+    REQUIRE(w_idle);
+    auto spans = refill(c, span_class::make(5, false).value, 3);
+    REQUIRE(spans.size() == 3);
+    REQUIRE(refill(idle, span_class::make(5, false).value, 2).size() == 2);
+    auto big = c.call(msg::alloc_large, proto::encode(proto::alloc_large_msg{100000, true}));
+    REQUIRE(big);
+    const auto large = *proto::decode_large(proto::split_reply(big->payload)->body);
+    // Objects allocated before the crash.
+    auto seg = segment::attach(d.heap);
+    REQUIRE(seg);
+    heap_view v = heap_view::of(*seg.value());
+    for (std::uint32_t id : spans) span_alloc_object(v.span(span_id{id}));
+
+    REQUIRE(d.stop(SIGKILL) == 128 + SIGKILL);
+    const pid_t next = spawn_daemon({"--heap", d.heap, "--socket", d.socket, "--reattach-grace", "1s",
+                                     "--log-level", "off", "--keep-heap"}, d.socket);
+    REQUIRE(next > 0);
+    raw_client again(d.socket);
+    auto w2 = again.hello("survivor");
+    REQUIRE(w2);
+    CHECK(w2->client_id > w_idle->client_id);  // ids are never reused across restarts
+    std::vector<std::uint32_t> claim = spans;
+    claim.push_back(large.span_id);
+    claim.push_back(123456);  // not ours: ignored
+    auto r = again.call(msg::reattach, proto::encode(proto::reattach_msg{w->client_id, claim}));
+    REQUIRE(r);
+    REQUIRE(r->status() == errc::ok);
+    auto taken = proto::decode_span_list(proto::split_reply(r->payload)->body, proto::max_release);
+    REQUIRE(taken);
+    CHECK(taken->span_ids.size() == 4);
+    for (std::uint32_t id : spans) {
+      CHECK(v.span(span_id{id}).owner_client == w2->client_id);
+      CHECK(is_allocated(v.span(span_id{id}), 0));  // no object was lost
+    }
+    // Another client cannot take the idle client's spans under a wrong id.
+    auto wrong = again.call(msg::reattach, proto::encode(proto::reattach_msg{w->client_id, {spans[0]}}));
+    REQUIRE(wrong);
+    CHECK(wrong->status() == errc::not_found);
+    // The client that never came back loses its spans after the grace period.
+    proto::stats_msg s{};
+    for (int i = 0; i < 300 && (s = stats(again)).reclaimed_bytes_total == 0; ++i) usleep(10000);
+    CHECK(s.reclaimed_bytes_total == 2 * class_span_bytes(5));
+    // The reattached client works as before: it releases what it reclaimed.
+    auto rel = again.call(msg::release, proto::encode(proto::span_list_msg{spans}));
+    REQUIRE(rel);
+    CHECK(rel->status() == errc::ok);
+    again.call(msg::bye);
+    seg.value().reset();
+    kill(next, SIGTERM);
+    waitpid(next, nullptr, 0);
+    auto left = segment::attach(d.heap);
+    REQUIRE(left);
+    mheap h(*left.value());
+    const verify_report report = verify_heap(h);
+    CHECK_MESSAGE(report.ok(), report.summary());
+  }
+}
+
 TEST_SUITE("shmallocd security and deadlines") {
   TEST_CASE("a silent connection and a half-sent frame are closed at their deadlines") {
     daemon_process d({"--hello-timeout", "300ms", "--frame-timeout", "300ms"});
