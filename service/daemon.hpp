@@ -28,7 +28,10 @@ class daemon {
   // Serves until SIGTERM or SIGINT (or stop()); then tells clients, closes
   // them, removes the socket and, unless keep_heap, the heap.
   void run();
+  // From the daemon's own thread (signal handlers, tests driving it).
   void stop();
+  // From any thread: asks the daemon's thread to stop.
+  void request_stop() { asio::post(io_, [this] { stop(); }); }
 
   const std::string& socket_path() const noexcept { return settings_.socket_path; }
   request_handler& handler() noexcept { return *handler_; }
