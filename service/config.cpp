@@ -138,7 +138,13 @@ void apply(const layered& in, daemon_settings& s) {
     throw invalid{"shmallocd: invalid --hello-timeout or --frame-timeout: must be above 0"};
   if (auto v = in.get("reattach-grace"))
     s.reattach_grace_ns = need(parse_duration(*v), "reattach-grace", "a duration such as 30s or 0", *v);
-  if (auto v = in.get("metrics")) s.metrics = *v;
+  if (auto v = in.get("metrics")) {
+    const std::size_t colon = v->rfind(':');
+    const auto port = colon == std::string::npos ? std::nullopt : parse_uint(v->substr(colon + 1));
+    if (*v != "off" && (colon == 0 || !port || *port > 65535))
+      throw invalid{"shmallocd: invalid --metrics '" + *v + "': ADDR:PORT (such as 127.0.0.1:9464) or off"};
+    s.metrics = *v;
+  }
   if (auto v = in.get("log-level")) {
     static const std::vector<std::string> levels{"trace", "debug", "info", "warn", "error", "critical", "off"};
     if (std::find(levels.begin(), levels.end(), *v) == levels.end())
@@ -167,7 +173,7 @@ std::optional<daemon_settings> parse_settings(int argc, char** argv, int* exit_c
       {"hello-timeout", "close connections that do not say hello within this (default 10s)"},
       {"frame-timeout", "close connections that leave a frame incomplete this long (default 5s)"},
       {"reattach-grace", "after adopting a heap, how long clients of the old daemon have to reattach (default 30s)"},
-      {"metrics", "ADDR:PORT for /metrics, or off (default 127.0.0.1:9464)"},
+      {"metrics", "ADDR:PORT for /metrics, or off (default 127.0.0.1:9464; the exporter comes with the metrics work, today the value is only checked)"},
       {"log-level", "trace, debug, info, warn, error, critical or off"}};
   for (const auto& [name, help] : options) {
     app.add_option_function<std::string>("--" + name, [&in, name = name](const std::string& v) { in.flags[name] = v; },
