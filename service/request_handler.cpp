@@ -1,5 +1,7 @@
 #include "service/request_handler.hpp"
 
+#include <algorithm>
+
 #include "shm/memstats.hpp"
 #include "shm/segment.hpp"
 
@@ -31,6 +33,8 @@ reply request_handler::handle(client_state& c, const proto::frame_header& h, std
     case msg::free_large: return on_free_large(c, h, p);
     case msg::stats: return on_stats(c, h, p);
     case msg::reattach: return on_reattach(c, h, p);
+    case msg::cache_open: return on_cache_open(c, h, p);
+    case msg::cache_close: return on_cache_close(c, h, p);
     case msg::bye: return {proto::make_reply(msg::ok, h.request_id, errc::ok, {}), true};
     default: return error_reply(msg::ok, h, errc::protocol_error, "unknown request type " + std::to_string(h.type));
   }
@@ -146,6 +150,25 @@ reply request_handler::on_free_large(client_state& c, const proto::frame_header&
   return ok_reply(msg::ok, h);
 }
 
+reply request_handler::on_cache_open(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  if (!p.empty()) return error_reply(msg::cache_slot, h, errc::protocol_error, "cache_open takes no body");
+  auto slot = heap_->assign_cache(c.id);
+  if (!slot) return error_reply(msg::cache_slot, h, slot.code(), slot.err().message);
+  c.extra_slots.push_back(*slot);
+  return ok_reply(msg::cache_slot, h, proto::encode(proto::slot_msg{*slot}));
+}
+
+reply request_handler::on_cache_close(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  auto m = proto::decode_slot(p);
+  if (!m) return error_reply(msg::ok, h, errc::protocol_error, "malformed cache_close");
+  auto it = std::find(c.extra_slots.begin(), c.extra_slots.end(), m->slot);
+  if (it == c.extra_slots.end())
+    return error_reply(msg::ok, h, errc::bad_handle, "cache slot " + std::to_string(m->slot) + " is not this client's");
+  heap_->retire_cache(m->slot);
+  c.extra_slots.erase(it);
+  return ok_reply(msg::ok, h);
+}
+
 reply request_handler::on_stats(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
   if (!p.empty()) return error_reply(msg::stats_reply, h, errc::protocol_error, "stats takes no body");
   return ok_reply(msg::stats_reply, h, proto::encode(stats()));
@@ -186,14 +209,14 @@ void request_handler::reclaim(const std::set<std::uint32_t>& spans, const std::s
 
 void request_handler::disconnect(client_state& c) {
   if (c.id == 0) return;
-  std::vector<std::uint32_t> slots = c.old_slots;
+  std::vector<std::uint32_t> slots = c.extra_slots;
   slots.push_back(c.cache_slot);
   reclaim(c.spans, c.large, slots);
   by_id_.erase(c.id);
   --clients_;
   c.spans.clear();
   c.large.clear();
-  c.old_slots.clear();
+  c.extra_slots.clear();
   c.bytes_held = 0;
   c.id = 0;
 }
@@ -254,7 +277,7 @@ reply request_handler::on_reattach(client_state& c, const proto::frame_header& h
   }
   // The group's cache slots pass to the claiming client. Spans not claimed
   // yet wait for further reattach requests until the grace period ends.
-  c.old_slots.insert(c.old_slots.end(), g.slots.begin(), g.slots.end());
+  c.extra_slots.insert(c.extra_slots.end(), g.slots.begin(), g.slots.end());
   g.slots.clear();
   if (g.spans.empty() && g.large.empty()) orphans_.erase(it);
   if (taken.span_ids.empty())

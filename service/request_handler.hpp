@@ -28,7 +28,7 @@ struct client_state {
   uid_t uid = 0;
   std::string name;
   std::uint32_t cache_slot = 0;
-  std::vector<std::uint32_t> old_slots;  // cache slots it held before a daemon restart
+  std::vector<std::uint32_t> extra_slots;  // per-thread cache slots, and those held before a daemon restart
   std::set<std::uint32_t> spans;  // small spans it holds
   std::set<std::uint32_t> large;  // large objects it allocated and holds
   std::uint64_t bytes_held = 0;   // spans and large objects, for the quota
@@ -74,6 +74,8 @@ class request_handler {
   reply on_release(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_alloc_large(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_free_large(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_cache_open(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_cache_close(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_reattach(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_stats(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   bool over_quota(const client_state& c, std::uint64_t more) const noexcept;

@@ -148,6 +148,11 @@ std::vector<std::uint8_t> encode(const free_large_msg& m) {
   w.u64(m.handle);
   return std::move(w.bytes());
 }
+std::vector<std::uint8_t> encode(const slot_msg& m) {
+  writer w;
+  w.u32(m.slot);
+  return std::move(w.bytes());
+}
 std::vector<std::uint8_t> encode(const stats_msg& m) {
   writer w;
   std::uint16_t n = 0;
@@ -238,6 +243,12 @@ std::optional<free_large_msg> decode_free_large(std::span<const std::uint8_t> p)
   reader r(p);
   free_large_msg m;
   m.handle = r.u64();
+  return finish(r, m);
+}
+std::optional<slot_msg> decode_slot(std::span<const std::uint8_t> p) {
+  reader r(p);
+  slot_msg m;
+  m.slot = r.u32();
   return finish(r, m);
 }
 std::optional<stats_msg> decode_stats(std::span<const std::uint8_t> p) {

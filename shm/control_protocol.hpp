@@ -50,6 +50,9 @@ enum class msg : std::uint16_t {
   ok = 12,          // d->c  (no body)
   shutdown = 13,    // d->c  unsolicited: the daemon is stopping
   reattach = 14,    // c->d  u32 old_client_id, u16 count, count x u32 span_id; reply: spans (those taken)
+  cache_open = 15,  // c->d  (empty): a cache slot for one more thread; reply cache_slot
+  cache_slot = 16,  // d->c  u32 slot
+  cache_close = 17, // c->d  u32 slot: the thread is gone; its counters are retired; reply ok
 };
 
 struct frame_header {
@@ -135,6 +138,9 @@ struct large_msg {
   std::uint32_t span_id = 0;
   std::uint64_t handle = 0;
 };
+struct slot_msg {  // cache_slot (reply) and cache_close (request)
+  std::uint32_t slot = 0;
+};
 struct free_large_msg {
   std::uint64_t handle = 0;
 };
@@ -160,6 +166,7 @@ std::vector<std::uint8_t> encode(const reattach_msg& m);
 std::vector<std::uint8_t> encode(const alloc_large_msg& m);
 std::vector<std::uint8_t> encode(const large_msg& m);
 std::vector<std::uint8_t> encode(const free_large_msg& m);
+std::vector<std::uint8_t> encode(const slot_msg& m);
 std::vector<std::uint8_t> encode(const stats_msg& m);
 
 // Each returns nullopt unless the payload is exactly one well-formed
@@ -172,6 +179,7 @@ std::optional<reattach_msg> decode_reattach(std::span<const std::uint8_t> p);
 std::optional<alloc_large_msg> decode_alloc_large(std::span<const std::uint8_t> p);
 std::optional<large_msg> decode_large(std::span<const std::uint8_t> p);
 std::optional<free_large_msg> decode_free_large(std::span<const std::uint8_t> p);
+std::optional<slot_msg> decode_slot(std::span<const std::uint8_t> p);
 std::optional<stats_msg> decode_stats(std::span<const std::uint8_t> p);
 
 // A whole reply frame: header (status, request id) + message text + body.
