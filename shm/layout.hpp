@@ -150,7 +150,8 @@ inline constexpr std::uint32_t bitmap_words = max_objects_per_span / 64;
   X(large_free_bytes, "bytes of large objects freed (whole pages)")               \
   X(tiny_allocs, "objects packed by the tiny allocator")                          \
   X(remote_frees, "objects freed into spans held by another thread or process")   \
-  X(refills, "spans taken from the process pool or the daemon")
+  X(refills, "spans taken from the process pool or the daemon")                  \
+  X(double_frees, "remote double frees found while folding remote-free stacks")
 
 // Counters one cache (or the daemon) writes. Single writer: bump() with a
 // relaxed load and store, never a read-modify-write.
@@ -332,7 +333,7 @@ inline constexpr bool is_shareable_v = std::is_trivially_copyable_v<T> && std::i
 static_assert(is_shareable_v<mspan> && is_shareable_v<segment_header> && is_shareable_v<mheap_state>);
 static_assert(is_shareable_v<stats_block> && is_shareable_v<mcache_slot> && is_shareable_v<segment_fixed>);
 static_assert(sizeof(mspan) == 176);
-static_assert(sizeof(stats_block) == (2 * num_size_classes + 7) * 8);
+static_assert(sizeof(stats_block) == (2 * num_size_classes + 8) * 8);
 static_assert(sizeof(mcache_slot) == 16 + sizeof(stats_block));
 static_assert(sizeof(mcentral_state) == 24);
 static_assert(sizeof(chunk_info) == 16);

@@ -1,0 +1,508 @@
+// client.cpp: libshmalloc's slow paths and its C API.
+//
+// The process-wide runtime holds the control connection (under a mutex:
+// only slow paths use it), the mapping of the heap, the lock-free pool of
+// spans refilled from the daemon in batches, and the list of full spans
+// waiting to be given back in a batch. The fast paths are in mcache.hpp
+// (allocation) and free_object() below (free).
+#include <pthread.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "client/mcache.hpp"
+#include "shm/control_client.hpp"
+#include "shm/segment.hpp"
+#include "shmalloc/shmalloc.h"
+
+namespace shmalloc::client {
+
+namespace {
+
+constinit stats_block dummy_stats{};
+constinit mcache empty_cache{.alloc = {}, .token = ~0u, .slot = 0, .stats = &dummy_stats};
+
+// What allocation and free read without the runtime's lock: set at attach,
+// before any cache can hold a span, and cleared only by detach.
+constinit heap_view g_view{};
+constinit std::uint64_t g_size = 0;
+
+constexpr std::uint16_t first_batch = 2;
+constexpr std::uint16_t max_batch = proto::max_refill;
+constexpr std::size_t release_batch = 32;
+constexpr std::uint64_t hot_refill_ns = 50'000'000;  // refills closer than this grow the batch
+
+std::uint64_t now_ns() {
+  return static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+}
+
+// Per span class, a lock-free stack of spans this process holds but no
+// thread caches (Treiber stack; the upper 32 bits of the head are a tag
+// that changes on every operation, so a stale head never wins a CAS).
+class span_pool {
+ public:
+  void reset(std::uint32_t max_spans) {
+    next_.reset(new std::atomic<std::uint32_t>[max_spans]);
+    for (auto& h : head_) h.store(0, std::memory_order_relaxed);
+  }
+  void push(std::uint8_t spc, std::uint32_t id) noexcept {
+    std::uint64_t old = head_[spc].load(std::memory_order_relaxed);
+    std::uint64_t desired;
+    do {
+      next_[id].store(static_cast<std::uint32_t>(old), std::memory_order_relaxed);
+      desired = (((old >> 32) + 1) << 32) | (id + 1);
+    } while (!head_[spc].compare_exchange_weak(old, desired, std::memory_order_release, std::memory_order_relaxed));
+  }
+  // A span id, or -1 if the pool is empty.
+  std::int64_t pop(std::uint8_t spc) noexcept {
+    std::uint64_t old = head_[spc].load(std::memory_order_acquire);
+    for (;;) {
+      const auto top = static_cast<std::uint32_t>(old);
+      if (top == 0) return -1;
+      const std::uint64_t desired = (((old >> 32) + 1) << 32) | next_[top - 1].load(std::memory_order_relaxed);
+      if (head_[spc].compare_exchange_weak(old, desired, std::memory_order_acquire, std::memory_order_acquire))
+        return top - 1;
+    }
+  }
+  void clear() noexcept {
+    for (auto& h : head_) h.store(0, std::memory_order_relaxed);
+  }
+
+ private:
+  std::unique_ptr<std::atomic<std::uint32_t>[]> next_;
+  std::atomic<std::uint64_t> head_[num_span_classes] = {};
+};
+
+struct runtime {
+  std::mutex mu;  // the connection, the full list, batch sizes, attach state
+  std::unique_ptr<control_client> conn;
+  std::string socket;  // of the last attach: a forked child or a reconnect uses it again
+  std::unique_ptr<segment> seg;
+  std::uint32_t client_id = 0;
+  std::uint32_t main_slot = 0;
+  bool main_slot_free = false;  // the slot hello gave serves the first thread that needs one
+  bool attached = false;
+  bool atfork_registered = false;
+  span_pool pool;
+  std::vector<std::uint32_t> full;  // spans to give back, in batches
+  std::uint16_t batch[num_span_classes] = {};
+  std::uint64_t last_refill_ns[num_span_classes] = {};
+};
+
+runtime& rt() {
+  static runtime* r = new runtime;  // never destroyed: threads may free during exit
+  return *r;
+}
+
+int fail(errc e) { return -static_cast<int>(e); }
+
+// ---------------------------------------------------------------------------
+// Attach, detach, fork
+// ---------------------------------------------------------------------------
+
+void after_fork_in_child() noexcept;
+
+std::string process_name() {
+  char buf[64] = {};
+  FILE* f = std::fopen("/proc/self/comm", "r");
+  if (f != nullptr) {
+    if (std::fgets(buf, sizeof buf, f) == nullptr) buf[0] = '\0';
+    std::fclose(f);
+  }
+  std::string s(buf);
+  if (!s.empty() && s.back() == '\n') s.pop_back();
+  return s;
+}
+
+// REQUIRES: r.mu held.
+int attach_locked(runtime& r, const char* socket_path) {
+  if (r.attached) return 0;
+  const std::string path = socket_path != nullptr ? socket_path : !r.socket.empty() ? r.socket : default_socket_path();
+  auto conn = std::make_unique<control_client>(path);
+  if (!conn->connected()) return fail(errc::unavailable);
+  auto w = conn->hello(process_name());
+  if (!w) return fail(errc::unavailable);
+  if (w->layout_version != layout_version || w->size_class_checksum != size_class_table_checksum())
+    return fail(errc::layout_mismatch);
+  if (!r.seg || r.seg->header().instance_id != w->instance_id) {
+    auto att = segment::attach(w->heap_name);
+    if (!att) return fail(att.code());
+    r.seg = std::move(att.value());
+    r.pool.reset(r.seg->header().max_spans);
+  }
+  r.conn = std::move(conn);
+  r.socket = path;
+  r.client_id = w->client_id;
+  r.main_slot = w->cache_slot;
+  r.main_slot_free = true;
+  g_view = heap_view::of(*r.seg);
+  g_size = r.seg->size();
+  for (auto& b : r.batch) b = first_batch;
+  r.attached = true;
+  if (!r.atfork_registered) {
+    pthread_atfork([] { rt().mu.lock(); }, [] { rt().mu.unlock(); }, [] {
+      rt().mu.unlock();
+      after_fork_in_child();
+    });
+    r.atfork_registered = true;
+  }
+  return 0;
+}
+
+int ensure_attached() {
+  runtime& r = rt();
+  std::lock_guard lock(r.mu);
+  return attach_locked(r, nullptr);
+}
+
+// The child of fork() owns nothing of its parent's: not its connection, its
+// caches, its pool or its full list. The mapping stays, so inherited
+// pointers remain valid; the child says hello anew on first use.
+void after_fork_in_child() noexcept {
+  runtime& r = rt();
+  if (r.conn) r.conn.release();  // leak the object: its fd is the parent's connection too
+  r.pool.clear();
+  r.full.clear();
+  r.attached = false;
+  t_cache = &empty_cache;
+}
+
+// REQUIRES: r.mu held. Gives the full list back to the daemon.
+void release_full_locked(runtime& r) {
+  for (std::size_t at = 0; at < r.full.size(); at += proto::max_release) {
+    const std::size_t n = std::min<std::size_t>(proto::max_release, r.full.size() - at);
+    std::vector<std::uint32_t> part(r.full.begin() + static_cast<std::ptrdiff_t>(at),
+                                    r.full.begin() + static_cast<std::ptrdiff_t>(at + n));
+    if (r.conn) r.conn->request(proto::msg::release, proto::encode(proto::span_list_msg{part}));
+  }
+  r.full.clear();
+}
+
+// ---------------------------------------------------------------------------
+// Thread caches
+// ---------------------------------------------------------------------------
+
+bool has_free_slot(const mspan& s) noexcept { return count_allocated(s) < s.nelems; }
+
+// Loads into e the first word at or after `from` with a free slot.
+bool load_word(mcache_entry& e, std::uint32_t from) noexcept {
+  const mspan& s = *e.span;
+  for (std::uint32_t w = from; w * 64 < s.nelems; ++w) {
+    std::uint64_t free = ~s.alloc_bits[w];
+    const std::uint32_t valid = s.nelems - w * 64;
+    if (valid < 64) free &= (std::uint64_t{1} << valid) - 1;
+    if (free != 0) {
+      e.word = w;
+      e.free_bits = free;
+      return true;
+    }
+  }
+  e.free_bits = 0;
+  return false;
+}
+
+// Gives up the entry's span: to the pool if a slot is free, else to the
+// full list (released to the daemon in batches).
+void drop_span(runtime& r, std::uint8_t spc, mcache_entry& e) {
+  mspan& s = *e.span;
+  s.owner_cache.store(0, std::memory_order_release);
+  const std::uint32_t id = g_view.span_id_of(s).value;
+  e = mcache_entry{};
+  if (has_free_slot(s)) {
+    r.pool.push(spc, id);
+    return;
+  }
+  std::lock_guard lock(r.mu);
+  r.full.push_back(id);
+  if (r.full.size() >= release_batch) release_full_locked(r);
+}
+
+// Folds the span's remote frees into its bitmap (this thread holds it). A
+// remote double free is reported and counted, not fatal: the process that
+// made it is not this one.
+void fold(mcache* mc, mspan& s) noexcept {
+  errc status = errc::ok;
+  std::string why;
+  span_fold_remote(g_view, s, &status, &why);
+  if (SHMALLOC_UNLIKELY(status != errc::ok)) {
+    std::fprintf(stderr, "shmalloc: %s\n", why.c_str());
+    bump(mc->stats->double_frees, std::uint64_t{1});
+  }
+}
+
+// Takes span id into the thread's entry for spc: this thread now holds it.
+bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
+  mspan& s = g_view.span(span_id{id});
+  s.owner_cache.store(mc->token, std::memory_order_relaxed);
+  fold(mc, s);
+  mcache_entry& e = mc->alloc[spc];
+  e.span = &s;
+  e.base = g_view.span_base(s);
+  e.elem_size = s.elem_size;
+  return load_word(e, 0);
+}
+
+// REQUIRES: r.mu not held. Asks the daemon for a batch of spans; returns one
+// and pools the rest, or -1.
+std::int64_t refill(runtime& r, std::uint8_t spc) {
+  std::lock_guard lock(r.mu);
+  if (!r.attached && attach_locked(r, nullptr) != 0) return -1;
+  const std::uint64_t t = now_ns();
+  std::uint16_t& n = r.batch[spc];
+  if (t - r.last_refill_ns[spc] < hot_refill_ns) n = std::min<std::uint16_t>(max_batch, static_cast<std::uint16_t>(n * 2));
+  r.last_refill_ns[spc] = t;
+  auto body = r.conn->request(proto::msg::refill, proto::encode(proto::refill_msg{spc, n}));
+  if (!body) return -1;
+  auto list = proto::decode_span_list(body.value(), proto::max_refill);
+  if (!list || list->span_ids.empty()) return -1;
+  for (std::size_t i = 1; i < list->span_ids.size(); ++i) r.pool.push(spc, list->span_ids[i]);
+  return list->span_ids[0];
+}
+
+void release_thread_cache() noexcept;
+
+struct thread_cache_guard {
+  ~thread_cache_guard() { release_thread_cache(); }
+};
+thread_local thread_cache_guard t_guard;
+
+mcache* ensure_cache() {
+  if (t_cache != &empty_cache) return t_cache;
+  runtime& r = rt();
+  std::lock_guard lock(r.mu);
+  if (!r.attached && attach_locked(r, nullptr) != 0) return nullptr;
+  std::uint32_t slot = r.main_slot;
+  if (r.main_slot_free) {
+    r.main_slot_free = false;
+  } else {
+    auto body = r.conn->request(proto::msg::cache_open);
+    if (!body) return nullptr;
+    auto opened = proto::decode_slot(body.value());
+    if (!opened) return nullptr;
+    slot = opened->slot;
+  }
+  auto* mc = new mcache;
+  mc->slot = slot;
+  mc->token = slot + 1;
+  mc->stats = &r.seg->at<mcache_slot>(r.seg->regions().caches.offset)[slot].stats;
+  (void)&t_guard;  // constructs the guard, so the thread's exit gives the cache back
+  t_cache = mc;
+  return mc;
+}
+
+void release_thread_cache() noexcept {
+  mcache* mc = t_cache;
+  if (mc == &empty_cache) return;
+  runtime& r = rt();
+  for (std::uint32_t spc = 0; spc < num_span_classes; ++spc)
+    if (mc->alloc[spc].span != nullptr) drop_span(r, static_cast<std::uint8_t>(spc), mc->alloc[spc]);
+  t_cache = &empty_cache;
+  std::lock_guard lock(r.mu);
+  if (r.attached && mc->slot == r.main_slot) r.main_slot_free = true;  // retired with the connection
+  else if (r.attached) r.conn->request(proto::msg::cache_close, proto::encode(proto::slot_msg{mc->slot}));
+  delete mc;
+}
+
+// ---------------------------------------------------------------------------
+// Bad frees
+// ---------------------------------------------------------------------------
+
+[[noreturn]] SHMALLOC_SLOW_PATH void bad_free(const void* p, const char* why) {
+  std::fprintf(stderr, "shmalloc: free(%p): %s\n", p, why);
+  std::abort();
+}
+
+}  // namespace
+
+constinit thread_local mcache* t_cache __attribute__((tls_model("initial-exec"))) = &empty_cache;
+
+SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexcept {
+  mcache* mc = ensure_cache();
+  if (mc == nullptr) return nullptr;
+  runtime& r = rt();
+  const std::uint8_t spc = span_class::make(size_class, noscan).value;
+  mcache_entry& e = mc->alloc[spc];
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    if (e.span != nullptr) {
+      // The rest of the span, then what other threads and processes freed.
+      if (load_word(e, e.word + 1) || (fold(mc, *e.span), load_word(e, 0))) return alloc_small(size_class, noscan);
+      drop_span(r, spc, e);
+    }
+    std::int64_t id = r.pool.pop(spc);
+    if (id < 0) id = refill(r, spc);
+    if (id < 0) return nullptr;
+    if (take_span(mc, spc, static_cast<std::uint32_t>(id))) return alloc_small(size_class, noscan);
+  }
+  return nullptr;
+}
+
+namespace {
+
+SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
+  runtime& r = rt();
+  std::lock_guard lock(r.mu);
+  if (!r.attached && attach_locked(r, nullptr) != 0) return nullptr;
+  auto body = r.conn->request(proto::msg::alloc_large, proto::encode(proto::alloc_large_msg{size, noscan}));
+  if (!body) return nullptr;
+  auto large = proto::decode_large(body.value());
+  if (!large) return nullptr;
+  mcache* mc = t_cache;  // counted where this thread counts, if it has a cache yet
+  if (mc != &empty_cache) {
+    bump(mc->stats->large_allocs, std::uint64_t{1});
+    bump(mc->stats->large_alloc_bytes, (size + page_size - 1) / page_size * page_size);
+  }
+  return g_view.pointer(large->handle);
+}
+
+SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept {
+  runtime& r = rt();
+  const std::uint64_t bytes = object_bytes(s);
+  {
+    std::lock_guard lock(r.mu);
+    if (!r.attached && attach_locked(r, nullptr) != 0) bad_free(p, "the daemon is unavailable to free a large object");
+    auto done = r.conn->request(proto::msg::free_large, proto::encode(proto::free_large_msg{g_view.handle_of(p)}));
+    if (!done) bad_free(p, done.err().message.c_str());
+  }
+  mcache* mc = t_cache;
+  if (mc != &empty_cache) {
+    bump(mc->stats->large_frees, std::uint64_t{1});
+    bump(mc->stats->large_free_bytes, bytes);
+  }
+}
+
+SHMALLOC_SLOW_PATH void free_remote(mspan& s, std::uint32_t index, std::uint8_t size_class) noexcept {
+  span_push_remote(g_view, s, index);
+  mcache* mc = ensure_cache();
+  if (mc == nullptr) return;  // counted nowhere: the daemon is gone
+  bump(mc->stats->small_frees[size_class], std::uint64_t{1});
+  bump(mc->stats->remote_frees, std::uint64_t{1});
+}
+
+// The span holding p and p's slot, or a bad_free report.
+mspan& locate(const void* p, std::uint32_t* index) noexcept {
+  const heap_view& v = g_view;
+  const auto* b = static_cast<const std::byte*>(p);
+  if (v.base == nullptr || b < v.arenas || b >= v.base + g_size) bad_free(p, "not a pointer into the shared heap");
+  const span_id id = v.span_at(v.handle_of(p));
+  if (!id) bad_free(p, "not inside an allocated span (already freed?)");
+  mspan& s = v.span(id);
+  const auto offset = static_cast<std::uint64_t>(b - v.span_base(s));
+  const std::uint64_t size = object_bytes(s);
+  *index = static_cast<std::uint32_t>(offset / size);
+  if (offset % size != 0 || *index >= s.nelems) bad_free(p, "not the start of an object");
+  return s;
+}
+
+}  // namespace
+
+// The free fast path: the holder clears the bit; anyone else pushes.
+void free_object(void* p) noexcept {
+  std::uint32_t i = 0;
+  mspan& s = locate(p, &i);
+  if (SHMALLOC_UNLIKELY(s.elem_size == 0)) return free_large(p, s);
+  const std::uint8_t size_class = span_class{s.span_class}.size_class();
+  mcache* mc = t_cache;
+  if (SHMALLOC_UNLIKELY(s.owner_cache.load(std::memory_order_relaxed) != mc->token))
+    return free_remote(s, i, size_class);
+  const std::uint64_t bit = std::uint64_t{1} << (i % 64);
+  if (SHMALLOC_UNLIKELY((s.alloc_bits[i / 64] & bit) == 0)) bad_free(p, "double free");
+  s.alloc_bits[i / 64] &= ~bit;
+  auto& count = mc->stats->small_frees[size_class];
+  count.store(count.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+}
+
+void* alloc(std::size_t size, bool noscan) noexcept {
+  if (SHMALLOC_LIKELY(size <= max_small_size)) return alloc_small(size_to_class(size == 0 ? 1 : size), noscan);
+  return alloc_large(size, noscan);
+}
+
+}  // namespace shmalloc::client
+
+// ---------------------------------------------------------------------------
+// The C API
+// ---------------------------------------------------------------------------
+
+using namespace shmalloc;
+using namespace shmalloc::client;
+
+extern "C" {
+
+int shmalloc_attach(const char* socket_path) {
+  runtime& r = rt();
+  std::lock_guard lock(r.mu);
+  return attach_locked(r, socket_path);
+}
+
+void shmalloc_detach(void) {
+  release_thread_cache();
+  runtime& r = rt();
+  std::lock_guard lock(r.mu);
+  if (!r.attached) return;
+  // Spans pooled but unused go back with the full ones.
+  for (std::uint32_t spc = 0; spc < num_span_classes; ++spc)
+    for (std::int64_t id; (id = r.pool.pop(static_cast<std::uint8_t>(spc))) >= 0;) r.full.push_back(static_cast<std::uint32_t>(id));
+  release_full_locked(r);
+  r.conn->request(proto::msg::bye);
+  r.conn.reset();
+  r.attached = false;
+  g_view = heap_view{};
+  g_size = 0;
+  r.seg.reset();
+}
+
+const char* shmalloc_strerror(int code) { return to_string(static_cast<errc>(code < 0 ? -code : code)); }
+
+void* shmalloc_alloc(size_t size) { return client::alloc(size, false); }
+
+// The tiny allocator is not built yet: pointer-free objects take the noscan
+// span classes, which keep them apart from pointerful ones as Go does.
+void* shmalloc_alloc_noscan(size_t size) { return client::alloc(size, true); }
+
+void* shmalloc_alloc_aligned(size_t size, size_t alignment) {
+  if (alignment == 0 || (alignment & (alignment - 1)) != 0 || alignment > page_size) {
+    errno = EINVAL;
+    return nullptr;
+  }
+  if (alignment <= 8 || size > max_small_size) return client::alloc(size, false);  // large spans are page-aligned
+  const std::uint8_t c = size_to_class_aligned(size == 0 ? 1 : size, alignment);
+  return c != 0 ? alloc_small(c, false) : client::alloc(max_small_size + 1, false);
+}
+
+void shmalloc_free(void* p) {
+  if (p != nullptr) free_object(p);
+}
+
+size_t shmalloc_usable_size(const void* p) {
+  if (p == nullptr || g_view.base == nullptr) return 0;
+  const span_id id = g_view.span_at(g_view.handle_of(p));
+  return id ? object_bytes(g_view.span(id)) : 0;
+}
+
+uint64_t shmalloc_handle(const void* p) {
+  if (p == nullptr || g_view.base == nullptr) return 0;
+  const auto* b = static_cast<const std::byte*>(p);
+  return b >= g_view.base && b < g_view.base + g_size ? g_view.handle_of(p) : 0;
+}
+
+void* shmalloc_pointer(uint64_t handle) {
+  if (handle == 0) return nullptr;
+  if (g_view.base == nullptr && ensure_attached() != 0) return nullptr;
+  return handle < g_size ? g_view.pointer(handle) : nullptr;
+}
+
+// Named roots are not built yet (they need a table in the segment and three
+// protocol messages); these report it instead of pretending.
+int shmalloc_publish(const char*, uint64_t) { return -static_cast<int>(errc::unavailable); }
+int shmalloc_lookup(const char*, uint64_t*) { return -static_cast<int>(errc::unavailable); }
+int shmalloc_unpublish(const char*) { return -static_cast<int>(errc::unavailable); }
+
+}  // extern "C"

@@ -1,0 +1,69 @@
+// mcache.hpp: libshmalloc's per-thread cache and the allocation fast path.
+//
+// Each thread holds one span per span class (Go's mcache.alloc), and for each
+// a copy of one 64-bit word of the span's alloc bitmap, complemented, so that
+// a set bit is a free slot (Go's allocCache). Allocating is a count of
+// trailing zeros, a bit clear in the copy, and a bit set in the span's
+// bitmap in shared memory. The bit in shared memory is set before the
+// object is returned: if the process dies at any instruction, the daemon
+// sees every object that might be in use and never hands one out twice.
+//
+// A thread starts on a static empty cache whose words are all zero, so the
+// fast path has no "attached yet?" branch: the first allocation misses and
+// the slow path (client.cpp) attaches, opens a cache, and refills.
+//
+// Freeing: the thread that holds the span (mspan::owner_cache == its token)
+// clears the bit itself; anyone else pushes the object on the span's
+// remote-free stack. Neither needs a lock; the local free needs no atomic
+// read-modify-write either.
+//
+// Process memory only: nothing here lives in the segment except what the
+// pointers point at.
+#pragma once
+
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+
+#include "shm/check.hpp"
+#include "shm/layout.hpp"
+#include "shm/mspan.hpp"
+
+namespace shmalloc::client {
+
+struct mcache_entry {
+  std::uint64_t free_bits = 0;  // complemented alloc_bits[word]: 1 = free
+  std::uint32_t word = 0;       // which word of the span's bitmap it mirrors
+  std::uint32_t elem_size = 0;
+  std::byte* base = nullptr;    // span base in this process
+  mspan* span = nullptr;        // nullptr: no span held
+};
+
+struct mcache {
+  mcache_entry alloc[num_span_classes];
+  std::uint32_t token = ~0u;     // slot + 1, stored in mspan::owner_cache; ~0u never matches
+  std::uint32_t slot = 0;
+  stats_block* stats = nullptr;  // this thread's slot in the segment
+};
+
+// The calling thread's cache; the static empty cache until its first miss.
+// initial-exec TLS: one load from the thread pointer, never a call.
+extern thread_local mcache* t_cache __attribute__((tls_model("initial-exec")));
+
+// Slow paths (client.cpp): out of line and cold.
+SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexcept;
+
+SHMALLOC_FAST_PATH void* alloc_small(std::uint8_t size_class, bool noscan) noexcept {
+  mcache* mc = t_cache;
+  mcache_entry& e = mc->alloc[span_class::make(size_class, noscan).value];
+  const std::uint64_t bits = e.free_bits;
+  if (SHMALLOC_UNLIKELY(bits == 0)) return alloc_slow(size_class, noscan);
+  const auto i = static_cast<std::uint32_t>(std::countr_zero(bits));
+  e.free_bits = bits & (bits - 1);
+  e.span->alloc_bits[e.word] |= std::uint64_t{1} << i;  // published before the object is
+  auto& count = mc->stats->small_allocs[size_class];
+  count.store(count.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  return e.base + (std::size_t{e.word} * 64 + i) * e.elem_size;
+}
+
+}  // namespace shmalloc::client

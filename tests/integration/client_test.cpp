@@ -1,0 +1,325 @@
+// libshmalloc against a live shmallocd: the C API, threads and processes
+// allocating and freeing each other's objects with content checks, a worker
+// killed mid-run, bad frees, fork, and a daemon that goes away.
+#include <doctest/doctest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "shm/mheap.hpp"
+#include "shm/segment.hpp"
+#include "shm/verify.hpp"
+#include "shmalloc/shmalloc.h"
+#include "support/daemon_process.hpp"
+#include "support/test_heap.hpp"
+
+using namespace shmalloc;
+using namespace shmalloc::test;
+
+namespace {
+// Every byte of an object is derived from its handle, so an object handed
+// out twice, or two objects that overlap, cannot both check out.
+void fill(void* p, std::size_t n) {
+  const std::uint64_t h = shmalloc_handle(p);
+  auto* b = static_cast<unsigned char*>(p);
+  for (std::size_t i = 0; i < n; ++i) b[i] = static_cast<unsigned char>((h >> 3) * 31 + i * 7);
+}
+bool intact(const void* p, std::size_t n) {
+  const std::uint64_t h = shmalloc_handle(p);
+  const auto* b = static_cast<const unsigned char*>(p);
+  for (std::size_t i = 0; i < n; ++i)
+    if (b[i] != static_cast<unsigned char>((h >> 3) * 31 + i * 7)) return false;
+  return true;
+}
+
+struct attached_daemon {
+  daemon_process d{{"--keep-heap"}};
+  attached_daemon() {
+    REQUIRE(d.started());
+    REQUIRE(shmalloc_attach(d.socket.c_str()) == 0);
+  }
+  ~attached_daemon() { shmalloc_detach(); }
+  // Detaches, stops the daemon, and checks the heap it kept.
+  void check_heap() {
+    shmalloc_detach();
+    REQUIRE(d.stop(SIGTERM) == 0);
+    auto seg = segment::attach(d.heap);
+    REQUIRE(seg);
+    mheap h(*seg.value());
+    const verify_report r = verify_heap(h);
+    CHECK_MESSAGE(r.ok(), r.summary());
+  }
+};
+
+std::size_t random_size(std::mt19937_64& rng) {
+  const auto r = rng() % 100;
+  if (r < 70) return 1 + rng() % 128;
+  if (r < 95) return 129 + rng() % 2000;
+  if (r < 99) return 2200 + rng() % 30000;
+  return 40000 + rng() % 200000;  // large
+}
+
+// A thread's or process's share of the stress: allocate, check, free.
+bool churn(std::uint64_t seed, int rounds) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::pair<void*, std::size_t>> live;
+  for (int i = 0; i < rounds; ++i) {
+    if (live.size() < 200 && rng() % 3 != 0) {
+      const std::size_t n = random_size(rng);
+      void* p = shmalloc_alloc(n);
+      if (p == nullptr || reinterpret_cast<std::uintptr_t>(p) % 8 != 0 || shmalloc_usable_size(p) < n) return false;
+      fill(p, n);
+      live.emplace_back(p, n);
+    } else if (!live.empty()) {
+      const std::size_t k = rng() % live.size();
+      if (!intact(live[k].first, live[k].second)) return false;
+      shmalloc_free(live[k].first);
+      live[k] = live.back();
+      live.pop_back();
+    }
+  }
+  for (auto& [p, n] : live) {
+    if (!intact(p, n)) return false;
+    shmalloc_free(p);
+  }
+  return true;
+}
+}  // namespace
+
+TEST_SUITE("libshmalloc") {
+  TEST_CASE("alloc, usable size, handles and free through the C API") {
+    attached_daemon a;
+    for (std::size_t n : {1u, 8u, 15u, 16u, 24u, 100u, 1024u, 4000u, 32768u, 32769u, 1u << 20}) {
+      void* p = shmalloc_alloc(n);
+      REQUIRE(p != nullptr);
+      CHECK(reinterpret_cast<std::uintptr_t>(p) % 8 == 0);
+      CHECK(shmalloc_usable_size(p) >= n);
+      const std::uint64_t h = shmalloc_handle(p);
+      CHECK(h != 0);
+      CHECK(shmalloc_pointer(h) == p);
+      fill(p, n);
+      CHECK(intact(p, n));
+      shmalloc_free(p);
+    }
+    void* q = shmalloc_alloc_noscan(12);
+    REQUIRE(q != nullptr);
+    shmalloc_free(q);
+    shmalloc_free(nullptr);
+    CHECK(shmalloc_handle(nullptr) == 0);
+    CHECK(shmalloc_pointer(0) == nullptr);
+    CHECK(std::string(shmalloc_strerror(-static_cast<int>(errc::quota_exceeded))) == "client quota exceeded");
+    a.check_heap();
+  }
+
+  TEST_CASE("aligned allocations for every power of two up to the page size") {
+    attached_daemon a;
+    std::vector<void*> got;
+    for (std::size_t align = 1; align <= 8192; align *= 2) {
+      for (std::size_t n : {1u, 7u, 24u, 100u, 3000u, 20000u, 50000u}) {
+        void* p = shmalloc_alloc_aligned(n, align);
+        REQUIRE(p != nullptr);
+        CHECK(reinterpret_cast<std::uintptr_t>(p) % align == 0);
+        CHECK(shmalloc_usable_size(p) >= n);
+        got.push_back(p);
+      }
+    }
+    CHECK(shmalloc_alloc_aligned(8, 3) == nullptr);
+    CHECK(shmalloc_alloc_aligned(8, 16384) == nullptr);
+    for (void* p : got) shmalloc_free(p);
+    a.check_heap();
+  }
+
+  TEST_CASE("steady allocation and free reuse the cached spans without new spans") {
+    attached_daemon a;
+    for (int i = 0; i < 1000; ++i) shmalloc_free(shmalloc_alloc(64));  // warm up
+    raw_client observer(a.d.socket);
+    auto before = observer.call(proto::msg::stats);
+    REQUIRE(before);
+    const auto inuse_before = proto::decode_stats(proto::split_reply(before->payload)->body)->heap_inuse_bytes;
+    for (int i = 0; i < 200000; ++i) shmalloc_free(shmalloc_alloc(64));
+    auto after = observer.call(proto::msg::stats);
+    CHECK(proto::decode_stats(proto::split_reply(after->payload)->body)->heap_inuse_bytes == inuse_before);
+    a.check_heap();
+  }
+
+  TEST_CASE("four threads allocate, check and free, some freeing each other's objects") {
+    attached_daemon a;
+    std::mutex mu;
+    std::vector<std::pair<void*, std::size_t>> exchange;
+    std::atomic<int> failures{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        if (!churn(100 + static_cast<std::uint64_t>(t), 20000)) ++failures;
+        // Hand objects over: each thread frees what another allocated.
+        std::mt19937_64 rng(static_cast<std::uint64_t>(t));
+        std::vector<std::pair<void*, std::size_t>> mine;
+        for (int i = 0; i < 2000; ++i) {
+          const std::size_t n = 1 + rng() % 512;
+          void* p = shmalloc_alloc(n);
+          if (p == nullptr) {
+            ++failures;
+            break;
+          }
+          fill(p, n);
+          mine.emplace_back(p, n);
+        }
+        {
+          std::lock_guard lock(mu);
+          std::swap(mine, exchange);
+        }
+        for (auto& [p, n] : mine) {
+          if (!intact(p, n)) ++failures;
+          shmalloc_free(p);
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    for (auto& [p, n] : exchange) {
+      CHECK(intact(p, n));
+      shmalloc_free(p);
+    }
+    CHECK(failures.load() == 0);
+    a.check_heap();
+  }
+
+  TEST_CASE("processes allocate and free each other's objects through a ring in the heap") {
+    attached_daemon a;
+    constexpr int slots = 1024;
+    struct ring {
+      std::atomic<std::uint64_t> head, tail;
+      std::atomic<std::uint64_t> cells[slots];
+    };
+    auto* r = static_cast<ring*>(shmalloc_alloc(sizeof(ring)));
+    REQUIRE(r != nullptr);
+    new (r) ring{};
+    const std::uint64_t ring_handle = shmalloc_handle(r);
+    constexpr int objects = 20000;
+    const pid_t producer = fork();
+    if (producer == 0) {  // attaches anew on first use: the parent's caches are not its own
+      auto* q = static_cast<ring*>(shmalloc_pointer(ring_handle));
+      for (int i = 0; i < objects; ++i) {
+        void* p = shmalloc_alloc(64);
+        if (p == nullptr) {
+          std::fprintf(stderr, "producer: allocation %d failed\n", i);
+          _exit(1);
+        }
+        fill(p, 64);
+        while (q->head.load() - q->tail.load() == slots) sched_yield();
+        q->cells[q->head.load() % slots].store(shmalloc_handle(p));
+        q->head.fetch_add(1);
+      }
+      shmalloc_detach();
+      _exit(0);
+    }
+    const pid_t consumer = fork();
+    if (consumer == 0) {
+      auto* q = static_cast<ring*>(shmalloc_pointer(ring_handle));
+      for (int i = 0; i < objects; ++i) {
+        while (q->tail.load() == q->head.load()) sched_yield();
+        void* p = shmalloc_pointer(q->cells[q->tail.load() % slots].load());
+        if (!intact(p, 64)) _exit(2);
+        shmalloc_free(p);  // a remote free: the producer's span
+        q->tail.fetch_add(1);
+      }
+      shmalloc_detach();
+      _exit(0);
+    }
+    int sp = 0, sc = 0;
+    waitpid(producer, &sp, 0);
+    waitpid(consumer, &sc, 0);
+    CHECK(WIFEXITED(sp));
+    CHECK(WEXITSTATUS(sp) == 0);
+    CHECK(WIFEXITED(sc));
+    CHECK(WEXITSTATUS(sc) == 0);
+    shmalloc_free(r);
+    a.check_heap();
+  }
+
+  TEST_CASE("a worker killed with SIGKILL mid-run costs the others nothing") {
+    attached_daemon a;
+    std::vector<pid_t> workers;
+    for (int w = 0; w < 3; ++w) {
+      const pid_t pid = fork();
+      if (pid == 0) _exit(churn(500 + static_cast<std::uint64_t>(w), w == 0 ? 1'000'000'000 : 30000) ? 0 : 1);
+      workers.push_back(pid);
+    }
+    usleep(200000);
+    kill(workers[0], SIGKILL);  // in the middle of its run
+    int status = 0;
+    waitpid(workers[0], &status, 0);
+    CHECK(WIFSIGNALED(status));
+    for (int w = 1; w < 3; ++w) {
+      waitpid(workers[static_cast<std::size_t>(w)], &status, 0);
+      CHECK(WIFEXITED(status));
+      CHECK(WEXITSTATUS(status) == 0);
+    }
+    CHECK(churn(999, 5000));  // and this process carries on too
+    a.check_heap();
+  }
+
+  TEST_CASE("a double free and a foreign pointer are reported and abort") {
+    attached_daemon a;
+    auto dies_with = [](void (*fn)()) {
+      int pipe_fds[2];
+      REQUIRE(pipe(pipe_fds) == 0);
+      const pid_t pid = fork();
+      if (pid == 0) {
+        signal(SIGABRT, SIG_DFL);  // die as the library means to, not through doctest's crash report
+        dup2(pipe_fds[1], 2);
+        fn();
+        _exit(0);
+      }
+      close(pipe_fds[1]);
+      char buf[512] = {};
+      const auto n = read(pipe_fds[0], buf, sizeof buf - 1);
+      close(pipe_fds[0]);
+      int status = 0;
+      waitpid(pid, &status, 0);
+      CHECK(WIFSIGNALED(status));
+      CHECK(WTERMSIG(status) == SIGABRT);
+      return std::string(buf, n > 0 ? static_cast<std::size_t>(n) : 0);
+    };
+    CHECK(dies_with([] {
+            void* p = shmalloc_alloc(32);
+            shmalloc_free(p);
+            shmalloc_free(p);
+          }).find("double free") != std::string::npos);
+    CHECK(dies_with([] {
+            static int not_ours = 0;
+            shmalloc_free(&not_ours);
+          }).find("not a pointer into the shared heap") != std::string::npos);
+    CHECK(dies_with([] {
+            auto* p = static_cast<char*>(shmalloc_alloc(64));
+            shmalloc_free(p + 8);
+          }).find("not the start of an object") != std::string::npos);
+    a.check_heap();
+  }
+
+  TEST_CASE("when the daemon is gone, cached memory keeps working and new spans fail fast") {
+    daemon_process d;
+    REQUIRE(d.started());
+    REQUIRE(shmalloc_attach(d.socket.c_str()) == 0);
+    void* warm = shmalloc_alloc(48);
+    REQUIRE(warm != nullptr);
+    REQUIRE(d.stop(SIGKILL) == 128 + SIGKILL);
+    // The span this thread holds still serves.
+    std::vector<void*> cached;
+    for (int i = 0; i < 50; ++i) cached.push_back(shmalloc_alloc(48));
+    for (void* p : cached) CHECK(p != nullptr);
+    const auto t0 = std::chrono::steady_clock::now();
+    CHECK(shmalloc_alloc(1 << 20) == nullptr);  // needs the daemon
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(6));
+    for (void* p : cached) shmalloc_free(p);
+    shmalloc_free(warm);
+    shmalloc_detach();
+  }
+}
