@@ -499,10 +499,37 @@ void* shmalloc_pointer(uint64_t handle) {
   return handle < g_size ? g_view.pointer(handle) : nullptr;
 }
 
-// Named roots are not built yet (they need a table in the segment and three
-// protocol messages); these report it instead of pretending.
-int shmalloc_publish(const char*, uint64_t) { return -static_cast<int>(errc::unavailable); }
-int shmalloc_lookup(const char*, uint64_t*) { return -static_cast<int>(errc::unavailable); }
-int shmalloc_unpublish(const char*) { return -static_cast<int>(errc::unavailable); }
+namespace {
+// One control request from the C API: 0 or a negative code.
+int call_daemon(proto::msg type, const std::vector<std::uint8_t>& body, std::vector<std::uint8_t>* out = nullptr) {
+  runtime& r = rt();
+  std::lock_guard lock(r.mu);
+  if (int rc = attach_locked(r, nullptr); rc != 0) return rc;
+  auto reply = r.conn->request(type, body);
+  if (!reply) return fail(reply.code());
+  if (out != nullptr) *out = std::move(reply.value());
+  return 0;
+}
+}  // namespace
+
+int shmalloc_publish(const char* name, uint64_t handle) {
+  if (name == nullptr) return fail(errc::invalid_argument);
+  return call_daemon(proto::msg::publish, proto::encode_publish(proto::root_msg{name, handle}));
+}
+
+int shmalloc_lookup(const char* name, uint64_t* handle) {
+  if (name == nullptr || handle == nullptr) return fail(errc::invalid_argument);
+  std::vector<std::uint8_t> body;
+  if (int rc = call_daemon(proto::msg::lookup, proto::encode_name(name), &body); rc != 0) return rc;
+  auto root = proto::decode_root(body);
+  if (!root) return fail(errc::protocol_error);
+  *handle = *root;
+  return 0;
+}
+
+int shmalloc_unpublish(const char* name) {
+  if (name == nullptr) return fail(errc::invalid_argument);
+  return call_daemon(proto::msg::unpublish, proto::encode_name(name));
+}
 
 }  // extern "C"

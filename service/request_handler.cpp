@@ -1,6 +1,7 @@
 #include "service/request_handler.hpp"
 
 #include <algorithm>
+#include <cstring>
 
 #include "shm/memstats.hpp"
 #include "shm/segment.hpp"
@@ -35,6 +36,9 @@ reply request_handler::handle(client_state& c, const proto::frame_header& h, std
     case msg::reattach: return on_reattach(c, h, p);
     case msg::cache_open: return on_cache_open(c, h, p);
     case msg::cache_close: return on_cache_close(c, h, p);
+    case msg::publish: return on_publish(c, h, p);
+    case msg::lookup: return on_lookup(c, h, p);
+    case msg::unpublish: return on_unpublish(c, h, p);
     case msg::bye: return {proto::make_reply(msg::ok, h.request_id, errc::ok, {}), true};
     default: return error_reply(msg::ok, h, errc::protocol_error, "unknown request type " + std::to_string(h.type));
   }
@@ -166,6 +170,49 @@ reply request_handler::on_cache_close(client_state& c, const proto::frame_header
     return error_reply(msg::ok, h, errc::bad_handle, "cache slot " + std::to_string(m->slot) + " is not this client's");
   heap_->retire_cache(m->slot);
   c.extra_slots.erase(it);
+  return ok_reply(msg::ok, h);
+}
+
+root_entry* request_handler::find_root(const std::string& name) const noexcept {
+  auto* roots = heap_->seg().at<root_entry>(heap_->seg().regions().roots.offset);
+  for (std::uint32_t i = 0; i < max_roots; ++i)
+    if (roots[i].handle != 0 && name == roots[i].name) return &roots[i];
+  return nullptr;
+}
+
+reply request_handler::on_publish(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  auto m = proto::decode_publish(p);
+  if (!m) return error_reply(msg::ok, h, errc::invalid_argument, "malformed publish (a name of 1 to 63 printable characters and a handle)");
+  object_ref ref;
+  if (m->handle >= heap_->seg().size() || heap_->view().object_at(m->handle, &ref) != errc::ok ||
+      !is_allocated(heap_->span(ref.span), ref.index))
+    return error_reply(msg::ok, h, errc::bad_handle, "handle " + std::to_string(m->handle) + " is not an allocated object");
+  if (find_root(m->name) != nullptr) return error_reply(msg::ok, h, errc::exists, "root '" + m->name + "' already exists");
+  auto* roots = heap_->seg().at<root_entry>(heap_->seg().regions().roots.offset);
+  for (std::uint32_t i = 0; i < max_roots; ++i) {
+    if (roots[i].handle != 0) continue;
+    std::memset(roots[i].name, 0, sizeof roots[i].name);
+    std::memcpy(roots[i].name, m->name.data(), m->name.size());
+    roots[i].handle = m->handle;
+    return ok_reply(msg::ok, h);
+  }
+  return error_reply(msg::ok, h, errc::no_memory, "all " + std::to_string(max_roots) + " named roots are in use");
+}
+
+reply request_handler::on_lookup(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  auto name = proto::decode_name(p);
+  if (!name) return error_reply(msg::root, h, errc::invalid_argument, "malformed root name");
+  const root_entry* r = find_root(*name);
+  if (r == nullptr) return error_reply(msg::root, h, errc::not_found, "no root named '" + *name + "'");
+  return ok_reply(msg::root, h, proto::encode_root(r->handle));
+}
+
+reply request_handler::on_unpublish(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  auto name = proto::decode_name(p);
+  if (!name) return error_reply(msg::ok, h, errc::invalid_argument, "malformed root name");
+  root_entry* r = find_root(*name);
+  if (r == nullptr) return error_reply(msg::ok, h, errc::not_found, "no root named '" + *name + "'");
+  r->handle = 0;
   return ok_reply(msg::ok, h);
 }
 

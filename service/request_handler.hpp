@@ -76,6 +76,10 @@ class request_handler {
   reply on_free_large(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_cache_open(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_cache_close(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_publish(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_lookup(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_unpublish(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  root_entry* find_root(const std::string& name) const noexcept;
   reply on_reattach(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_stats(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   bool over_quota(const client_state& c, std::uint64_t more) const noexcept;

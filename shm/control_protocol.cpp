@@ -1,5 +1,7 @@
 #include "shm/control_protocol.hpp"
 
+#include "shm/layout.hpp"
+
 #include <cstring>
 
 namespace shmalloc::proto {
@@ -153,6 +155,21 @@ std::vector<std::uint8_t> encode(const slot_msg& m) {
   w.u32(m.slot);
   return std::move(w.bytes());
 }
+std::vector<std::uint8_t> encode_publish(const root_msg& m) {
+  writer w;
+  w.str(m.name).u64(m.handle);
+  return std::move(w.bytes());
+}
+std::vector<std::uint8_t> encode_name(const std::string& name) {
+  writer w;
+  w.str(name);
+  return std::move(w.bytes());
+}
+std::vector<std::uint8_t> encode_root(std::uint64_t handle) {
+  writer w;
+  w.u64(handle);
+  return std::move(w.bytes());
+}
 std::vector<std::uint8_t> encode(const stats_msg& m) {
   writer w;
   std::uint16_t n = 0;
@@ -250,6 +267,35 @@ std::optional<slot_msg> decode_slot(std::span<const std::uint8_t> p) {
   slot_msg m;
   m.slot = r.u32();
   return finish(r, m);
+}
+namespace {
+bool valid_root_name(const std::string& n) {
+  if (n.empty() || n.size() >= root_name_bytes) return false;
+  for (char c : n)
+    if (c < 0x21 || c > 0x7e) return false;  // printable, no spaces
+  return true;
+}
+}  // namespace
+
+std::optional<root_msg> decode_publish(std::span<const std::uint8_t> p) {
+  reader r(p);
+  root_msg m;
+  m.name = r.str(root_name_bytes - 1);
+  m.handle = r.u64();
+  if (!valid_root_name(m.name) || m.handle == 0) return std::nullopt;
+  return finish(r, std::move(m));
+}
+std::optional<std::string> decode_name(std::span<const std::uint8_t> p) {
+  reader r(p);
+  std::string name = r.str(root_name_bytes - 1);
+  if (!valid_root_name(name)) return std::nullopt;
+  return finish(r, std::move(name));
+}
+std::optional<std::uint64_t> decode_root(std::span<const std::uint8_t> p) {
+  reader r(p);
+  const std::uint64_t handle = r.u64();
+  if (handle == 0) return std::nullopt;
+  return finish(r, handle);
 }
 std::optional<stats_msg> decode_stats(std::span<const std::uint8_t> p) {
   reader r(p);

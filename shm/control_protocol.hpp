@@ -53,6 +53,10 @@ enum class msg : std::uint16_t {
   cache_open = 15,  // c->d  (empty): a cache slot for one more thread; reply cache_slot
   cache_slot = 16,  // d->c  u32 slot
   cache_close = 17, // c->d  u32 slot: the thread is gone; its counters are retired; reply ok
+  publish = 18,     // c->d  str name, u64 handle; reply ok
+  lookup = 19,      // c->d  str name; reply root
+  root = 20,        // d->c  u64 handle
+  unpublish = 21,   // c->d  str name; reply ok
 };
 
 struct frame_header {
@@ -141,6 +145,10 @@ struct large_msg {
 struct slot_msg {  // cache_slot (reply) and cache_close (request)
   std::uint32_t slot = 0;
 };
+struct root_msg {  // publish (name and handle), lookup and unpublish (name only), root (handle only)
+  std::string name;
+  std::uint64_t handle = 0;
+};
 struct free_large_msg {
   std::uint64_t handle = 0;
 };
@@ -167,6 +175,9 @@ std::vector<std::uint8_t> encode(const alloc_large_msg& m);
 std::vector<std::uint8_t> encode(const large_msg& m);
 std::vector<std::uint8_t> encode(const free_large_msg& m);
 std::vector<std::uint8_t> encode(const slot_msg& m);
+std::vector<std::uint8_t> encode_publish(const root_msg& m);
+std::vector<std::uint8_t> encode_name(const std::string& name);
+std::vector<std::uint8_t> encode_root(std::uint64_t handle);
 std::vector<std::uint8_t> encode(const stats_msg& m);
 
 // Each returns nullopt unless the payload is exactly one well-formed
@@ -180,6 +191,9 @@ std::optional<alloc_large_msg> decode_alloc_large(std::span<const std::uint8_t> 
 std::optional<large_msg> decode_large(std::span<const std::uint8_t> p);
 std::optional<free_large_msg> decode_free_large(std::span<const std::uint8_t> p);
 std::optional<slot_msg> decode_slot(std::span<const std::uint8_t> p);
+std::optional<root_msg> decode_publish(std::span<const std::uint8_t> p);
+std::optional<std::string> decode_name(std::span<const std::uint8_t> p);
+std::optional<std::uint64_t> decode_root(std::span<const std::uint8_t> p);
 std::optional<stats_msg> decode_stats(std::span<const std::uint8_t> p);
 
 // A whole reply frame: header (status, request id) + message text + body.

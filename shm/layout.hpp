@@ -33,6 +33,7 @@
 //   page_summary segment tree over page_bits (see page_alloc.hpp)
 //   chunks       per 4 MiB chunk: when a page in it was last freed
 //   released     1 bit per page: free and returned to the OS
+//   roots        named roots: name -> handle (publish / lookup)
 //   spans        the mspan table (Go's mspan fixalloc)
 //   caches       mcache slots: per-thread statistics blocks
 //   arenas       the heap pages; starts 64 MiB-aligned
@@ -87,6 +88,7 @@
 //                    can never mistake itself for the holder). remote_free:
 //                    any process, by CAS push; the holder by exchange.
 //                    state: the daemon (relaxed atomic; freers read it).
+//   root_entry       the daemon only; clients ask it (lookup) over the socket.
 //   mcache_slot      stats: the one client thread owning the slot, relaxed
 //                    single-writer stores (never read-modify-write); the
 //                    daemon reads them. client: the daemon.
@@ -208,6 +210,20 @@ struct mspan {
 };
 
 // ---------------------------------------------------------------------------
+// Named roots: a fixed table the daemon keeps (publish, lookup, unpublish).
+// ---------------------------------------------------------------------------
+
+inline constexpr std::uint32_t max_roots = 1024;
+inline constexpr std::size_t root_name_bytes = 64;  // NUL-terminated, so 63 characters at most
+
+struct root_entry {
+  char name[root_name_bytes];
+  handle_t handle;  // 0 = unused entry
+  std::uint64_t reserved;
+};
+static_assert(sizeof(root_entry) == 80);
+
+// ---------------------------------------------------------------------------
 // mheap and mcentral state.
 // ---------------------------------------------------------------------------
 
@@ -280,6 +296,7 @@ struct region_map {
   region page_summary;
   region chunks;
   region released;
+  region roots;
   region spans;
   region caches;
   region arenas;

@@ -119,6 +119,33 @@ TEST_SUITE("libshmalloc") {
     a.check_heap();
   }
 
+  TEST_CASE("named roots: publish in one process, look up and unpublish in another") {
+    attached_daemon a;
+    auto* p = static_cast<std::uint64_t*>(shmalloc_alloc(64));
+    REQUIRE(p != nullptr);
+    *p = 0xfeedface;
+    REQUIRE(shmalloc_publish("config/table", shmalloc_handle(p)) == 0);
+    CHECK(shmalloc_publish("config/table", shmalloc_handle(p)) == -static_cast<int>(errc::exists));
+    CHECK(shmalloc_publish("bad name", shmalloc_handle(p)) == -static_cast<int>(errc::invalid_argument));
+    CHECK(shmalloc_publish("dangling", shmalloc_handle(p) + 8) == -static_cast<int>(errc::bad_handle));
+    const pid_t pid = fork();
+    if (pid == 0) {
+      std::uint64_t h = 0;
+      if (shmalloc_lookup("config/table", &h) != 0) _exit(1);
+      if (*static_cast<std::uint64_t*>(shmalloc_pointer(h)) != 0xfeedface) _exit(2);
+      if (shmalloc_unpublish("config/table") != 0) _exit(3);
+      shmalloc_detach();
+      _exit(0);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK(WEXITSTATUS(status) == 0);
+    std::uint64_t h = 0;
+    CHECK(shmalloc_lookup("config/table", &h) == -static_cast<int>(errc::not_found));
+    shmalloc_free(p);
+    a.check_heap();
+  }
+
   TEST_CASE("aligned allocations for every power of two up to the page size") {
     attached_daemon a;
     std::vector<void*> got;
