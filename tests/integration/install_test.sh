@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs the build into a temp prefix and builds two tiny programs against
+# the installed libshmalloc: a C99 one with pkg-config, a C++ one with
+# find_package(shmalloc). Both attach to a socket nobody serves and must get
+# the library's "daemon unavailable" error: proof that they linked and ran it.
+set -euo pipefail
+build=$1
+work=$(mktemp -d /tmp/shmalloc-install-XXXXXX)
+trap 'rm -rf "$work"' EXIT
+prefix=$work/prefix
+cmake --install "$build" --prefix "$prefix" >/dev/null
+libdir=$(dirname "$(find "$prefix" -name libshmalloc.so -print -quit)")
+[ -f "$libdir/libshmalloc.a" ] || { echo "no static library installed"; exit 1; }
+
+cat > "$work/hello.c" <<'C'
+#include <shmalloc/shmalloc.h>
+#include <stdio.h>
+#include <string.h>
+int main(void) {
+  int rc = shmalloc_attach("/nonexistent/shmallocd.sock");
+  printf("%s\n", shmalloc_strerror(rc));
+  return rc < 0 && strcmp(shmalloc_strerror(rc), "daemon unavailable") == 0 ? 0 : 1;
+}
+C
+export PKG_CONFIG_PATH=$libdir/pkgconfig
+cc -std=c99 -Wall -Werror "$work/hello.c" $(pkg-config --cflags --libs shmalloc) -o "$work/hello_shared"
+LD_LIBRARY_PATH=$libdir "$work/hello_shared"
+cc -std=c99 "$work/hello.c" $(pkg-config --cflags shmalloc) "$libdir/libshmalloc.a" \
+  $(pkg-config --static --libs-only-l shmalloc | sed 's/-lshmalloc//') -o "$work/hello_static"
+"$work/hello_static"
+
+mkdir -p "$work/proj"
+cat > "$work/proj/CMakeLists.txt" <<'CM'
+cmake_minimum_required(VERSION 3.25)
+project(uses_shmalloc CXX)
+find_package(shmalloc REQUIRED)
+add_executable(uses_shared main.cpp)
+target_link_libraries(uses_shared shmalloc::client)
+add_executable(uses_static main.cpp)
+target_link_libraries(uses_static shmalloc::client_static)
+CM
+cat > "$work/proj/main.cpp" <<'CPP'
+#include <shmalloc/shmalloc.h>
+#include <cstdio>
+#include <cstring>
+int main() {
+  const int rc = shmalloc_attach("/nonexistent/shmallocd.sock");
+  std::printf("%s\n", shmalloc_strerror(rc));
+  return rc < 0 && std::strcmp(shmalloc_strerror(rc), "daemon unavailable") == 0 ? 0 : 1;
+}
+CPP
+cmake -S "$work/proj" -B "$work/proj/build" -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
+cmake --build "$work/proj/build" >/dev/null
+LD_LIBRARY_PATH=$libdir "$work/proj/build/uses_shared"
+"$work/proj/build/uses_static"
+echo "install_test: 4 programs built against the installed package and ran"
