@@ -16,6 +16,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -94,6 +95,8 @@ struct runtime {
   bool atfork_registered = false;
   span_pool pool;
   std::vector<std::uint32_t> full;  // spans to give back, in batches
+  std::set<std::uint32_t> held;     // every span and large object the daemon records as ours
+  bool lost_heap = false;           // the daemon came back with another heap: nothing can be recovered
   std::uint16_t batch[num_span_classes] = {};
   std::uint64_t last_refill_ns[num_span_classes] = {};
 };
@@ -123,9 +126,12 @@ std::string process_name() {
   return s;
 }
 
+bool reconnect_locked(runtime& r);
+
 // REQUIRES: r.mu held.
 int attach_locked(runtime& r, const char* socket_path) {
   if (r.attached) return 0;
+  if (r.client_id != 0) return reconnect_locked(r) ? 0 : fail(errc::unavailable);  // lost the daemon, not detached
   const std::string path = socket_path != nullptr ? socket_path : !r.socket.empty() ? r.socket : default_socket_path();
   auto conn = std::make_unique<control_client>(path);
   if (!conn->connected()) return fail(errc::unavailable);
@@ -141,6 +147,8 @@ int attach_locked(runtime& r, const char* socket_path) {
   }
   r.conn = std::move(conn);
   r.socket = path;
+  r.held.clear();
+  r.lost_heap = false;
   r.client_id = w->client_id;
   r.main_slot = w->cache_slot;
   r.main_slot_free = true;
@@ -158,6 +166,48 @@ int attach_locked(runtime& r, const char* socket_path) {
   return 0;
 }
 
+// REQUIRES: r.mu held. The daemon went away and (perhaps) came back: say
+// hello again and reattach every span and large object this process holds,
+// under the old client id. If the daemon now serves another heap, nothing we
+// hold exists there: the process stays detached and says so once.
+bool reconnect_locked(runtime& r) {
+  if (r.lost_heap) return false;
+  const std::uint32_t old_id = r.client_id;
+  const std::uint64_t old_instance = r.seg ? r.seg->header().instance_id : 0;
+  r.conn.reset();
+  r.attached = false;
+  auto conn = std::make_unique<control_client>(r.socket);
+  if (!conn->connected()) return false;
+  auto w = conn->hello(process_name());
+  if (!w) return false;
+  if (w->instance_id != old_instance) {
+    std::fprintf(stderr, "shmalloc: the daemon came back with another heap; this process's objects are lost to it\n");
+    r.lost_heap = true;
+    return false;
+  }
+  const std::vector<std::uint32_t> all(r.held.begin(), r.held.end());
+  for (std::size_t at = 0; at < all.size(); at += proto::max_release) {
+    const std::size_t n = std::min<std::size_t>(proto::max_release, all.size() - at);
+    std::vector<std::uint32_t> part(all.begin() + static_cast<std::ptrdiff_t>(at),
+                                    all.begin() + static_cast<std::ptrdiff_t>(at + n));
+    conn->request(proto::msg::reattach, proto::encode(proto::reattach_msg{old_id, part}));
+  }
+  r.conn = std::move(conn);
+  r.client_id = w->client_id;
+  r.attached = true;
+  return true;
+}
+
+// REQUIRES: r.mu held. One request; if the daemon does not answer, one
+// reconnect and one retry. Bounded: each wait is control_client's timeout.
+result<std::vector<std::uint8_t>> request_locked(runtime& r, proto::msg type, const std::vector<std::uint8_t>& body) {
+  if (!r.attached && (r.socket.empty() || !reconnect_locked(r))) return error{errc::unavailable, "not attached"};
+  auto reply = r.conn->request(type, body);
+  if (reply || reply.code() != errc::unavailable) return reply;
+  if (!reconnect_locked(r)) return reply;
+  return r.conn->request(type, body);
+}
+
 int ensure_attached() {
   runtime& r = rt();
   std::lock_guard lock(r.mu);
@@ -172,7 +222,9 @@ void after_fork_in_child() noexcept {
   if (r.conn) r.conn.release();  // leak the object: its fd is the parent's connection too
   r.pool.clear();
   r.full.clear();
+  r.held.clear();
   r.attached = false;
+  r.client_id = 0;
   t_cache = &empty_cache;
 }
 
@@ -182,7 +234,8 @@ void release_full_locked(runtime& r) {
     const std::size_t n = std::min<std::size_t>(proto::max_release, r.full.size() - at);
     std::vector<std::uint32_t> part(r.full.begin() + static_cast<std::ptrdiff_t>(at),
                                     r.full.begin() + static_cast<std::ptrdiff_t>(at + n));
-    if (r.conn) r.conn->request(proto::msg::release, proto::encode(proto::span_list_msg{part}));
+    if (request_locked(r, proto::msg::release, proto::encode(proto::span_list_msg{part})))
+      for (std::uint32_t id : part) r.held.erase(id);
   }
   r.full.clear();
 }
@@ -260,10 +313,11 @@ std::int64_t refill(runtime& r, std::uint8_t spc) {
   std::uint16_t& n = r.batch[spc];
   if (t - r.last_refill_ns[spc] < hot_refill_ns) n = std::min<std::uint16_t>(max_batch, static_cast<std::uint16_t>(n * 2));
   r.last_refill_ns[spc] = t;
-  auto body = r.conn->request(proto::msg::refill, proto::encode(proto::refill_msg{spc, n}));
+  auto body = request_locked(r, proto::msg::refill, proto::encode(proto::refill_msg{spc, n}));
   if (!body) return -1;
   auto list = proto::decode_span_list(body.value(), proto::max_refill);
   if (!list || list->span_ids.empty()) return -1;
+  r.held.insert(list->span_ids.begin(), list->span_ids.end());
   for (std::size_t i = 1; i < list->span_ids.size(); ++i) r.pool.push(spc, list->span_ids[i]);
   return list->span_ids[0];
 }
@@ -284,7 +338,7 @@ mcache* ensure_cache() {
   if (r.main_slot_free) {
     r.main_slot_free = false;
   } else {
-    auto body = r.conn->request(proto::msg::cache_open);
+    auto body = request_locked(r, proto::msg::cache_open, {});
     if (!body) return nullptr;
     auto opened = proto::decode_slot(body.value());
     if (!opened) return nullptr;
@@ -308,7 +362,7 @@ void release_thread_cache() noexcept {
   t_cache = &empty_cache;
   std::lock_guard lock(r.mu);
   if (r.attached && mc->slot == r.main_slot) r.main_slot_free = true;  // retired with the connection
-  else if (r.attached) r.conn->request(proto::msg::cache_close, proto::encode(proto::slot_msg{mc->slot}));
+  else if (r.attached) request_locked(r, proto::msg::cache_close, proto::encode(proto::slot_msg{mc->slot}));
   delete mc;
 }
 
@@ -351,10 +405,11 @@ SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
   runtime& r = rt();
   std::lock_guard lock(r.mu);
   if (!r.attached && attach_locked(r, nullptr) != 0) return nullptr;
-  auto body = r.conn->request(proto::msg::alloc_large, proto::encode(proto::alloc_large_msg{size, noscan}));
+  auto body = request_locked(r, proto::msg::alloc_large, proto::encode(proto::alloc_large_msg{size, noscan}));
   if (!body) return nullptr;
   auto large = proto::decode_large(body.value());
   if (!large) return nullptr;
+  r.held.insert(large->span_id);
   mcache* mc = t_cache;  // counted where this thread counts, if it has a cache yet
   if (mc != &empty_cache) {
     bump(mc->stats->large_allocs, std::uint64_t{1});
@@ -369,8 +424,9 @@ SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept {
   {
     std::lock_guard lock(r.mu);
     if (!r.attached && attach_locked(r, nullptr) != 0) bad_free(p, "the daemon is unavailable to free a large object");
-    auto done = r.conn->request(proto::msg::free_large, proto::encode(proto::free_large_msg{g_view.handle_of(p)}));
+    auto done = request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{g_view.handle_of(p)}));
     if (!done) bad_free(p, done.err().message.c_str());
+    r.held.erase(g_view.span_id_of(s).value);
   }
   mcache* mc = t_cache;
   if (mc != &empty_cache) {
@@ -446,14 +502,15 @@ void shmalloc_detach(void) {
   release_thread_cache();
   runtime& r = rt();
   std::lock_guard lock(r.mu);
-  if (!r.attached) return;
+  if (!r.attached && r.client_id == 0) return;
   // Spans pooled but unused go back with the full ones.
   for (std::uint32_t spc = 0; spc < num_span_classes; ++spc)
     for (std::int64_t id; (id = r.pool.pop(static_cast<std::uint8_t>(spc))) >= 0;) r.full.push_back(static_cast<std::uint32_t>(id));
   release_full_locked(r);
-  r.conn->request(proto::msg::bye);
+  if (r.conn) r.conn->request(proto::msg::bye);
   r.conn.reset();
   r.attached = false;
+  r.client_id = 0;
   g_view = heap_view{};
   g_size = 0;
   r.seg.reset();
@@ -505,7 +562,7 @@ int call_daemon(proto::msg type, const std::vector<std::uint8_t>& body, std::vec
   runtime& r = rt();
   std::lock_guard lock(r.mu);
   if (int rc = attach_locked(r, nullptr); rc != 0) return rc;
-  auto reply = r.conn->request(type, body);
+  auto reply = request_locked(r, type, body);
   if (!reply) return fail(reply.code());
   if (out != nullptr) *out = std::move(reply.value());
   return 0;

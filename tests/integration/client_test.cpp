@@ -331,6 +331,51 @@ TEST_SUITE("libshmalloc") {
     a.check_heap();
   }
 
+  TEST_CASE("when the daemon comes back on the same heap, the client reconnects and keeps its spans") {
+    daemon_process d({"--keep-heap"});
+    REQUIRE(d.started());
+    REQUIRE(shmalloc_attach(d.socket.c_str()) == 0);
+    std::vector<std::pair<void*, std::size_t>> live;
+    for (std::size_t n : {16u, 200u, 3000u, 100000u}) {
+      for (int i = 0; i < 50; ++i) {
+        void* p = shmalloc_alloc(n);
+        REQUIRE(p != nullptr);
+        fill(p, n);
+        live.emplace_back(p, n);
+      }
+    }
+    REQUIRE(d.stop(SIGKILL) == 128 + SIGKILL);
+    const pid_t next = spawn_daemon({"--heap", d.heap, "--socket", d.socket, "--reattach-grace", "300ms",
+                                     "--log-level", "off", "--keep-heap"}, d.socket);
+    REQUIRE(next > 0);
+    // New spans and large objects need the daemon: the client reconnects.
+    for (int i = 0; i < 2000; ++i) {
+      void* p = shmalloc_alloc(i % 2 ? 48 : 70000);
+      REQUIRE(p != nullptr);
+      fill(p, i % 2 ? 48 : 70000);
+      live.emplace_back(p, i % 2 ? 48 : 70000);
+    }
+    usleep(800000);  // past the grace period: nothing of ours may be reclaimed
+    raw_client observer(d.socket);
+    auto st = observer.call(proto::msg::stats);
+    REQUIRE(st);
+    CHECK(proto::decode_stats(proto::split_reply(st->payload)->body)->reclaimed_bytes_total == 0);
+    for (auto& [p, n] : live) {
+      CHECK(intact(p, n));
+      shmalloc_free(p);
+    }
+    shmalloc_detach();
+    kill(next, SIGTERM);
+    int status = 0;
+    waitpid(next, &status, 0);
+    auto seg = segment::attach(d.heap);
+    REQUIRE(seg);
+    mheap h(*seg.value());
+    const verify_report r = verify_heap(h);
+    CHECK_MESSAGE(r.ok(), r.summary());
+    CHECK(h.accounts().large_spans.load() == 0);
+  }
+
   TEST_CASE("when the daemon is gone, cached memory keeps working and new spans fail fast") {
     daemon_process d;
     REQUIRE(d.started());
