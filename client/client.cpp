@@ -41,6 +41,8 @@ constexpr std::uint16_t first_batch = 2;
 constexpr std::uint16_t max_batch = proto::max_refill;
 constexpr std::size_t release_batch = 32;
 constexpr std::uint64_t hot_refill_ns = 50'000'000;  // refills closer than this grow the batch
+constexpr std::size_t large_cache_entries = 8;
+constexpr std::uint64_t large_cache_max_bytes = 64ULL << 20;
 
 std::uint64_t now_ns() {
   return static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
@@ -96,7 +98,15 @@ struct runtime {
   span_pool pool;
   std::vector<std::uint32_t> full;  // spans to give back, in batches
   std::set<std::uint32_t> held;     // every span and large object the daemon records as ours
-  bool lost_heap = false;           // the daemon came back with another heap: nothing can be recovered
+  bool lost_heap = false;
+  // Large objects this process freed, kept (still held from the daemon's
+  // point of view) so that repeated large allocations skip the round trip.
+  struct cached_large {
+    std::uint32_t span;
+    std::uint32_t npages;
+  };
+  std::vector<cached_large> large_cache;
+  std::uint64_t large_cache_bytes = 0;           // the daemon came back with another heap: nothing can be recovered
   std::uint16_t batch[num_span_classes] = {};
   std::uint64_t last_refill_ns[num_span_classes] = {};
 };
@@ -223,6 +233,8 @@ void after_fork_in_child() noexcept {
   r.pool.clear();
   r.full.clear();
   r.held.clear();
+  r.large_cache.clear();
+  r.large_cache_bytes = 0;
   r.attached = false;
   r.client_id = 0;
   t_cache = &empty_cache;
@@ -401,21 +413,72 @@ SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexce
 
 namespace {
 
+// REQUIRES: r.mu held. A cached large span of the right size (at most an
+// eighth bigger), or nullptr.
+void* take_cached_large(runtime& r, std::size_t size) noexcept {
+  const std::uint64_t need = (size + page_size - 1) / page_size;
+  for (std::size_t i = 0; i < r.large_cache.size(); ++i) {
+    const auto [span, npages] = r.large_cache[i];
+    if (npages < need || npages > need + need / 8) continue;
+    r.large_cache.erase(r.large_cache.begin() + static_cast<std::ptrdiff_t>(i));
+    r.large_cache_bytes -= std::uint64_t{npages} * page_size;
+    // Another process freeing the object again (a double free) would have
+    // given it back to the daemon behind our back: never reuse it then.
+    const mspan& s = g_view.span(span_id{span});
+    if (s.state.load(std::memory_order_relaxed) != mspan_state::large || s.owner_client != r.client_id ||
+        s.npages != npages) {
+      r.held.erase(span);
+      return take_cached_large(r, size);
+    }
+    return g_view.span_base(s);
+  }
+  return nullptr;
+}
+
+// REQUIRES: r.mu held. Keeps a large object this process allocated, if
+// the cache has room; false otherwise.
+bool cache_large(runtime& r, void* p, const mspan& s) noexcept {
+  const std::uint32_t id = g_view.span_id_of(s).value;
+  for (const auto& c : r.large_cache)
+    if (c.span == id) bad_free(p, "double free (of a large object)");
+  const std::uint64_t bytes = std::uint64_t{s.npages} * page_size;
+  if (s.owner_client != r.client_id || r.large_cache.size() >= large_cache_entries ||
+      r.large_cache_bytes + bytes > large_cache_max_bytes)
+    return false;
+  r.large_cache.push_back({id, s.npages});
+  r.large_cache_bytes += bytes;
+  return true;
+}
+
+// REQUIRES: r.mu held. Gives every cached large object back (detach).
+void flush_large_cache(runtime& r) {
+  for (const auto& c : r.large_cache) {
+    const handle_t h = g_view.handle_of(g_view.span_base(g_view.span(span_id{c.span})));
+    if (request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{h}))) r.held.erase(c.span);
+  }
+  r.large_cache.clear();
+  r.large_cache_bytes = 0;
+}
+
 SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
   runtime& r = rt();
   std::lock_guard lock(r.mu);
   if (!r.attached && attach_locked(r, nullptr) != 0) return nullptr;
-  auto body = request_locked(r, proto::msg::alloc_large, proto::encode(proto::alloc_large_msg{size, noscan}));
-  if (!body) return nullptr;
-  auto large = proto::decode_large(body.value());
-  if (!large) return nullptr;
-  r.held.insert(large->span_id);
+  void* p = take_cached_large(r, size);
+  if (p == nullptr) {
+    auto body = request_locked(r, proto::msg::alloc_large, proto::encode(proto::alloc_large_msg{size, noscan}));
+    if (!body) return nullptr;
+    auto large = proto::decode_large(body.value());
+    if (!large) return nullptr;
+    r.held.insert(large->span_id);
+    p = g_view.pointer(large->handle);
+  }
   mcache* mc = t_cache;  // counted where this thread counts, if it has a cache yet
   if (mc != &empty_cache) {
     bump(mc->stats->large_allocs, std::uint64_t{1});
     bump(mc->stats->large_alloc_bytes, (size + page_size - 1) / page_size * page_size);
   }
-  return g_view.pointer(large->handle);
+  return p;
 }
 
 SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept {
@@ -424,9 +487,11 @@ SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept {
   {
     std::lock_guard lock(r.mu);
     if (!r.attached && attach_locked(r, nullptr) != 0) bad_free(p, "the daemon is unavailable to free a large object");
-    auto done = request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{g_view.handle_of(p)}));
-    if (!done) bad_free(p, done.err().message.c_str());
-    r.held.erase(g_view.span_id_of(s).value);
+    if (!cache_large(r, p, s)) {
+      auto done = request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{g_view.handle_of(p)}));
+      if (!done) bad_free(p, done.err().message.c_str());
+      r.held.erase(g_view.span_id_of(s).value);
+    }
   }
   mcache* mc = t_cache;
   if (mc != &empty_cache) {
@@ -503,6 +568,7 @@ void shmalloc_detach(void) {
   runtime& r = rt();
   std::lock_guard lock(r.mu);
   if (!r.attached && r.client_id == 0) return;
+  flush_large_cache(r);
   // Spans pooled but unused go back with the full ones.
   for (std::uint32_t spc = 0; spc < num_span_classes; ++spc)
     for (std::int64_t id; (id = r.pool.pop(static_cast<std::uint8_t>(spc))) >= 0;) r.full.push_back(static_cast<std::uint32_t>(id));

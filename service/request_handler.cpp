@@ -20,6 +20,7 @@ reply ok_reply(msg type, const proto::frame_header& h, const std::vector<std::ui
 }  // namespace
 
 reply request_handler::handle(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  ++requests_;
   if (std::string why = proto::check_header(h); !why.empty())
     return error_reply(msg::ok, h, errc::protocol_error, why, true);
   const auto type = static_cast<msg>(h.type);
@@ -239,6 +240,7 @@ proto::stats_msg request_handler::stats() const {
   s.scavenged_bytes_total = a.scavenged_bytes_total.load(std::memory_order_relaxed);
   s.grow_failures = a.grow_failures.load(std::memory_order_relaxed);
   s.capacity_bytes = m.capacity_bytes;
+  s.control_requests_total = requests_;
   return s;
 }
 

@@ -99,6 +99,7 @@ class request_handler {
   mheap* heap_;
   handler_settings settings_;
   std::size_t clients_ = 0;
+  std::uint64_t requests_ = 0;  // handled, for stats (metrics will break them down by op)
   std::map<std::uint32_t, client_state*> by_id_;  // live clients, for frees of their large objects
   std::map<std::uint32_t, orphan_group> orphans_;  // by old client id
 };

@@ -177,6 +177,29 @@ TEST_SUITE("libshmalloc") {
     a.check_heap();
   }
 
+  TEST_CASE("repeated large allocations are served from the process's cache, without a round trip each") {
+    attached_daemon a;
+    raw_client observer(a.d.socket);
+    auto requests = [&observer] {
+      auto st = observer.call(proto::msg::stats);
+      REQUIRE(st);
+      return proto::decode_stats(proto::split_reply(st->payload)->body)->control_requests_total;
+    };
+    for (std::size_t n : {64u << 10, 256u << 10, 1u << 20}) shmalloc_free(shmalloc_alloc(n));  // warm
+    const auto before = requests();
+    for (int i = 0; i < 3000; ++i) {
+      for (std::size_t n : {64u << 10, 256u << 10, 1u << 20}) {
+        auto* p = static_cast<unsigned char*>(shmalloc_alloc(n));
+        REQUIRE(p != nullptr);
+        p[0] = 1;
+        p[n - 1] = 2;
+        shmalloc_free(p);
+      }
+    }
+    CHECK(requests() - before < 10);  // the observer's own stats calls included
+    a.check_heap();
+  }
+
   TEST_CASE("four threads allocate, check and free, some freeing each other's objects") {
     attached_daemon a;
     std::mutex mu;
@@ -317,6 +340,11 @@ TEST_SUITE("libshmalloc") {
     };
     CHECK(dies_with([] {
             void* p = shmalloc_alloc(32);
+            shmalloc_free(p);
+            shmalloc_free(p);
+          }).find("double free") != std::string::npos);
+    CHECK(dies_with([] {
+            void* p = shmalloc_alloc(100000);  // large: the second free finds it in the process's cache
             shmalloc_free(p);
             shmalloc_free(p);
           }).find("double free") != std::string::npos);
