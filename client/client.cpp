@@ -316,6 +316,30 @@ bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
   return load_word(e, 0);
 }
 
+// The shared object count of the tiny block at p (its span's first bytes).
+std::atomic_ref<std::int8_t> tiny_count_of(const mspan& s, std::uint32_t block) noexcept {
+  return std::atomic_ref<std::int8_t>(*reinterpret_cast<std::int8_t*>(g_view.span_base(s) + block));
+}
+
+// Frees slot i of span s: cleared by the holder, pushed by anyone else.
+void free_slot(mspan& s, std::uint32_t i, std::uint8_t size_class, const void* p) noexcept;
+
+// Retires the thread's current tiny block: its count loses the bias and
+// gains the objects packed into it; whoever brings the count to zero (now,
+// or a later free) frees the block.
+void retire_tiny(mcache* mc) noexcept {
+  if (mc->tiny == nullptr) return;
+  const span_id id = g_view.span_at(g_view.handle_of(mc->tiny));
+  mspan& s = g_view.span(id);
+  const auto block = static_cast<std::uint32_t>((mc->tiny - g_view.span_base(s)) / tiny_size);
+  const auto delta = static_cast<std::int8_t>(static_cast<int>(mc->tiny_count) - tiny_bias);
+  if (tiny_count_of(s, block).fetch_add(delta, std::memory_order_acq_rel) + delta == 0)
+    free_slot(s, block, tiny_size_class, mc->tiny);
+  mc->tiny = nullptr;
+  mc->tiny_offset = tiny_size;
+  mc->tiny_count = 0;
+}
+
 // REQUIRES: r.mu not held. Asks the daemon for a batch of spans; returns one
 // and pools the rest, or -1.
 std::int64_t refill(runtime& r, std::uint8_t spc) {
@@ -368,6 +392,7 @@ mcache* ensure_cache() {
 void release_thread_cache() noexcept {
   mcache* mc = t_cache;
   if (mc == &empty_cache) return;
+  retire_tiny(mc);
   runtime& r = rt();
   for (std::uint32_t spc = 0; spc < num_span_classes; ++spc)
     if (mc->alloc[spc].span != nullptr) drop_span(r, static_cast<std::uint8_t>(spc), mc->alloc[spc]);
@@ -409,6 +434,22 @@ SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexce
     if (take_span(mc, spc, static_cast<std::uint32_t>(id))) return alloc_small(size_class, noscan);
   }
   return nullptr;
+}
+
+
+SHMALLOC_SLOW_PATH void* alloc_tiny_slow(std::size_t size) noexcept {
+  mcache* mc = ensure_cache();
+  if (mc == nullptr) return nullptr;
+  retire_tiny(mc);
+  auto* block = static_cast<std::byte*>(alloc_small(tiny_size_class, true));  // a block of a tiny span
+  if (block == nullptr) return nullptr;
+  const mspan& s = g_view.span(g_view.span_at(g_view.handle_of(block)));
+  tiny_count_of(s, static_cast<std::uint32_t>((block - g_view.span_base(s)) / tiny_size))
+      .store(tiny_bias, std::memory_order_relaxed);
+  mc->tiny = block;
+  mc->tiny_offset = 0;
+  mc->tiny_count = 0;
+  return alloc_tiny(size);
 }
 
 namespace {
@@ -508,29 +549,45 @@ SHMALLOC_SLOW_PATH void free_remote(mspan& s, std::uint32_t index, std::uint8_t 
   bump(mc->stats->remote_frees, std::uint64_t{1});
 }
 
-// The span holding p and p's slot, or a bad_free report.
-mspan& locate(const void* p, std::uint32_t* index) noexcept {
+// The span holding p, or a bad_free report; *offset is p's offset in it.
+mspan& locate(const void* p, std::uint64_t* offset) noexcept {
   const heap_view& v = g_view;
   const auto* b = static_cast<const std::byte*>(p);
   if (v.base == nullptr || b < v.arenas || b >= v.base + g_size) bad_free(p, "not a pointer into the shared heap");
   const span_id id = v.span_at(v.handle_of(p));
   if (!id) bad_free(p, "not inside an allocated span (already freed?)");
   mspan& s = v.span(id);
-  const auto offset = static_cast<std::uint64_t>(b - v.span_base(s));
-  const std::uint64_t size = object_bytes(s);
-  *index = static_cast<std::uint32_t>(offset / size);
-  if (offset % size != 0 || *index >= s.nelems) bad_free(p, "not the start of an object");
+  *offset = static_cast<std::uint64_t>(b - v.span_base(s));
   return s;
+}
+
+// A tiny object: one less in its block; the last one out frees the block.
+SHMALLOC_SLOW_PATH void free_tiny(mspan& s, std::uint64_t offset, const void* p) noexcept {
+  const auto block = static_cast<std::uint32_t>(offset / tiny_size);
+  if (block < tiny_counter_blocks || !is_allocated(s, block)) bad_free(p, "not a live tiny object (double free?)");
+  const std::int8_t before = tiny_count_of(s, block).fetch_sub(1, std::memory_order_acq_rel);
+  if (before <= 0) bad_free(p, "double free (of a tiny object)");
+  if (before == 1) free_slot(s, block, tiny_size_class, p);
 }
 
 }  // namespace
 
 // The free fast path: the holder clears the bit; anyone else pushes.
 void free_object(void* p) noexcept {
-  std::uint32_t i = 0;
-  mspan& s = locate(p, &i);
-  if (SHMALLOC_UNLIKELY(s.elem_size == 0)) return free_large(p, s);
-  const std::uint8_t size_class = span_class{s.span_class}.size_class();
+  std::uint64_t offset = 0;
+  mspan& s = locate(p, &offset);
+  if (SHMALLOC_UNLIKELY(s.elem_size == 0)) {
+    if (offset != 0) bad_free(p, "not the start of an object");
+    return free_large(p, s);
+  }
+  if (SHMALLOC_UNLIKELY(s.span_class == tiny_span_class)) return free_tiny(s, offset, p);
+  const auto i = static_cast<std::uint32_t>(offset / s.elem_size);
+  if (SHMALLOC_UNLIKELY(offset % s.elem_size != 0 || i >= s.nelems)) bad_free(p, "not the start of an object");
+  free_slot(s, i, span_class{s.span_class}.size_class(), p);
+}
+
+namespace {
+SHMALLOC_FAST_PATH void free_slot_inline(mspan& s, std::uint32_t i, std::uint8_t size_class, const void* p) noexcept {
   mcache* mc = t_cache;
   if (SHMALLOC_UNLIKELY(s.owner_cache.load(std::memory_order_relaxed) != mc->token))
     return free_remote(s, i, size_class);
@@ -540,10 +597,19 @@ void free_object(void* p) noexcept {
   auto& count = mc->stats->small_frees[size_class];
   count.store(count.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
 }
+void free_slot(mspan& s, std::uint32_t i, std::uint8_t size_class, const void* p) noexcept {
+  free_slot_inline(s, i, size_class, p);
+}
+}  // namespace
 
 void* alloc(std::size_t size, bool noscan) noexcept {
-  if (SHMALLOC_LIKELY(size <= max_small_size)) return alloc_small(size_to_class(size == 0 ? 1 : size), noscan);
-  return alloc_large(size, noscan);
+  if (SHMALLOC_UNLIKELY(size > max_small_size)) return alloc_large(size, noscan);
+  if (size == 0) size = 1;
+  if (noscan && size < tiny_size) return alloc_tiny(size);
+  const std::uint8_t c = size_to_class(size);
+  // The noscan 16-byte span class is the tiny allocator's: other 16-byte
+  // objects take the scan class (no collector reads the difference).
+  return alloc_small(c, noscan && c != tiny_size_class);
 }
 
 }  // namespace shmalloc::client
@@ -586,8 +652,7 @@ const char* shmalloc_strerror(int code) { return to_string(static_cast<errc>(cod
 
 void* shmalloc_alloc(size_t size) { return client::alloc(size, false); }
 
-// The tiny allocator is not built yet: pointer-free objects take the noscan
-// span classes, which keep them apart from pointerful ones as Go does.
+// Pointer-free objects under 16 bytes go to the tiny allocator.
 void* shmalloc_alloc_noscan(size_t size) { return client::alloc(size, true); }
 
 void* shmalloc_alloc_aligned(size_t size, size_t alignment) {
@@ -607,7 +672,11 @@ void shmalloc_free(void* p) {
 size_t shmalloc_usable_size(const void* p) {
   if (p == nullptr || g_view.base == nullptr) return 0;
   const span_id id = g_view.span_at(g_view.handle_of(p));
-  return id ? object_bytes(g_view.span(id)) : 0;
+  if (!id) return 0;
+  const mspan& s = g_view.span(id);
+  if (s.span_class == tiny_span_class)  // to the end of its block
+    return tiny_size - static_cast<std::size_t>(static_cast<const std::byte*>(p) - g_view.span_base(s)) % tiny_size;
+  return object_bytes(s);
 }
 
 uint64_t shmalloc_handle(const void* p) {

@@ -44,7 +44,16 @@ struct mcache {
   std::uint32_t token = ~0u;     // slot + 1, stored in mspan::owner_cache; ~0u never matches
   std::uint32_t slot = 0;
   stats_block* stats = nullptr;  // this thread's slot in the segment
+  // The tiny allocator (Go's tiny, tinyoffset): the current 16-byte block of
+  // a tiny span, how far it is used, and how many objects it holds. The
+  // block's shared count carries a bias of tiny_bias while it is current, so
+  // frees from anywhere cannot bring it to zero under us.
+  std::byte* tiny = nullptr;
+  std::uint32_t tiny_offset = tiny_size;  // full: the empty cache never fits
+  std::uint32_t tiny_count = 0;
 };
+
+inline constexpr std::int8_t tiny_bias = 64;  // more than a block's 16 objects
 
 // The calling thread's cache; the static empty cache until its first miss.
 // initial-exec TLS: one load from the thread pointer, never a call.
@@ -64,6 +73,24 @@ SHMALLOC_FAST_PATH void* alloc_small(std::uint8_t size_class, bool noscan) noexc
   auto& count = mc->stats->small_allocs[size_class];
   count.store(count.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   return e.base + (std::size_t{e.word} * 64 + i) * e.elem_size;
+}
+
+SHMALLOC_SLOW_PATH void* alloc_tiny_slow(std::size_t size) noexcept;
+
+// Pointer-free objects under 16 bytes, packed into 16-byte blocks (Go's
+// tiny allocator): aligned to 8, 4 or 2 as their size allows.
+SHMALLOC_FAST_PATH void* alloc_tiny(std::size_t size) noexcept {
+  mcache* mc = t_cache;
+  std::uint32_t off = mc->tiny_offset;
+  if (size % 8 == 0) off = (off + 7) & ~7u;
+  else if (size % 4 == 0) off = (off + 3) & ~3u;
+  else if (size % 2 == 0) off = (off + 1) & ~1u;
+  if (SHMALLOC_UNLIKELY(off + size > tiny_size)) return alloc_tiny_slow(size);
+  mc->tiny_offset = off + static_cast<std::uint32_t>(size);
+  ++mc->tiny_count;
+  auto& count = mc->stats->tiny_allocs;
+  count.store(count.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  return mc->tiny + off;
 }
 
 }  // namespace shmalloc::client

@@ -224,6 +224,24 @@ struct root_entry {
 static_assert(sizeof(root_entry) == 80);
 
 // ---------------------------------------------------------------------------
+// Tiny spans (Go's tinySpanClass): every span of the 16-byte noscan class
+// packs pointer-free objects under 16 bytes into its 16-byte blocks. Because
+// objects are freed explicitly, each block needs a count of the objects in
+// it: one signed byte per block, kept in the span's first 512 bytes, whose
+// 32 blocks are therefore marked allocated from the moment the span is
+// carved. Any process freeing a tiny object decrements its block's count
+// atomically; the one that brings it to zero frees the block.
+// ---------------------------------------------------------------------------
+
+inline constexpr std::uint8_t tiny_span_class = 2 << 1 | 1;
+inline constexpr std::uint32_t tiny_counter_blocks = 512 / 16;
+
+// Slots of a span of class spc that hold metadata, not objects.
+constexpr std::uint32_t reserved_slots(std::uint8_t spc) noexcept {
+  return spc == tiny_span_class ? tiny_counter_blocks : 0;
+}
+
+// ---------------------------------------------------------------------------
 // mheap and mcentral state.
 // ---------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ bool mcentral::settle(span_id id, error* problem) {
   mspan& s = heap_->span(id);
   error e = fold(id);
   if (e.code != errc::ok && problem != nullptr) *problem = std::move(e);
-  if (s.alloc_count == 0) {
+  if (s.alloc_count == reserved_slots(s.span_class)) {
     heap_->free_span(id);
     return true;
   }

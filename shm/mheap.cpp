@@ -218,6 +218,12 @@ result<span_id> mheap::alloc_span(std::uint32_t npages, span_class spc, mspan_st
   s.remote_free.store(0, std::memory_order_relaxed);
   s.alloc_count = 0;
   std::memset(s.alloc_bits, 0, sizeof s.alloc_bits);
+  if (const std::uint32_t reserved = reserved_slots(spc.value); reserved != 0) {
+    // Tiny span: its first blocks hold the per-block object counts.
+    std::memset(view_.span_base(s), 0, std::size_t{reserved} * class_to_size(c));
+    for (std::uint32_t i = 0; i < reserved; ++i) s.alloc_bits[i / 64] |= std::uint64_t{1} << (i % 64);
+    s.alloc_count = static_cast<std::uint16_t>(reserved);
+  }
   s.state.store(st, std::memory_order_relaxed);
   bump(accounts().pages_in_use, std::uint64_t{npages});
   return id;

@@ -92,6 +92,8 @@ class checker {
       return fail("span ", id.value, " geometry does not match size class ", int{c});
     for (std::uint32_t i = s.nelems; i < bitmap_words * 64; ++i)
       if (is_allocated(s, i)) return fail("span ", id.value, " has alloc bits beyond its slots");
+    for (std::uint32_t i = 0; i < reserved_slots(s.span_class); ++i)
+      if (!is_allocated(s, i)) return fail("tiny span ", id.value, " lost its counter blocks");
     if (st == mspan_state::central && live != s.alloc_count)
       fail("span ", id.value, " alloc_count ", s.alloc_count, " != bits ", live);
   }
@@ -171,8 +173,9 @@ class checker {
       const mspan& s = v_.span(span_id{i});
       const mspan_state st = s.state.load(std::memory_order_relaxed);
       if (st == mspan_state::central || st == mspan_state::cached)
-        live[span_class{s.span_class}.size_class()] +=
-            std::int64_t{count_allocated(s)} - std::int64_t{count_remote_pending(v_, s)};
+        live[span_class{s.span_class}.size_class()] += std::int64_t{count_allocated(s)} -
+                                                        std::int64_t{count_remote_pending(v_, s)} -
+                                                        std::int64_t{reserved_slots(s.span_class)};
     }
     std::vector<std::int64_t> counted(num_size_classes, 0);
     auto add = [&counted](const stats_block& b) {

@@ -10,7 +10,9 @@
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <algorithm>
 #include <random>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -144,6 +146,57 @@ TEST_SUITE("libshmalloc") {
     CHECK(shmalloc_lookup("config/table", &h) == -static_cast<int>(errc::not_found));
     shmalloc_free(p);
     a.check_heap();
+  }
+
+  TEST_CASE("the tiny allocator packs small pointer-free objects and frees a block with its last object") {
+    attached_daemon a;
+    std::vector<std::pair<void*, std::size_t>> objs;
+    std::set<std::uint64_t> blocks;
+    for (int i = 0; i < 1600; ++i) {  // 1-byte objects: 16 to a block
+      void* p = shmalloc_alloc_noscan(1);
+      REQUIRE(p != nullptr);
+      blocks.insert(shmalloc_handle(p) / 16);
+      fill(p, 1);
+      objs.emplace_back(p, 1);
+    }
+    CHECK(blocks.size() == 100);
+    std::mt19937_64 rng(7);
+    for (int i = 0; i < 20000; ++i) {
+      const std::size_t n = 1 + rng() % 15;
+      void* p = shmalloc_alloc_noscan(n);
+      REQUIRE(p != nullptr);
+      const std::size_t align = n % 8 == 0 ? 8 : n % 4 == 0 ? 4 : n % 2 == 0 ? 2 : 1;
+      CHECK(reinterpret_cast<std::uintptr_t>(p) % align == 0);
+      CHECK(shmalloc_usable_size(p) >= n);
+      fill(p, n);
+      objs.emplace_back(p, n);
+    }
+    std::shuffle(objs.begin(), objs.end(), rng);
+    for (const auto& [p, n] : objs) REQUIRE(intact(p, n));  // no two objects overlap
+    const std::size_t half = objs.size() / 2;
+    const pid_t pid = fork();
+    if (pid == 0) {  // the second half is freed by another process
+      for (std::size_t i = half; i < objs.size(); ++i) shmalloc_free(objs[i].first);
+      shmalloc_detach();
+      _exit(0);
+    }
+    for (std::size_t i = 0; i < half; ++i) shmalloc_free(objs[i].first);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK(WEXITSTATUS(status) == 0);
+    shmalloc_detach();  // retires the current block; every block is now free
+    REQUIRE(a.d.stop(SIGTERM) == 0);
+    auto seg = segment::attach(a.d.heap);
+    REQUIRE(seg);
+    mheap h(*seg.value());
+    std::uint32_t tiny_spans = 0;
+    for (std::uint32_t i = 0; i < h.state().span_pool.high_water; ++i) {
+      const mspan& s = h.span(span_id{i});
+      tiny_spans += s.state.load() != mspan_state::dead && s.span_class == tiny_span_class;
+    }
+    CHECK(tiny_spans == 0);  // every tiny span went back to mheap
+    const verify_report r = verify_heap(h);
+    CHECK_MESSAGE(r.ok(), r.summary());
   }
 
   TEST_CASE("aligned allocations for every power of two up to the page size") {

@@ -279,7 +279,7 @@ class traffic {
     const std::uint32_t pending = count_remote_pending(v_, s);
     if (bits != s.alloc_count)
       return "alloc_count " + std::to_string(s.alloc_count) + " != bits " + std::to_string(bits);
-    if (bits - pending != span_live_[i])
+    if (bits - pending - reserved_slots(s.span_class) != span_live_[i])
       return std::to_string(bits) + " bits - " + std::to_string(pending) + " pending != " +
              std::to_string(span_live_[i]) + " live in the model";
     return {};
@@ -330,8 +330,8 @@ class traffic {
     REQUIRE(s.owner_client == owner);
     REQUIRE(s.span_class == spc.value);
     REQUIRE(s.remote_free.load() == 0);  // cache_span folded what was pending
-    REQUIRE(count_allocated(s) == span_live_[id->value]);
-    REQUIRE(s.alloc_count == span_live_[id->value]);
+    REQUIRE(count_allocated(s) == span_live_[id->value] + reserved_slots(s.span_class));
+    REQUIRE(s.alloc_count == span_live_[id->value] + reserved_slots(s.span_class));
     REQUIRE(s.alloc_count < s.nelems);
     held_owner_[id->value] = owner;
     held_ids_.push_back(*id);
@@ -392,8 +392,8 @@ class traffic {
     span_fold_remote(v_, s, &status, &why);
     REQUIRE_MESSAGE(status == errc::ok, why);
     REQUIRE(s.remote_free.load() == 0);
-    REQUIRE(count_allocated(s) == span_live_[id.value]);
-    REQUIRE(s.alloc_count == span_live_[id.value]);
+    REQUIRE(count_allocated(s) == span_live_[id.value] + reserved_slots(s.span_class));
+    REQUIRE(s.alloc_count == span_live_[id.value] + reserved_slots(s.span_class));
     ++folds_;
   }
 
@@ -459,7 +459,7 @@ class traffic {
     } else {
       REQUIRE(s.state.load() == mspan_state::central);
       REQUIRE(s.remote_free.load() == 0);
-      REQUIRE(s.alloc_count == span_live_[id.value]);
+      REQUIRE(s.alloc_count == span_live_[id.value] + reserved_slots(s.span_class));
     }
   }
 
@@ -841,16 +841,19 @@ void remote_free_rounds(workers_are kind, std::uint32_t nworkers, std::uint32_t 
         // Nothing kept: a cached span is empty, a central one went back to mheap.
         if (cached) {
           CHECK(st == mspan_state::cached);
-          CHECK(count_allocated(s) == 0);
+          CHECK(count_allocated(s) == reserved_slots(s.span_class));
         } else {
           CHECK(st == mspan_state::dead);
         }
         continue;
       }
       CHECK(st == (cached ? mspan_state::cached : mspan_state::central));
-      for (std::uint32_t k = 0; k < bitmap_words; ++k) CHECK(s.alloc_bits[k] == w->second[k]);
+      std::uint64_t expect[bitmap_words];
+      for (std::uint32_t k = 0; k < bitmap_words; ++k) expect[k] = w->second[k];
+      for (std::uint32_t i = 0; i < reserved_slots(s.span_class); ++i) expect[i / 64] |= std::uint64_t{1} << (i % 64);
+      for (std::uint32_t k = 0; k < bitmap_words; ++k) CHECK(s.alloc_bits[k] == expect[k]);
       std::uint32_t n = 0;
-      for (std::uint64_t x : w->second) n += static_cast<std::uint32_t>(std::popcount(x));
+      for (std::uint64_t x : expect) n += static_cast<std::uint32_t>(std::popcount(x));
       CHECK(s.alloc_count == n);
     }
     for (const object& o : kept) {
