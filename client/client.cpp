@@ -572,6 +572,17 @@ SHMALLOC_SLOW_PATH void free_tiny(mspan& s, std::uint64_t offset, const void* p)
 
 }  // namespace
 
+SHMALLOC_FAST_PATH void free_slot_inline(mspan& s, std::uint32_t i, std::uint8_t size_class, const void* p) noexcept {
+  mcache* mc = t_cache;
+  if (SHMALLOC_UNLIKELY(s.owner_cache.load(std::memory_order_relaxed) != mc->token))
+    return free_remote(s, i, size_class);
+  const std::uint64_t bit = std::uint64_t{1} << (i % 64);
+  if (SHMALLOC_UNLIKELY((s.alloc_bits[i / 64] & bit) == 0)) bad_free(p, "double free");
+  s.alloc_bits[i / 64] &= ~bit;
+  auto& count = mc->stats->small_frees[size_class];
+  count.store(count.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+}
+
 // The free fast path: the holder clears the bit; anyone else pushes.
 void free_object(void* p) noexcept {
   std::uint64_t offset = 0;
@@ -583,24 +594,15 @@ void free_object(void* p) noexcept {
   if (SHMALLOC_UNLIKELY(s.span_class == tiny_span_class)) return free_tiny(s, offset, p);
   const auto i = static_cast<std::uint32_t>(offset / s.elem_size);
   if (SHMALLOC_UNLIKELY(offset % s.elem_size != 0 || i >= s.nelems)) bad_free(p, "not the start of an object");
-  free_slot(s, i, span_class{s.span_class}.size_class(), p);
+  free_slot_inline(s, i, span_class{s.span_class}.size_class(), p);
 }
 
 namespace {
-SHMALLOC_FAST_PATH void free_slot_inline(mspan& s, std::uint32_t i, std::uint8_t size_class, const void* p) noexcept {
-  mcache* mc = t_cache;
-  if (SHMALLOC_UNLIKELY(s.owner_cache.load(std::memory_order_relaxed) != mc->token))
-    return free_remote(s, i, size_class);
-  const std::uint64_t bit = std::uint64_t{1} << (i % 64);
-  if (SHMALLOC_UNLIKELY((s.alloc_bits[i / 64] & bit) == 0)) bad_free(p, "double free");
-  s.alloc_bits[i / 64] &= ~bit;
-  auto& count = mc->stats->small_frees[size_class];
-  count.store(count.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-}
 void free_slot(mspan& s, std::uint32_t i, std::uint8_t size_class, const void* p) noexcept {
   free_slot_inline(s, i, size_class, p);
 }
 }  // namespace
+
 
 void* alloc(std::size_t size, bool noscan) noexcept {
   if (SHMALLOC_UNLIKELY(size > max_small_size)) return alloc_large(size, noscan);

@@ -17,16 +17,6 @@ heap_view heap_view::of(const segment& seg) noexcept {
   return v;
 }
 
-span_id heap_view::span_at(handle_t h) const noexcept {
-  const auto arena_start = static_cast<handle_t>(arenas - base);
-  if (h < arena_start) return span_id::nil();
-  const std::uint64_t page = (h - arena_start) / page_size;
-  if (page >= max_pages || page >= committed_pages->load(std::memory_order_relaxed)) return span_id::nil();
-  const std::uint32_t entry = page_map[page];
-  if (entry == 0 || entry > max_spans) return span_id::nil();
-  return span_id{entry - 1};
-}
-
 errc heap_view::object_at(handle_t h, object_ref* out) const noexcept {
   const span_id id = span_at(h);
   if (!id) return errc::bad_handle;

@@ -47,7 +47,15 @@ struct heap_view {
 
   // The in-use span covering handle h, or nil if h is not inside one
   // (outside the arenas, in a free page, or a corrupt page_map entry).
-  span_id span_at(handle_t h) const noexcept;
+  span_id span_at(handle_t h) const noexcept {  // inline: the free fast path's lookup
+    const auto arena_start = static_cast<handle_t>(arenas - base);
+    if (h < arena_start) return span_id::nil();
+    const std::uint64_t page = (h - arena_start) / page_size;
+    if (page >= max_pages || page >= committed_pages->load(std::memory_order_relaxed)) return span_id::nil();
+    const std::uint32_t entry = page_map[page];
+    if (entry == 0 || entry > max_spans) return span_id::nil();
+    return span_id{entry - 1};
+  }
   // The object whose first byte is h; errc::bad_handle if h is not an
   // object's start inside an in-use span.
   errc object_at(handle_t h, object_ref* out) const noexcept;
