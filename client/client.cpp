@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -277,11 +278,9 @@ bool load_word(mcache_entry& e, std::uint32_t from) noexcept {
 
 // Gives up the entry's span: to the pool if a slot is free, else to the
 // full list (released to the daemon in batches).
-void drop_span(runtime& r, std::uint8_t spc, mcache_entry& e) {
-  mspan& s = *e.span;
+void drop_span(runtime& r, std::uint8_t spc, mspan& s) {
   s.owner_cache.store(0, std::memory_order_release);
   const std::uint32_t id = g_view.span_id_of(s).value;
-  e = mcache_entry{};
   if (has_free_slot(s)) {
     r.pool.push(spc, id);
     return;
@@ -305,15 +304,44 @@ void fold(mcache* mc, mspan& s) noexcept {
 }
 
 // Takes span id into the thread's entry for spc: this thread now holds it.
-bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
-  mspan& s = g_view.span(span_id{id});
-  s.owner_cache.store(mc->token, std::memory_order_relaxed);
-  fold(mc, s);
-  mcache_entry& e = mc->alloc[spc];
+// Makes s the entry's current span; true if it has a free slot.
+bool install(mcache_entry& e, mspan& s) noexcept {
   e.span = &s;
   e.base = g_view.span_base(s);
   e.elem_size = s.elem_size;
   return load_word(e, 0);
+}
+
+bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
+  mspan& s = g_view.span(span_id{id});
+  s.owner_cache.store(mc->token, std::memory_order_relaxed);
+  fold(mc, s);
+  return install(mc->alloc[spc], s);
+}
+
+// The current span ran dry: switch to a spare that has a free slot (after
+// folding its remote frees), or keep the dry one as a spare, dropping the
+// oldest spare if there are too many. True if e now has a free slot.
+bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
+  mcache_entry& e = mc->alloc[spc];
+  std::uint32_t* spares = mc->spares[spc];
+  std::uint8_t& n = mc->nspares[spc];
+  const std::uint32_t current = g_view.span_id_of(*e.span).value;
+  for (std::uint8_t k = 0; k < n; ++k) {
+    mspan& s = g_view.span(span_id{spares[k]});
+    fold(mc, s);
+    if (!has_free_slot(s)) continue;
+    spares[k] = current;
+    return install(e, s);
+  }
+  if (n == mcache::max_spares) {
+    drop_span(r, spc, g_view.span(span_id{spares[0]}));
+    std::copy(spares + 1, spares + n, spares);
+    --n;
+  }
+  spares[n++] = current;
+  e = mcache_entry{};
+  return false;
 }
 
 // The shared object count of the tiny block at p (its span's first bytes).
@@ -394,8 +422,11 @@ void release_thread_cache() noexcept {
   if (mc == &empty_cache) return;
   retire_tiny(mc);
   runtime& r = rt();
-  for (std::uint32_t spc = 0; spc < num_span_classes; ++spc)
-    if (mc->alloc[spc].span != nullptr) drop_span(r, static_cast<std::uint8_t>(spc), mc->alloc[spc]);
+  for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
+    const auto c = static_cast<std::uint8_t>(spc);
+    if (mc->alloc[spc].span != nullptr) drop_span(r, c, *mc->alloc[spc].span);
+    for (std::uint8_t k = 0; k < mc->nspares[spc]; ++k) drop_span(r, c, g_view.span(span_id{mc->spares[spc][k]}));
+  }
   t_cache = &empty_cache;
   std::lock_guard lock(r.mu);
   if (r.attached && mc->slot == r.main_slot) r.main_slot_free = true;  // retired with the connection
@@ -426,7 +457,7 @@ SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexce
     if (e.span != nullptr) {
       // The rest of the span, then what other threads and processes freed.
       if (load_word(e, e.word + 1) || (fold(mc, *e.span), load_word(e, 0))) return alloc_small(size_class, noscan);
-      drop_span(r, spc, e);
+      if (switch_to_spare(r, mc, spc)) return alloc_small(size_class, noscan);
     }
     std::int64_t id = r.pool.pop(spc);
     if (id < 0) id = refill(r, spc);
@@ -592,9 +623,12 @@ void free_object(void* p) noexcept {
     return free_large(p, s);
   }
   if (SHMALLOC_UNLIKELY(s.span_class == tiny_span_class)) return free_tiny(s, offset, p);
-  const auto i = static_cast<std::uint32_t>(offset / s.elem_size);
-  if (SHMALLOC_UNLIKELY(offset % s.elem_size != 0 || i >= s.nelems)) bad_free(p, "not the start of an object");
-  free_slot_inline(s, i, span_class{s.span_class}.size_class(), p);
+  // Go's division-free object index: a multiply by the class's magic.
+  const std::uint8_t size_class = span_class{s.span_class}.size_class();
+  const std::uint32_t i = object_index(static_cast<std::uint32_t>(offset), size_class);
+  if (SHMALLOC_UNLIKELY(std::uint64_t{i} * s.elem_size != offset || i >= s.nelems))
+    bad_free(p, "not the start of an object");
+  free_slot_inline(s, i, size_class, p);
 }
 
 namespace {

@@ -48,6 +48,13 @@ struct mcache {
   // a tiny span, how far it is used, and how many objects it holds. The
   // block's shared count carries a bias of tiny_bias while it is current, so
   // frees from anywhere cannot bring it to zero under us.
+  // Spans this thread filled, still held (owner_cache is its token, so frees
+  // into them stay local): a span class's working set can exceed one span.
+  // When the current span runs dry the thread looks here before asking the
+  // pool or the daemon (mimalloc's page queues, in small).
+  static constexpr std::uint32_t max_spares = 4;
+  std::uint32_t spares[num_span_classes][max_spares] = {};
+  std::uint8_t nspares[num_span_classes] = {};
   std::byte* tiny = nullptr;
   std::uint32_t tiny_offset = tiny_size;  // full: the empty cache never fits
   std::uint32_t tiny_count = 0;
