@@ -316,6 +316,7 @@ bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
   mspan& s = g_view.span(span_id{id});
   s.owner_cache.store(mc->token, std::memory_order_relaxed);
   fold(mc, s);
+  bump(mc->stats->refills, std::uint64_t{1});
   return install(mc->alloc[spc], s);
 }
 

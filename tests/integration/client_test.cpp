@@ -374,6 +374,51 @@ TEST_SUITE("libshmalloc") {
     a.check_heap(false);
   }
 
+  TEST_CASE("objects a killed process allocated stay intact for the process that holds them, and are never handed out again") {
+    attached_daemon a;
+    int fds[2];
+    REQUIRE(pipe(fds) == 0);
+    const pid_t victim = fork();
+    if (victim == 0) {
+      for (int i = 0; i < 300; ++i) {
+        const std::size_t n = 16 + static_cast<std::size_t>(i % 7) * 40;
+        void* p = shmalloc_alloc(n);
+        if (p == nullptr) _exit(1);
+        fill(p, n);
+        const std::uint64_t h = shmalloc_handle(p);
+        if (write(fds[1], &h, sizeof h) != sizeof h) _exit(2);
+      }
+      pause();  // holding its spans, until killed
+      _exit(0);
+    }
+    std::vector<std::pair<std::uint64_t, std::size_t>> theirs;
+    for (int i = 0; i < 300; ++i) {
+      std::uint64_t h = 0;
+      REQUIRE(read(fds[0], &h, sizeof h) == sizeof h);
+      theirs.emplace_back(h, 16 + static_cast<std::size_t>(i % 7) * 40);
+    }
+    kill(victim, SIGKILL);
+    waitpid(victim, nullptr, 0);
+    close(fds[0]);
+    close(fds[1]);
+    usleep(200000);  // the daemon takes the victim's spans back
+    // Allocate plenty in the same size classes: none may land on theirs.
+    std::set<std::uint64_t> held;
+    for (const auto& [h, n] : theirs) held.insert(h);
+    std::vector<void*> mine;
+    for (int i = 0; i < 20000; ++i) {
+      void* p = shmalloc_alloc(16 + static_cast<std::size_t>(i % 7) * 40);
+      REQUIRE(p != nullptr);
+      CHECK(held.count(shmalloc_handle(p)) == 0);
+      std::memset(p, 0xee, 16);
+      mine.push_back(p);
+    }
+    for (const auto& [h, n] : theirs) CHECK(intact(shmalloc_pointer(h), n));
+    for (void* p : mine) shmalloc_free(p);
+    for (const auto& [h, n] : theirs) shmalloc_free(shmalloc_pointer(h));  // this process frees them: remote frees
+    a.check_heap(false);
+  }
+
   TEST_CASE("a double free and a foreign pointer are reported and abort") {
     attached_daemon a;
     auto dies_with = [](void (*fn)()) {

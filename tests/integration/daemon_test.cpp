@@ -370,6 +370,31 @@ TEST_SUITE("shmallocd restart") {
   }
 }
 
+TEST_SUITE("shmallocd fresh") {
+  TEST_CASE("--fresh discards a heap left by a dead daemon, and refuses one a live daemon serves") {
+    daemon_process d;
+    REQUIRE(d.started());
+    std::uint64_t first = 0;
+    {
+      raw_client c(d.socket);
+      auto w = c.hello();
+      REQUIRE(w);
+      first = w->instance_id;
+    }
+    const std::string other = d.dir + "/other.sock";
+    CHECK(spawn_daemon({"--heap", d.heap, "--socket", other, "--fresh", "--log-level", "off"}, other) == -1);
+    REQUIRE(d.stop(SIGKILL) == 128 + SIGKILL);
+    const pid_t next = spawn_daemon({"--heap", d.heap, "--socket", d.socket, "--fresh", "--log-level", "off"}, d.socket);
+    REQUIRE(next > 0);
+    raw_client c(d.socket);
+    auto w = c.hello();
+    REQUIRE(w);
+    CHECK(w->instance_id != first);  // a new heap, not the adopted one
+    kill(next, SIGTERM);
+    waitpid(next, nullptr, 0);
+  }
+}
+
 TEST_SUITE("shmallocd security and deadlines") {
   TEST_CASE("a silent connection and a half-sent frame are closed at their deadlines") {
     daemon_process d({"--hello-timeout", "300ms", "--frame-timeout", "300ms"});
