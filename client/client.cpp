@@ -257,7 +257,14 @@ void release_full_locked(runtime& r) {
 // Thread caches
 // ---------------------------------------------------------------------------
 
-bool has_free_slot(const mspan& s) noexcept { return count_allocated(s) < s.nelems; }
+bool has_free_slot(const mspan& s) noexcept {
+  for (std::uint32_t w = 0; w * 64 < s.nelems; ++w) {
+    const std::uint32_t valid = s.nelems - w * 64;
+    const std::uint64_t mask = valid >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << valid) - 1;
+    if ((~s.alloc_bits[w] & mask) != 0) return true;
+  }
+  return false;
+}
 
 // Loads into e the first word at or after `from` with a free slot.
 bool load_word(mcache_entry& e, std::uint32_t from) noexcept {
@@ -335,7 +342,9 @@ bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
     spares[k] = current;
     return install(e, s);
   }
-  if (n == mcache::max_spares) {
+  // Keep at most max_spares spans, and max_spare_bytes, per class.
+  const std::uint64_t span_bytes = class_span_bytes(span_class{spc}.size_class());
+  while (n > 0 && (n == mcache::max_spares || (n + 1) * span_bytes > mcache::max_spare_bytes)) {
     drop_span(r, spc, g_view.span(span_id{spares[0]}));
     std::copy(spares + 1, spares + n, spares);
     --n;
@@ -582,14 +591,16 @@ SHMALLOC_SLOW_PATH void free_remote(mspan& s, std::uint32_t index, std::uint8_t 
 }
 
 // The span holding p, or a bad_free report; *offset is p's offset in it.
-mspan& locate(const void* p, std::uint64_t* offset) noexcept {
+SHMALLOC_FAST_PATH mspan& locate(const void* p, std::uint64_t* offset) noexcept {
   const heap_view& v = g_view;
-  const auto* b = static_cast<const std::byte*>(p);
-  if (v.base == nullptr || b < v.arenas || b >= v.base + g_size) bad_free(p, "not a pointer into the shared heap");
-  const span_id id = v.span_at(v.handle_of(p));
-  if (!id) bad_free(p, "not inside an allocated span (already freed?)");
+  const span_id id = v.span_of(p);
+  if (SHMALLOC_UNLIKELY(!id)) {
+    const auto* b = static_cast<const std::byte*>(p);
+    bad_free(p, v.base == nullptr || b < v.arenas || b >= v.base + g_size ? "not a pointer into the shared heap"
+                                                                          : "not inside an allocated span (already freed?)");
+  }
   mspan& s = v.span(id);
-  *offset = static_cast<std::uint64_t>(b - v.span_base(s));
+  *offset = static_cast<std::uint64_t>(static_cast<const std::byte*>(p) - v.span_base(s));
   return s;
 }
 
@@ -616,7 +627,7 @@ SHMALLOC_FAST_PATH void free_slot_inline(mspan& s, std::uint32_t i, std::uint8_t
 }
 
 // The free fast path: the holder clears the bit; anyone else pushes.
-void free_object(void* p) noexcept {
+SHMALLOC_FAST_PATH void free_object(void* p) noexcept {
   std::uint64_t offset = 0;
   mspan& s = locate(p, &offset);
   if (SHMALLOC_UNLIKELY(s.elem_size == 0)) {
@@ -639,7 +650,7 @@ void free_slot(mspan& s, std::uint32_t i, std::uint8_t size_class, const void* p
 }  // namespace
 
 
-void* alloc(std::size_t size, bool noscan) noexcept {
+SHMALLOC_FAST_PATH void* alloc(std::size_t size, bool noscan) noexcept {
   if (SHMALLOC_UNLIKELY(size > max_small_size)) return alloc_large(size, noscan);
   if (size == 0) size = 1;
   if (noscan && size < tiny_size) return alloc_tiny(size);

@@ -52,7 +52,8 @@ struct mcache {
   // into them stay local): a span class's working set can exceed one span.
   // When the current span runs dry the thread looks here before asking the
   // pool or the daemon (mimalloc's page queues, in small).
-  static constexpr std::uint32_t max_spares = 4;
+  static constexpr std::uint32_t max_spares = 16;
+  static constexpr std::uint64_t max_spare_bytes = 256 << 10;  // per span class
   std::uint32_t spares[num_span_classes][max_spares] = {};
   std::uint8_t nspares[num_span_classes] = {};
   std::byte* tiny = nullptr;

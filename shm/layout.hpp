@@ -172,6 +172,7 @@ struct mcache_slot {
   std::uint32_t reserved;
   std::uint64_t reserved2;
   stats_block stats;                  // the slot's thread writes
+  std::uint64_t pad[6];               // to whole cache lines: no two threads' counters share one
 };
 
 // ---------------------------------------------------------------------------
@@ -207,6 +208,9 @@ struct mspan {
   std::uint64_t reserved2;
 
   std::uint64_t alloc_bits[bitmap_words];  // 1 = allocated; written by the holder only
+  // To three whole cache lines: descriptors of spans two threads hold must
+  // not share a line (the table is page-aligned).
+  std::uint64_t pad[2];
 };
 
 // ---------------------------------------------------------------------------
@@ -367,9 +371,9 @@ inline constexpr bool is_shareable_v = std::is_trivially_copyable_v<T> && std::i
 
 static_assert(is_shareable_v<mspan> && is_shareable_v<segment_header> && is_shareable_v<mheap_state>);
 static_assert(is_shareable_v<stats_block> && is_shareable_v<mcache_slot> && is_shareable_v<segment_fixed>);
-static_assert(sizeof(mspan) == 176);
+static_assert(sizeof(mspan) == 192 && sizeof(mspan) % 64 == 0);
 static_assert(sizeof(stats_block) == (2 * num_size_classes + 8) * 8);
-static_assert(sizeof(mcache_slot) == 16 + sizeof(stats_block));
+static_assert(sizeof(mcache_slot) == 16 + sizeof(stats_block) + 48 && sizeof(mcache_slot) % 64 == 0);
 static_assert(sizeof(mcentral_state) == 24);
 static_assert(sizeof(chunk_info) == 16);
 

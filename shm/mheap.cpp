@@ -9,7 +9,7 @@
 namespace shmalloc {
 
 namespace {
-constexpr std::uint32_t descriptors_per_commit = 1024;  // 176 KiB: a whole number of OS pages
+constexpr std::uint32_t descriptors_per_commit = 1024;  // 192 KiB: a whole number of OS pages
 static_assert(descriptors_per_commit * sizeof(mspan) % os_page == 0);
 
 std::uint64_t round_up(std::uint64_t v, std::uint64_t to) { return (v + to - 1) / to * to; }

@@ -45,6 +45,18 @@ struct heap_view {
   handle_t handle_of(const void* p) const noexcept { return static_cast<handle_t>(static_cast<const std::byte*>(p) - base); }
   void* pointer(handle_t h) const noexcept { return base + h; }
 
+  // The in-use span covering address p of this mapping, or nil: one
+  // unsigned compare rejects anything outside the committed arenas (an
+  // unattached view has no committed pages), then the page map decides.
+  span_id span_of(const void* p) const noexcept {
+    const auto off = static_cast<std::uint64_t>(static_cast<const std::byte*>(p) - arenas);
+    const std::uint64_t page = off / page_size;
+    if (committed_pages == nullptr || page >= committed_pages->load(std::memory_order_relaxed)) return span_id::nil();
+    const std::uint32_t entry = page_map[page];
+    if (entry == 0 || entry > max_spans) return span_id::nil();
+    return span_id{entry - 1};
+  }
+
   // The in-use span covering handle h, or nil if h is not inside one
   // (outside the arenas, in a free page, or a corrupt page_map entry).
   span_id span_at(handle_t h) const noexcept {  // inline: the free fast path's lookup

@@ -6,9 +6,8 @@
 set -euo pipefail
 lib=$1
 functions=(
-  "shmalloc::client::alloc(unsigned long, bool)"
-  "shmalloc::client::free_object(void*)"
   "shmalloc_alloc"
+  "shmalloc_alloc_noscan"
   "shmalloc_free"
 )
 dump=$(objdump -d --no-show-raw-insn -C "$lib")
