@@ -8,6 +8,11 @@
 // Keeping the optimizer honest: every object is touched, pointers go through
 // a volatile sink, and each repetition does a fixed, seeded amount of work.
 #include <dlfcn.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
 
 #include <algorithm>
 #include <chrono>
@@ -24,11 +29,30 @@
 #include "shmalloc/shmalloc.h"
 #define BENCH_ALLOC(n) shmalloc_alloc(n)
 #define BENCH_FREE(p) shmalloc_free(p)
+#define BENCH_SHARED 1
 static const char* allocator_name = "shmalloc";
+static std::uint64_t to_handle(void* p) { return shmalloc_handle(p); }
+static void* from_handle(std::uint64_t h) { return shmalloc_pointer(h); }
+#elif defined(BENCH_BOOST_IPC)
+// Boost.Interprocess managed_shared_memory: its default rbtree_best_fit
+// segment manager behind a process-shared mutex (what people use today).
+#include <boost/interprocess/managed_shared_memory.hpp>
+namespace bip = boost::interprocess;
+static bip::managed_shared_memory* segment;
+#define BENCH_ALLOC(n) segment->allocate(n)
+#define BENCH_FREE(p) segment->deallocate(p)
+#define BENCH_SHARED 1
+static const char* allocator_name = "boost.interprocess";
+static std::uint64_t to_handle(void* p) { return static_cast<std::uint64_t>(segment->get_handle_from_address(p)); }
+static void* from_handle(std::uint64_t h) {
+  return segment->get_address_from_handle(static_cast<bip::managed_shared_memory::handle_t>(h));
+}
 #else
 #define BENCH_ALLOC(n) std::malloc(n)
 #define BENCH_FREE(p) std::free(p)
 static const char* allocator_name = BENCH_ALLOCATOR;
+static std::uint64_t to_handle(void* p) { return reinterpret_cast<std::uintptr_t>(p); }
+static void* from_handle(std::uint64_t h) { return reinterpret_cast<void*>(h); }
 #endif
 
 namespace {
@@ -134,10 +158,104 @@ double floor_case(int n) {
   return ns_since(t0, n);
 }
 
+// Memory two processes (or threads) share for coordination: a barrier and a
+// ring of handles. Anonymous and shared, made before fork.
+struct shared_area {
+  std::atomic<int> ready;
+  std::atomic<std::uint64_t> head, tail;
+  double result[2];
+  static constexpr std::size_t slots = 4096;
+  std::atomic<std::uint64_t> cells[slots];
+};
+shared_area* make_shared_area() {
+  void* m = mmap(nullptr, sizeof(shared_area), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  return new (m) shared_area{};
+}
+
+void barrier(shared_area* a, int parties) {
+  a->ready.fetch_add(1);
+  while (a->ready.load() < parties) {
+  }
+}
+
+// Case 5: two processes running case 2 at once. For the shared allocators
+// both use one heap; for the private ones, each process has its own (the
+// no-sharing ideal). Wall time per object of the slower process.
+double mixed_two_processes(int rounds) {
+  shared_area* a = make_shared_area();
+  pid_t pids[2];
+  for (int k = 0; k < 2; ++k) {
+    pids[k] = fork();
+    if (pids[k] == 0) {
+      const mixed_plan plan(static_cast<std::uint64_t>(k + 1));
+      mixed(plan, 5);  // warm this process's caches
+      barrier(a, 2);
+      a->result[k] = mixed(plan, rounds);
+#ifdef BENCH_SHMALLOC
+      shmalloc_detach();
+#endif
+      _exit(0);
+    }
+  }
+  for (pid_t pid : pids) waitpid(pid, nullptr, 0);
+  const double r = std::max(a->result[0], a->result[1]);
+  munmap(a, sizeof(shared_area));
+  return r;
+}
+
+// Case 6: one side allocates 64-byte objects and passes handles through a
+// ring; the other frees them. Across processes for the shared allocators,
+// across threads for the private ones. ns per object.
+void produce(shared_area* a, int n) {
+  for (int i = 0; i < n; ++i) {
+    auto* p = static_cast<char*>(BENCH_ALLOC(64));
+    p[0] = static_cast<char>(i);
+    while (a->head.load(std::memory_order_relaxed) - a->tail.load(std::memory_order_acquire) == shared_area::slots) {
+    }
+    const std::uint64_t h = a->head.load(std::memory_order_relaxed);
+    a->cells[h % shared_area::slots].store(to_handle(p), std::memory_order_relaxed);
+    a->head.store(h + 1, std::memory_order_release);
+  }
+}
+void consume(shared_area* a, int n) {
+  for (int i = 0; i < n; ++i) {
+    while (a->tail.load(std::memory_order_relaxed) == a->head.load(std::memory_order_acquire)) {
+    }
+    const std::uint64_t t = a->tail.load(std::memory_order_relaxed);
+    BENCH_FREE(from_handle(a->cells[t % shared_area::slots].load(std::memory_order_relaxed)));
+    a->tail.store(t + 1, std::memory_order_release);
+  }
+}
+double cross_free(int n) {
+  shared_area* a = make_shared_area();
+  const auto t0 = clock_type::now();
+#ifdef BENCH_SHARED
+  const pid_t consumer = fork();
+  if (consumer == 0) {
+    consume(a, n);
+#ifdef BENCH_SHMALLOC
+    shmalloc_detach();
+#endif
+    _exit(0);
+  }
+  produce(a, n);
+  waitpid(consumer, nullptr, 0);
+#else
+  std::thread consumer([a, n] { consume(a, n); });
+  produce(a, n);
+  consumer.join();
+#endif
+  const double r = ns_since(t0, n);
+  munmap(a, sizeof(shared_area));
+  return r;
+}
+
 // Which library really serves malloc in this binary (never trust the name).
 std::string malloc_provider() {
 #ifdef BENCH_SHMALLOC
   return "libshmalloc (C API)";
+#elif defined(BENCH_BOOST_IPC)
+  return "boost::interprocess::managed_shared_memory (rbtree_best_fit, interprocess mutex)";
 #else
   Dl_info info{};
   void* sym = dlsym(RTLD_DEFAULT, "malloc");
@@ -159,6 +277,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "alloc_bench: cannot attach to shmallocd\n");
     return 1;
   }
+#elif defined(BENCH_BOOST_IPC)
+  const std::string segment_name = "shmalloc-bench-bip-" + std::to_string(getpid());
+  bip::shared_memory_object::remove(segment_name.c_str());
+  bip::managed_shared_memory seg(bip::create_only, segment_name.c_str(), 1ULL << 30);
+  segment = &seg;
+  struct remover {
+    std::string name;
+    ~remover() { bip::shared_memory_object::remove(name.c_str()); }
+  } remove_at_exit{segment_name};
 #else
   const std::string want = BENCH_LIBRARY;
   if (provider.find(want) == std::string::npos) {
@@ -179,6 +306,8 @@ int main(int argc, char** argv) {
       std::printf("3. large 1 MiB,%s,%.2f\n", allocator_name, large(1 << 20, 5000));
     }
     if (run("4.")) std::printf("4. two threads mixed,%s,%.2f\n", allocator_name, mixed_two_threads(200));
+    if (run("5.")) std::printf("5. two processes mixed,%s,%.2f\n", allocator_name, mixed_two_processes(200));
+    if (run("6.")) std::printf("6. cross-process free,%s,%.2f\n", allocator_name, cross_free(200000));
     if (run("10.")) std::printf("10. floor,%s,%.2f\n", allocator_name, floor_case(20'000'000));
     std::fflush(stdout);
   }
