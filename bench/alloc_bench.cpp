@@ -26,6 +26,9 @@
 #include <vector>
 
 #ifdef BENCH_SHMALLOC
+#include <sys/socket.h>
+
+#include "shm/control_client.hpp"
 #include "shmalloc/shmalloc.h"
 #define BENCH_ALLOC(n) shmalloc_alloc(n)
 #define BENCH_FREE(p) shmalloc_free(p)
@@ -250,6 +253,98 @@ double cross_free(int n) {
   return r;
 }
 
+// Case 7: grow to 1 GiB in 64-byte objects, then free it all (ns per object).
+// Case 9 reads the heap's committed bytes while all of it is live.
+std::vector<void*>* growth_objects;
+double heap_growth(std::size_t bytes) {
+  const std::size_t n = bytes / 64;
+  growth_objects = new std::vector<void*>(n);
+  const auto t0 = clock_type::now();
+  for (std::size_t i = 0; i < n; ++i) {
+    auto* p = static_cast<char*>(BENCH_ALLOC(64));
+    if (p == nullptr) {
+      std::fprintf(stderr, "alloc_bench: %s ran out of memory in case 7\n", allocator_name);
+      std::exit(1);
+    }
+    p[0] = 1;
+    (*growth_objects)[i] = p;
+  }
+  return ns_since(t0, double(n));
+}
+double free_growth() {
+  const auto t0 = clock_type::now();
+  for (void* p : *growth_objects) BENCH_FREE(p);
+  const double ns = ns_since(t0, double(growth_objects->size()));
+  delete growth_objects;
+  return ns;
+}
+
+#ifdef BENCH_SHMALLOC
+shmalloc::proto::stats_msg daemon_stats() {
+  shmalloc::control_client c(shmalloc::default_socket_path());
+  auto body = c.request(shmalloc::proto::msg::stats);
+  return body ? shmalloc::proto::decode_stats(body.value()).value_or(shmalloc::proto::stats_msg{})
+              : shmalloc::proto::stats_msg{};
+}
+
+// Case 8: one refill round trip (hello'd client, one span), next to a raw
+// Unix-socket round trip of the same sizes (a forked echo process). Median
+// microseconds of n round trips each.
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+std::pair<double, double> round_trips(int n) {
+  namespace proto = shmalloc::proto;
+  shmalloc::control_client c(shmalloc::default_socket_path());
+  c.hello("bench");
+  const auto request = proto::make_request(proto::msg::refill, 1, proto::encode(proto::refill_msg{20, 1}));
+  std::vector<double> refill_us;
+  std::vector<std::uint32_t> got;
+  std::size_t reply_bytes = 0;
+  for (int i = 0; i < n; ++i) {
+    const auto t0 = clock_type::now();
+    c.send_bytes(request);
+    auto f = c.read_frame();
+    refill_us.push_back(ns_since(t0, 1000.0));
+    if (!f) break;
+    reply_bytes = proto::header_bytes + f->payload.size();
+    if (auto parts = proto::split_reply(f->payload))
+      if (auto list = proto::decode_span_list(parts->body, proto::max_refill)) got.push_back(list->span_ids[0]);
+    if (got.size() == proto::max_release) {
+      c.request(proto::msg::release, proto::encode(proto::span_list_msg{got}));
+      got.clear();
+    }
+  }
+  if (!got.empty()) c.request(proto::msg::release, proto::encode(proto::span_list_msg{got}));
+
+  int sv[2];
+  socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
+  const pid_t echo = fork();
+  if (echo == 0) {
+    close(sv[0]);
+    std::vector<char> in(request.size()), out(reply_bytes);
+    for (int i = 0; i < n; ++i) {
+      if (recv(sv[1], in.data(), in.size(), MSG_WAITALL) <= 0) break;
+      send(sv[1], out.data(), out.size(), 0);
+    }
+    _exit(0);
+  }
+  close(sv[1]);
+  std::vector<char> out(request.size()), in(reply_bytes);
+  std::vector<double> raw_us;
+  for (int i = 0; i < n; ++i) {
+    const auto t0 = clock_type::now();
+    send(sv[0], out.data(), out.size(), 0);
+    recv(sv[0], in.data(), in.size(), MSG_WAITALL);
+    raw_us.push_back(ns_since(t0, 1000.0));
+  }
+  close(sv[0]);
+  waitpid(echo, nullptr, 0);
+  return {median(refill_us), median(raw_us)};
+}
+#endif
+
 // Which library really serves malloc in this binary (never trust the name).
 std::string malloc_provider() {
 #ifdef BENCH_SHMALLOC
@@ -280,7 +375,7 @@ int main(int argc, char** argv) {
 #elif defined(BENCH_BOOST_IPC)
   const std::string segment_name = "shmalloc-bench-bip-" + std::to_string(getpid());
   bip::shared_memory_object::remove(segment_name.c_str());
-  bip::managed_shared_memory seg(bip::create_only, segment_name.c_str(), 1ULL << 30);
+  bip::managed_shared_memory seg(bip::create_only, segment_name.c_str(), 3ULL << 30);
   segment = &seg;
   struct remover {
     std::string name;
@@ -297,7 +392,7 @@ int main(int argc, char** argv) {
   const mixed_plan plan(42);
   pairs(200000);  // warm up
   mixed(plan, 20);
-  for (int r = 0; r < reps; ++r) {
+  for (int r = 0; r < reps; ++r) {  // NOLINT: r is read by case 7
     if (run("1.")) std::printf("1. pairs 64 B,%s,%.2f\n", allocator_name, pairs(2'000'000));
     if (run("2.")) std::printf("2. mixed batch,%s,%.2f\n", allocator_name, mixed(plan, 400));
     if (run("3.")) {
@@ -309,6 +404,46 @@ int main(int argc, char** argv) {
     if (run("5.")) std::printf("5. two processes mixed,%s,%.2f\n", allocator_name, mixed_two_processes(200));
     if (run("6.")) std::printf("6. cross-process free,%s,%.2f\n", allocator_name, cross_free(200000));
     if (run("10.")) std::printf("10. floor,%s,%.2f\n", allocator_name, floor_case(20'000'000));
+    if (run("9.") && r == 0) {
+      // Case 9 at case 2's steady state: its 1,000 objects live at once.
+      const mixed_plan steady(42);
+      std::vector<void*> objs;
+      std::size_t live = 0;
+      for (std::size_t n : steady.sizes) objs.push_back(BENCH_ALLOC(n)), live += n;
+#ifdef BENCH_SHMALLOC
+      const auto st = daemon_stats();
+      std::printf("9. committed / live at case 2 steady state,%s,%.3f\n", allocator_name,
+                  double(st.heap_inuse_bytes) / double(live));
+#elif defined(BENCH_BOOST_IPC)
+      std::printf("9. committed / live at case 2 steady state,%s,%.3f\n", allocator_name,
+                  double(segment->get_size() - segment->get_free_memory()) / double(live));
+#endif
+      for (void* p : objs) BENCH_FREE(p);
+    }
+    if (run("7.") && r < 2) {  // a gigabyte at a time: two repetitions are enough
+#ifdef BENCH_SHMALLOC
+      const auto before = daemon_stats();
+#endif
+      const double grow = heap_growth(1ULL << 30);
+#ifdef BENCH_SHMALLOC
+      const auto during = daemon_stats();
+      std::printf("9. committed / live after case 7,%s,%.3f\n", allocator_name,
+                  double(during.heap_sys_bytes + during.metadata_sys_bytes) / double(1ULL << 30));
+      std::printf("7. control round trips (count),%s,%.0f\n", allocator_name,
+                  double(during.control_requests_total - before.control_requests_total));
+#elif defined(BENCH_BOOST_IPC)
+      std::printf("9. committed / live after case 7,%s,%.3f\n", allocator_name,
+                  double(segment->get_size() - segment->get_free_memory()) / double(1ULL << 30));
+#endif
+      std::printf("7. heap growth 1 GiB in 64 B,%s,%.2f\n", allocator_name, grow + free_growth());
+    }
+#ifdef BENCH_SHMALLOC
+    if (run("8.")) {
+      const auto [refill, raw] = round_trips(2000);
+      std::printf("8. refill round trip (us),%s,%.2f\n", allocator_name, refill);
+      std::printf("8. raw socket round trip (us),%s,%.2f\n", allocator_name, raw);
+    }
+#endif
     std::fflush(stdout);
   }
 #ifdef BENCH_SHMALLOC

@@ -42,6 +42,7 @@ constexpr std::uint16_t first_batch = 2;
 constexpr std::uint16_t max_batch = proto::max_refill;
 constexpr std::size_t release_batch = 32;
 constexpr std::uint64_t hot_refill_ns = 50'000'000;  // refills closer than this grow the batch
+constexpr std::uint64_t max_pool_bytes = 1 << 20;  // per span class: more goes back to the daemon
 constexpr std::size_t large_cache_entries = 8;
 constexpr std::uint64_t large_cache_max_bytes = 64ULL << 20;
 
@@ -56,9 +57,13 @@ class span_pool {
  public:
   void reset(std::uint32_t max_spans) {
     next_.reset(new std::atomic<std::uint32_t>[max_spans]);
-    for (auto& h : head_) h.store(0, std::memory_order_relaxed);
+    clear();
   }
+  // Spans in the pool for spc (approximate under concurrency: a bound, not
+  // an invariant).
+  std::uint32_t size(std::uint8_t spc) const noexcept { return size_[spc].load(std::memory_order_relaxed); }
   void push(std::uint8_t spc, std::uint32_t id) noexcept {
+    size_[spc].fetch_add(1, std::memory_order_relaxed);
     std::uint64_t old = head_[spc].load(std::memory_order_relaxed);
     std::uint64_t desired;
     do {
@@ -73,17 +78,21 @@ class span_pool {
       const auto top = static_cast<std::uint32_t>(old);
       if (top == 0) return -1;
       const std::uint64_t desired = (((old >> 32) + 1) << 32) | next_[top - 1].load(std::memory_order_relaxed);
-      if (head_[spc].compare_exchange_weak(old, desired, std::memory_order_acquire, std::memory_order_acquire))
+      if (head_[spc].compare_exchange_weak(old, desired, std::memory_order_acquire, std::memory_order_acquire)) {
+        size_[spc].fetch_sub(1, std::memory_order_relaxed);
         return top - 1;
+      }
     }
   }
   void clear() noexcept {
     for (auto& h : head_) h.store(0, std::memory_order_relaxed);
+    for (auto& n : size_) n.store(0, std::memory_order_relaxed);
   }
 
  private:
   std::unique_ptr<std::atomic<std::uint32_t>[]> next_;
   std::atomic<std::uint64_t> head_[num_span_classes] = {};
+  std::atomic<std::uint32_t> size_[num_span_classes] = {};
 };
 
 struct runtime {
@@ -288,7 +297,8 @@ bool load_word(mcache_entry& e, std::uint32_t from) noexcept {
 void drop_span(runtime& r, std::uint8_t spc, mspan& s) {
   s.owner_cache.store(0, std::memory_order_release);
   const std::uint32_t id = g_view.span_id_of(s).value;
-  if (has_free_slot(s)) {
+  const std::uint64_t pooled = std::uint64_t{r.pool.size(spc) + 1} * class_span_bytes(span_class{spc}.size_class());
+  if (has_free_slot(s) && pooled <= max_pool_bytes) {
     r.pool.push(spc, id);
     return;
   }

@@ -188,7 +188,7 @@ awaitable<void> daemon::housekeeping() {
     housekeeping_timer_.expires_after(housekeeping_period);
     auto [ec] = co_await housekeeping_timer_.async_wait(use_tuple);
     if (ec || stopping_) co_return;
-    for (std::uint32_t c = 2; c < num_span_classes; ++c) heap_->central(span_class{static_cast<std::uint8_t>(c)}).sweep();
+    for (std::uint32_t c = 2; c < num_span_classes; ++c) heap_->central(span_class{static_cast<std::uint8_t>(c)}).sweep(~0u);  // every span with pending remote frees
     if (std::size_t n = handler_->expire_orphans(settings_.reattach_grace_ns))
       spdlog::info("{} client(s) of the previous daemon did not reattach; their spans were taken back", n);
     if (std::uint64_t released = heap_->scavenge(settings_.scavenge_delay_ns))
