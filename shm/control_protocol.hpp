@@ -159,7 +159,8 @@ struct free_large_msg {
   X(heap_released_bytes) X(large_objects) X(large_bytes)          \
   X(mspan_inuse_bytes) X(mspan_sys_bytes) X(metadata_sys_bytes)   \
   X(clients) X(reclaimed_bytes_total) X(scavenged_bytes_total)    \
-  X(grow_failures) X(capacity_bytes) X(control_requests_total)
+  X(grow_failures) X(capacity_bytes) X(control_requests_total)  \
+  X(metrics_port)
 struct stats_msg {
 #define SHMALLOC_X(name) std::uint64_t name = 0;
   SHMALLOC_PROTO_STATS(SHMALLOC_X)

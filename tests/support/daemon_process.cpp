@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -39,6 +40,12 @@ pid_t spawn_daemon(const std::vector<std::string>& args, const std::string& sock
     static std::string path = SHMALLOC_DAEMON_PATH;
     argv.push_back(path.data());
     for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    // Tests run in parallel: none may take the default metrics port.
+    static std::string metrics_flag = "--metrics", metrics_off = "off";
+    if (std::find(args.begin(), args.end(), metrics_flag) == args.end()) {
+      argv.push_back(metrics_flag.data());
+      argv.push_back(metrics_off.data());
+    }
     argv.push_back(nullptr);
     execv(path.c_str(), argv.data());
     _exit(127);
