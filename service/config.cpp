@@ -173,7 +173,7 @@ std::optional<daemon_settings> parse_settings(int argc, char** argv, int* exit_c
       {"hello-timeout", "close connections that do not say hello within this (default 10s)"},
       {"frame-timeout", "close connections that leave a frame incomplete this long (default 5s)"},
       {"reattach-grace", "after adopting a heap, how long clients of the old daemon have to reattach (default 30s)"},
-      {"metrics", "ADDR:PORT for /metrics, or off (default 127.0.0.1:9464; the exporter comes with the metrics work, today the value is only checked)"},
+      {"metrics", "ADDR:PORT to serve Prometheus /metrics on, or off (default 127.0.0.1:9464, loopback only; port 0 picks a free port)"},
       {"log-level", "trace, debug, info, warn, error, critical or off"}};
   for (const auto& [name, help] : options) {
     app.add_option_function<std::string>("--" + name, [&in, name = name](const std::string& v) { in.flags[name] = v; },

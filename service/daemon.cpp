@@ -11,6 +11,8 @@
 #include <cstring>
 #include <spdlog/spdlog.h>
 
+#include "metrics/process_collector.hpp"
+#include "shm/memstats.hpp"
 #include "shm/verify.hpp"
 
 namespace shmalloc::service {
@@ -64,6 +66,10 @@ result<std::unique_ptr<daemon>> daemon::open(const daemon_settings& settings) {
   }
   d->handler_ = std::make_unique<request_handler>(*d->heap_, handler_settings{settings.quota_bytes});
   if (d->adopted_) d->handler_->adopt_orphans();
+  if (error e = d->start_metrics(); e.code != errc::ok) {
+    if (!d->adopted_ && !settings.keep_heap) segment::remove(name);
+    return e;
+  }
   // Signals are ours before the socket can accept anyone: a client that sees
   // the socket may already send SIGHUP or SIGTERM.
   d->signals_.add(SIGTERM);
@@ -74,6 +80,32 @@ result<std::unique_ptr<daemon>> daemon::open(const daemon_settings& settings) {
     return e;
   }
   return d;
+}
+
+error daemon::start_metrics() {
+  if (settings_.metrics == "off") return {};
+  auto heap = std::make_shared<metrics::heap_collector>([this] { return sample(); },
+                                                        metrics::build_info{SHMALLOC_VERSION, SHMALLOC_REVISION});
+  auto process = std::make_shared<metrics::process_collector>();
+  auto server = metrics::metrics_server::start(settings_.metrics, {heap, process});
+  if (!server) return server.err();
+  metrics_ = std::move(server.value());
+  collectors_ = {heap, process};
+  handler_->set_metrics_port(metrics_->port());
+  return {};
+}
+
+// On a civetweb thread, at each scrape.
+metrics::metrics_sample daemon::sample() {
+  metrics::metrics_sample s;
+  s.shm_avail_bytes = metrics::filesystem_avail_bytes("/dev/shm");
+  std::lock_guard lock(heap_mutex_);
+  if (!heap_) return s;
+  s.census = read_census(*heap_);
+  s.clients = handler_->clients();
+  s.control = control_stats_;
+  s.valid = true;
+  return s;
 }
 
 error daemon::bind_socket() {
@@ -140,11 +172,14 @@ awaitable<void> daemon::serve(std::shared_ptr<session> s) {
   if (s->client.id != 0)
     spdlog::info("client {} (pid {}, {}) disconnected; {} spans taken back", s->client.id, s->client.pid,
                  s->client.name, s->client.spans.size());
-  handler_->disconnect(s->client);
+  {
+    std::lock_guard lock(heap_mutex_);
+    handler_->disconnect(s->client);
 #if SHMALLOC_DEBUG_LEVEL >= 1
-  const verify_report r = verify_heap(*heap_);
-  SHMALLOC_CHECK(r.ok(), r.summary().c_str());
+    const verify_report r = verify_heap(*heap_);
+    SHMALLOC_CHECK(r.ok(), r.summary().c_str());
 #endif
+  }
   std::error_code ec;
   s->socket.close(ec);
   sessions_.erase(s);
@@ -167,6 +202,10 @@ awaitable<void> daemon::read_frames(std::shared_ptr<session> s) {
     if (ec) co_return;
     const proto::frame_header h = proto::decode_header(head);
     if (std::string why = proto::check_header(h); !why.empty()) {
+      {
+        std::lock_guard lock(heap_mutex_);
+        control_stats_.record(h.type, errc::protocol_error, 0);
+      }
       auto frame = proto::make_reply(proto::msg::ok, h.request_id, errc::protocol_error, why);
       co_await asio::async_write(s->socket, asio::buffer(frame), use_tuple);
       co_return;  // the framing is broken: nothing after this can be trusted
@@ -176,7 +215,14 @@ awaitable<void> daemon::read_frames(std::shared_ptr<session> s) {
     payload.resize(h.length);
     auto [ec2, m] = co_await asio::async_read(s->socket, asio::buffer(payload), use_tuple);
     if (ec2) co_return;
-    reply r = handler_->handle(s->client, h, payload);
+    const auto start = clock_type::now();
+    reply r;
+    {
+      std::lock_guard lock(heap_mutex_);
+      r = handler_->handle(s->client, h, payload);
+      const auto status = static_cast<errc>(proto::decode_header(r.frame.data()).status);
+      control_stats_.record(h.type, status, std::chrono::duration<double>(clock_type::now() - start).count());
+    }
     s->deadline = s->client.id == 0 ? s->deadline : clock_type::time_point::max();
     auto [ec3, w] = co_await asio::async_write(s->socket, asio::buffer(r.frame), use_tuple);
     if (ec3 || r.close) co_return;
@@ -188,6 +234,7 @@ awaitable<void> daemon::housekeeping() {
     housekeeping_timer_.expires_after(housekeeping_period);
     auto [ec] = co_await housekeeping_timer_.async_wait(use_tuple);
     if (ec || stopping_) co_return;
+    std::lock_guard lock(heap_mutex_);
     for (std::uint32_t c = 2; c < num_span_classes; ++c) heap_->central(span_class{static_cast<std::uint8_t>(c)}).sweep(~0u);  // every span with pending remote frees
     if (std::size_t n = handler_->expire_orphans(settings_.reattach_grace_ns))
       spdlog::info("{} client(s) of the previous daemon did not reattach; their spans were taken back", n);
@@ -243,7 +290,10 @@ void daemon::reload() {
   settings_.allow_uids = next->allow_uids;
   settings_.allow_gids = next->allow_gids;
   spdlog::set_level(spdlog::level::from_str(settings_.log_level));
-  handler_->set_settings(handler_settings{settings_.quota_bytes});
+  {
+    std::lock_guard lock(heap_mutex_);
+    handler_->set_settings(handler_settings{settings_.quota_bytes});
+  }
   spdlog::info("SIGHUP: reloaded (log level {}, quota {} bytes, scavenge delay {} ns)", settings_.log_level,
                settings_.quota_bytes, settings_.scavenge_delay_ns);
 }
@@ -267,7 +317,10 @@ void daemon::run() {
 }
 
 void daemon::finish() {
+  metrics_.reset();  // joins the HTTP threads: no scrape reads the heap after this
   ::unlink(settings_.socket_path.c_str());
+  std::lock_guard lock(heap_mutex_);
+  handler_.reset();
   heap_.reset();
   seg_.reset();
   if (!settings_.keep_heap) segment::remove(settings_.heap.name);

@@ -8,11 +8,21 @@
 // resources. When a connection ends for any reason the request handler takes
 // back the client's spans. SIGHUP re-reads the config file and environment
 // and applies what can change live: log level, quota, scavenger delay.
+//
+// Metrics: prometheus-cpp serves /metrics from its own (civetweb) threads.
+// A scrape samples the heap under heap_mutex_, which the daemon's thread
+// holds whenever it changes mheap, mcentral or the client registry, so each
+// scrape sees one consistent heap (metrics/collector.hpp). Uncontended, the
+// lock costs tens of nanoseconds against a request's microseconds.
 #pragma once
 
 #include <asio.hpp>
 #include <memory>
+#include <mutex>
 #include <set>
+
+#include "metrics/collector.hpp"
+#include "metrics/server.hpp"
 
 #include "service/config.hpp"
 #include "service/request_handler.hpp"
@@ -35,6 +45,8 @@ class daemon {
 
   const std::string& socket_path() const noexcept { return settings_.socket_path; }
   request_handler& handler() noexcept { return *handler_; }
+  // The port /metrics is served on (0 when metrics are off).
+  std::uint16_t metrics_port() const noexcept { return metrics_ ? metrics_->port() : 0; }
 
  private:
   struct session;
@@ -49,6 +61,8 @@ class daemon {
   void finish();
   void await_hangup();
   void reload();
+  error start_metrics();
+  metrics::metrics_sample sample();
 
   daemon_settings settings_;
   asio::io_context io_{1};
@@ -62,6 +76,11 @@ class daemon {
   std::set<std::shared_ptr<session>> sessions_;
   bool stopping_ = false;
   bool adopted_ = false;
+  std::mutex heap_mutex_;  // see the comment at the top
+  metrics::control_stats control_stats_;
+  std::vector<std::shared_ptr<prometheus::Collectable>> collectors_;  // the server holds weak_ptrs
+  // Last, so it is destroyed first: no scrape runs once the heap goes.
+  std::unique_ptr<metrics::metrics_server> metrics_;
 };
 
 }  // namespace shmalloc::service

@@ -24,6 +24,9 @@ heap_memstats read_memstats(const mheap& h) noexcept {
   m.mcache_sys_bytes = get(a.caches_committed) * sizeof(mcache_slot);
   m.metadata_sys_bytes = get(a.metadata_committed_bytes);
   m.capacity_bytes = h.seg().header().capacity;
+  m.reclaimed_bytes_total = get(a.reclaimed_bytes_total);
+  m.scavenged_bytes_total = get(a.scavenged_bytes_total);
+  m.grow_failures = get(a.grow_failures);
   return m;
 }
 

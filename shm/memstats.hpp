@@ -52,6 +52,9 @@ struct heap_memstats {
   std::uint64_t mcache_sys_bytes = 0;
   std::uint64_t metadata_sys_bytes = 0;
   std::uint64_t capacity_bytes = 0;
+  std::uint64_t reclaimed_bytes_total = 0;  // taken back from clients that went away
+  std::uint64_t scavenged_bytes_total = 0;  // returned to the OS
+  std::uint64_t grow_failures = 0;
 };
 
 heap_memstats read_memstats(const mheap& h) noexcept;

@@ -1,0 +1,214 @@
+#include "metrics/collector.hpp"
+
+#include <sys/statvfs.h>
+
+#include <limits>
+#include <string>
+
+namespace shmalloc::metrics {
+
+namespace {
+
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+
+// Builds the families of one scrape, in order.
+class family_list {
+ public:
+  void gauge(const char* name, const char* help, double v) { add(name, help, MetricType::Gauge).gauge.value = v; }
+  void counter(const char* name, const char* help, double v) {
+    add(name, help, MetricType::Counter).counter.value = v;
+  }
+  // A family with one metric per label set; fill the returned metrics.
+  MetricFamily& family(const char* name, const char* help, MetricType type) {
+    families_.push_back(MetricFamily{name, help, type, {}});
+    return families_.back();
+  }
+  std::vector<MetricFamily> take() { return std::move(families_); }
+
+ private:
+  ClientMetric& add(const char* name, const char* help, MetricType type) {
+    return family(name, help, type).metric.emplace_back();
+  }
+  std::vector<MetricFamily> families_;
+};
+
+ClientMetric& labelled(MetricFamily& f, std::vector<ClientMetric::Label> labels) {
+  ClientMetric& m = f.metric.emplace_back();
+  m.label = std::move(labels);
+  return m;
+}
+
+double d(std::uint64_t v) { return static_cast<double>(v); }
+
+void add_memstats(family_list& out, const heap_census& c) {
+  const heap_memstats& m = c.mem;
+  const std::uint64_t alloc = c.heap_alloc_bytes();
+  const std::uint64_t unused = m.heap_inuse_bytes > alloc ? m.heap_inuse_bytes - alloc : 0;
+  out.gauge("shmalloc_sys_bytes",
+            "Bytes of the heap's segment backed by memory: heap pages and metadata (go_memstats_sys_bytes).",
+            d(m.heap_sys_bytes + m.metadata_sys_bytes));
+  out.gauge("shmalloc_heap_sys_bytes",
+            "Heap pages committed: heap_inuse_bytes + heap_idle_bytes (go_memstats_heap_sys_bytes).",
+            d(m.heap_sys_bytes));
+  out.gauge("shmalloc_heap_inuse_bytes",
+            "Bytes in in-use spans: heap_alloc_bytes + memory_classes_heap_unused_bytes (go_memstats_heap_inuse_bytes).",
+            d(m.heap_inuse_bytes));
+  out.gauge("shmalloc_heap_idle_bytes",
+            "Bytes in free pages, released ones included (go_memstats_heap_idle_bytes).", d(m.heap_idle_bytes));
+  out.gauge("shmalloc_heap_released_bytes",
+            "Free bytes returned to the OS by the scavenger (go_memstats_heap_released_bytes).",
+            d(m.heap_released_bytes));
+  out.gauge("shmalloc_memory_classes_heap_free_bytes",
+            "Free bytes still backed by memory: heap_idle_bytes - heap_released_bytes "
+            "(go_memory_classes_heap_free_bytes).",
+            d(m.heap_idle_bytes - m.heap_released_bytes));
+  out.gauge("shmalloc_heap_alloc_bytes",
+            "Bytes of live objects, each counted at its size class (go_memstats_heap_alloc_bytes).", d(alloc));
+  out.gauge("shmalloc_alloc_bytes", "Same as shmalloc_heap_alloc_bytes (go_memstats_alloc_bytes).", d(alloc));
+  out.gauge("shmalloc_memory_classes_heap_unused_bytes",
+            "Bytes of in-use spans holding no live object: free slots and fragmentation "
+            "(go_memory_classes_heap_unused_bytes).",
+            d(unused));
+  out.gauge("shmalloc_heap_objects", "Live objects: mallocs_total - frees_total (go_memstats_heap_objects).",
+            d(c.heap_objects()));
+  out.gauge("shmalloc_mspan_inuse_bytes", "Bytes of span descriptors in use (go_memstats_mspan_inuse_bytes).",
+            d(m.mspan_inuse_bytes));
+  out.gauge("shmalloc_mspan_sys_bytes", "Bytes of span descriptors committed (go_memstats_mspan_sys_bytes).",
+            d(m.mspan_sys_bytes));
+  out.gauge("shmalloc_mcache_inuse_bytes",
+            "Bytes of per-thread cache statistics blocks in use (go_memstats_mcache_inuse_bytes).",
+            d(m.mcache_inuse_bytes));
+  out.gauge("shmalloc_mcache_sys_bytes",
+            "Bytes of per-thread cache statistics blocks committed (go_memstats_mcache_sys_bytes).",
+            d(m.mcache_sys_bytes));
+  out.gauge("shmalloc_heap_limit_bytes", "Bytes the heap may grow to, its capacity (go_gc_gomemlimit_bytes).",
+            d(m.capacity_bytes));
+}
+
+void add_totals(family_list& out, const heap_census& c) {
+  out.counter("shmalloc_mallocs_total",
+              "Objects allocated; tiny objects count here and in frees_total, as in Go (go_memstats_mallocs_total).",
+              d(c.mallocs_total()));
+  out.counter("shmalloc_frees_total", "Objects freed (go_memstats_frees_total).", d(c.frees_total()));
+  out.counter("shmalloc_alloc_bytes_total",
+              "Bytes allocated, each object at its size class (go_memstats_alloc_bytes_total).",
+              d(c.alloc_bytes_total()));
+  out.counter("shmalloc_remote_frees_total",
+              "Objects freed into spans held by another thread or process.", d(c.stats.remote_frees));
+  out.counter("shmalloc_double_frees_total",
+              "Double frees found when remote-free stacks were folded.", d(c.stats.double_frees));
+}
+
+// Allocations by size (go_gc_heap_allocs_by_size_bytes): the buckets are the
+// size classes; large objects fall in +Inf. Sizes requested are not
+// recorded, so an object counts at its class's size (the sum is an upper bound).
+void add_allocs_by_size(family_list& out, const heap_census& c) {
+  MetricFamily& f = out.family("shmalloc_heap_allocs_by_size_bytes",
+                               "Allocations by size class, bucketed by the class's object size; tiny objects in "
+                               "the 16-byte bucket, large ones in +Inf (go_gc_heap_allocs_by_size_bytes).",
+                               MetricType::Histogram);
+  ClientMetric::Histogram& h = labelled(f, {}).histogram;
+  std::uint64_t cumulative = 0;
+  double sum = 0;
+  for (std::size_t s = 1; s < num_size_classes; ++s) {
+    const auto size = class_to_size(static_cast<std::uint8_t>(s));
+    std::uint64_t n = c.classes[s].mallocs;
+    if (size == tiny_size) n += c.stats.tiny_allocs;
+    cumulative += n;
+    sum += d(n) * size;
+    h.bucket.push_back({cumulative, static_cast<double>(size)});
+  }
+  cumulative += c.stats.large_allocs;
+  sum += d(c.stats.large_alloc_bytes);
+  h.bucket.push_back({cumulative, std::numeric_limits<double>::infinity()});
+  h.sample_count = cumulative;
+  h.sample_sum = sum;
+}
+
+void add_classes(family_list& out, const heap_census& c) {
+  MetricFamily& spans = out.family("shmalloc_size_class_spans",
+                                   "Spans per size class: partial and full on mcentral, cached in client caches.",
+                                   MetricType::Gauge);
+  MetricFamily& objects =
+      out.family("shmalloc_size_class_objects", "Live objects per size class.", MetricType::Gauge);
+  MetricFamily& bytes = out.family("shmalloc_size_class_inuse_bytes",
+                                   "Bytes of in-use spans per size class.", MetricType::Gauge);
+  for (std::size_t s = 1; s < num_size_classes; ++s) {
+    const class_census& k = c.classes[s];
+    const auto cls = static_cast<std::uint8_t>(s);
+    const std::string size = std::to_string(class_to_size(cls));
+    labelled(spans, {{"size_class", size}, {"state", "partial"}}).gauge.value = k.spans_partial;
+    labelled(spans, {{"size_class", size}, {"state", "full"}}).gauge.value = k.spans_full;
+    labelled(spans, {{"size_class", size}, {"state", "cached"}}).gauge.value = k.spans_cached;
+    labelled(objects, {{"size_class", size}}).gauge.value = d(k.live_objects());
+    labelled(bytes, {{"size_class", size}}).gauge.value = d(std::uint64_t{k.spans()} * class_span_bytes(cls));
+  }
+}
+
+void add_control(family_list& out, const control_stats& cs) {
+  MetricFamily& requests = out.family("shmalloc_control_requests_total",
+                                      "Control-socket requests handled, by op.", MetricType::Counter);
+  MetricFamily& failures = out.family("shmalloc_control_request_failures_total",
+                                      "Control-socket requests answered with an error, by op and reason.",
+                                      MetricType::Counter);
+  MetricFamily& duration = out.family("shmalloc_control_request_duration_seconds",
+                                      "Time from a whole request read to its reply built, by op.",
+                                      MetricType::Histogram);
+  for (std::size_t i = 0; i < max_ops; ++i) {
+    const op_stats& o = cs.op(i);
+    if (o.requests == 0) continue;  // a series appears with its first request
+    const std::string op{op_name(i)};
+    labelled(requests, {{"op", op}}).counter.value = d(o.requests);
+    for (std::size_t r = 1; r < num_reasons; ++r)
+      if (o.failures[r] != 0)
+        labelled(failures, {{"op", op}, {"reason", std::string{reason_name(r)}}}).counter.value = d(o.failures[r]);
+    ClientMetric::Histogram& h = labelled(duration, {{"op", op}}).histogram;
+    std::uint64_t cumulative = 0;
+    for (std::size_t b = 0; b < o.duration_counts.size(); ++b) {
+      cumulative += o.duration_counts[b];
+      h.bucket.push_back({cumulative, b < control_duration_bounds.size() ? control_duration_bounds[b]
+                                                                          : std::numeric_limits<double>::infinity()});
+    }
+    h.sample_count = cumulative;
+    h.sample_sum = o.duration_sum;
+  }
+}
+
+}  // namespace
+
+std::vector<MetricFamily> heap_families(const metrics_sample& s, const build_info& b) {
+  family_list out;
+  MetricFamily& info = out.family("shmalloc_build_info", "Build of shmallocd; the value is 1 (go_info).",
+                                  MetricType::Gauge);
+  labelled(info, {{"revision", b.revision}, {"version", b.version}}).gauge.value = 1;
+  if (!s.valid) return out.take();
+  add_memstats(out, s.census);
+  add_totals(out, s.census);
+  add_allocs_by_size(out, s.census);
+  add_classes(out, s.census);
+  out.gauge("shmalloc_clients", "Client processes connected to the daemon.", d(s.clients));
+  add_control(out, s.control);
+  out.counter("shmalloc_reclaimed_bytes_total", "Bytes of spans taken back from clients that went away.",
+              d(s.census.mem.reclaimed_bytes_total));
+  out.counter("shmalloc_scavenged_bytes_total", "Bytes of free pages the scavenger returned to the OS.",
+              d(s.census.mem.scavenged_bytes_total));
+  out.counter("shmalloc_heap_grow_failures_total",
+              "Heap growths refused: capacity reached or the shared-memory filesystem full.",
+              d(s.census.mem.grow_failures));
+  out.gauge("shmalloc_shm_avail_bytes",
+            "Free bytes of the filesystem behind the heap (/dev/shm), the headroom before growth fails.",
+            d(s.shm_avail_bytes));
+  return out.take();
+}
+
+std::vector<MetricFamily> heap_collector::Collect() const { return heap_families(sample_(), build_); }
+
+std::uint64_t filesystem_avail_bytes(const std::string& path) noexcept {
+  struct statvfs st {};
+  if (statvfs(path.c_str(), &st) != 0) return 0;
+  return std::uint64_t{st.f_bavail} * st.f_frsize;
+}
+
+}  // namespace shmalloc::metrics

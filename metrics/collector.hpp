@@ -1,0 +1,84 @@
+// collector.hpp: the daemon's Prometheus metrics (the metrics/ layer).
+//
+// Design
+// ======
+// Every value is read at scrape time, never pushed from the allocation
+// path: the heap's counters already live in the segment (heap_accounts,
+// which the daemon writes, and one statistics block per client thread,
+// which that thread writes), so a scrape reads them and builds its metric
+// families afresh, as Prometheus' guide for exporters asks ("values read
+// from another system"). Nothing in a client process knows about metrics;
+// libshmalloc never links prometheus-cpp.
+//
+//   civetweb thread (scrape)            daemon thread (io_context)
+//   ------------------------            --------------------------
+//   heap_collector::Collect()           handles requests, sweeps, scavenges:
+//     sample_fn() --- heap lock --->      holds the heap lock while it
+//       read_census(heap)                 changes mheap, mcentral or the
+//       control_stats copy                client registry
+//     build families (no lock held)
+//
+// The sample is taken under the lock the daemon holds while it changes the
+// heap, so heap_sys = heap_inuse + heap_idle holds in every scrape; the
+// client-written statistics blocks are relaxed atomics and may move while
+// they are summed (memstats.hpp). Families are built outside the lock.
+//
+// Names mirror client_golang's Go collector with the prefix shmalloc_
+// (go_memstats_heap_inuse_bytes -> shmalloc_heap_inuse_bytes), so a Go
+// memory dashboard ports by a rename; each HELP says what it mirrors.
+// Label sets are bounded: size_class (67 values), state (3), op (one per
+// request type), reason (one per error code). No pid or client labels:
+// per-client detail is shmallocctl clients'.
+//
+// This layer depends on shm/ and prometheus-cpp only (no Asio); the daemon
+// (service/) supplies the sample function and owns the HTTP endpoint.
+#pragma once
+
+#include <prometheus/collectable.h>
+#include <prometheus/metric_family.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "metrics/control_stats.hpp"
+#include "shm/memstats.hpp"
+
+namespace shmalloc::metrics {
+
+// One scrape's worth of daemon state.
+struct metrics_sample {
+  heap_census census;
+  std::uint64_t clients = 0;  // connected client processes
+  control_stats control;
+  std::uint64_t shm_avail_bytes = 0;  // statvfs of the filesystem behind the heap
+  bool valid = false;  // false: the daemon could not be sampled (stopping)
+};
+
+using sample_fn = std::function<metrics_sample()>;
+
+struct build_info {
+  std::string version;
+  std::string revision;
+};
+
+// The shmalloc_* families, from a sample.
+std::vector<prometheus::MetricFamily> heap_families(const metrics_sample& s, const build_info& b);
+
+// A Collectable that samples the daemon at each scrape.
+class heap_collector final : public prometheus::Collectable {
+ public:
+  heap_collector(sample_fn sample, build_info build) : sample_(std::move(sample)), build_(std::move(build)) {}
+  std::vector<prometheus::MetricFamily> Collect() const override;
+
+ private:
+  sample_fn sample_;
+  build_info build_;
+};
+
+// Free bytes (for unprivileged users) of the filesystem holding path; 0 if
+// it cannot be read.
+std::uint64_t filesystem_avail_bytes(const std::string& path) noexcept;
+
+}  // namespace shmalloc::metrics

@@ -1,0 +1,63 @@
+#include "metrics/control_stats.hpp"
+
+#include <algorithm>
+
+namespace shmalloc::metrics {
+
+std::string_view op_name(std::size_t op) noexcept {
+  using proto::msg;
+  switch (static_cast<msg>(op)) {
+    case msg::hello: return "hello";
+    case msg::refill: return "refill";
+    case msg::release: return "release";
+    case msg::alloc_large: return "alloc_large";
+    case msg::free_large: return "free_large";
+    case msg::stats: return "stats";
+    case msg::bye: return "bye";
+    case msg::reattach: return "reattach";
+    case msg::cache_open: return "cache_open";
+    case msg::cache_close: return "cache_close";
+    case msg::publish: return "publish";
+    case msg::lookup: return "lookup";
+    case msg::unpublish: return "unpublish";
+    default: return "unknown";
+  }
+}
+
+std::string_view reason_name(std::size_t reason) noexcept {
+  switch (static_cast<errc>(reason)) {
+    case errc::ok: return "ok";
+    case errc::no_memory: return "no_memory";
+    case errc::no_space: return "no_space";
+    case errc::quota_exceeded: return "quota_exceeded";
+    case errc::invalid_argument: return "invalid_argument";
+    case errc::bad_handle: return "bad_handle";
+    case errc::double_free: return "double_free";
+    case errc::not_found: return "not_found";
+    case errc::exists: return "exists";
+    case errc::layout_mismatch: return "layout_mismatch";
+    case errc::corrupt: return "corrupt";
+    case errc::os_error: return "os_error";
+    case errc::protocol_error: return "protocol_error";
+    case errc::permission_denied: return "permission_denied";
+    case errc::unavailable: return "unavailable";
+  }
+  return "other";
+}
+
+void control_stats::record(std::uint16_t type, errc status, double seconds) noexcept {
+  // Types that are not requests (replies, unknown numbers) share row 0, so a
+  // peer sending junk cannot grow the label set.
+  const std::size_t i = op_name(type) == "unknown" ? 0 : type;
+  op_stats& s = ops_[i];
+  ++s.requests;
+  if (status != errc::ok) {
+    const auto r = static_cast<std::size_t>(status);
+    ++s.failures[r < num_reasons ? r : num_reasons - 1];
+  }
+  const auto b = std::lower_bound(control_duration_bounds.begin(), control_duration_bounds.end(), seconds);
+  ++s.duration_counts[static_cast<std::size_t>(b - control_duration_bounds.begin())];
+  s.duration_sum += seconds;
+}
+
+}  // namespace shmalloc::metrics

@@ -1,0 +1,49 @@
+// control_stats.hpp: what the daemon counts about its control requests, per
+// op (request type): requests, failures by reason (errc), and the time from
+// a whole request read to its reply built, as a histogram.
+//
+// Written by the daemon's thread only, under the daemon's heap lock, and
+// copied out under the same lock by the scrape (see collector.hpp), so it
+// needs no atomics. Bounded: one row per known request type plus "unknown".
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string_view>
+
+#include "shm/control_protocol.hpp"
+#include "shm/errc.hpp"
+
+namespace shmalloc::metrics {
+
+// Upper bounds in seconds: a refill is tens of microseconds, a stall is
+// milliseconds.
+inline constexpr std::array<double, 12> control_duration_bounds{
+    5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0};
+
+inline constexpr std::size_t max_ops = 32;     // msg values 1..31; 0 is "unknown"
+inline constexpr std::size_t num_reasons = 16;  // errc values 0..15
+
+// The op label of a request type ("unknown" for anything not a request).
+std::string_view op_name(std::size_t op) noexcept;
+// The reason label of an error code: its enumerator's name.
+std::string_view reason_name(std::size_t reason) noexcept;
+
+struct op_stats {
+  std::uint64_t requests = 0;
+  std::array<std::uint64_t, num_reasons> failures{};
+  std::array<std::uint64_t, control_duration_bounds.size() + 1> duration_counts{};  // per bucket, last = +Inf
+  double duration_sum = 0;
+};
+
+class control_stats {
+ public:
+  // One request of the given type was answered with status.
+  void record(std::uint16_t type, errc status, double seconds) noexcept;
+  const op_stats& op(std::size_t i) const noexcept { return ops_[i]; }
+
+ private:
+  std::array<op_stats, max_ops> ops_{};
+};
+
+}  // namespace shmalloc::metrics
