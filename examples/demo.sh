@@ -2,13 +2,15 @@
 # The main job: start shmallocd on its embedded defaults (with a heap name
 # and socket of its own, so it never disturbs a daemon already on this
 # machine), run a workload of several client processes against it, print
-# what `shmallocctl stats` shows, and stop the daemon by its pid.
+# what `shmallocctl stats` and the Prometheus endpoint show, and stop the
+# daemon by its pid. (Metrics go on a free loopback port here; the
+# default is 127.0.0.1:9464.)
 set -euo pipefail
 build=${1:-build}
 dir=$(mktemp -d /tmp/shmalloc-demo-XXXXXX)
 socket=$dir/shmallocd.sock
 heap=shmalloc-demo-$$
-"$build/service/shmallocd" --heap "$heap" --socket "$socket" --metrics off &
+"$build/service/shmallocd" --heap "$heap" --socket "$socket" --metrics 127.0.0.1:0 &
 daemon=$!
 cleanup() {
   kill -TERM "$daemon" 2>/dev/null && wait "$daemon" || true
@@ -23,3 +25,8 @@ done
 sleep 0.2  # the daemon notices the killed client's socket closing
 echo "-- shmallocctl stats"
 "$build/service/shmallocctl" stats --socket "$socket"
+port=$("$build/service/shmallocctl" stats --json --socket "$socket" | grep -o '"metrics_port": *[0-9]*' | grep -o '[0-9]*$')
+if command -v curl >/dev/null; then
+  echo "-- curl http://127.0.0.1:$port/metrics (heap lines)"
+  curl -fsS "http://127.0.0.1:$port/metrics" | grep -E '^shmalloc_(heap_[a-z]+_bytes|heap_objects|mallocs_total|frees_total|clients) '
+fi
