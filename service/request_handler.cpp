@@ -241,6 +241,7 @@ proto::stats_msg request_handler::stats() const {
   s.grow_failures = a.grow_failures.load(std::memory_order_relaxed);
   s.capacity_bytes = m.capacity_bytes;
   s.control_requests_total = requests_;
+  s.metrics_port = metrics_port_;
   return s;
 }
 

@@ -65,6 +65,8 @@ class request_handler {
   std::size_t orphan_groups() const noexcept { return orphans_.size(); }
 
   void set_settings(handler_settings s) noexcept { settings_ = s; }
+  // The port the daemon's metrics endpoint listens on (0 = off), for stats.
+  void set_metrics_port(std::uint16_t port) noexcept { metrics_port_ = port; }
   std::size_t clients() const noexcept { return clients_; }
   proto::stats_msg stats() const;
 
@@ -100,6 +102,7 @@ class request_handler {
   handler_settings settings_;
   std::size_t clients_ = 0;
   std::uint64_t requests_ = 0;  // handled, for stats (metrics will break them down by op)
+  std::uint16_t metrics_port_ = 0;
   std::map<std::uint32_t, client_state*> by_id_;  // live clients, for frees of their large objects
   std::map<std::uint32_t, orphan_group> orphans_;  // by old client id
 };
