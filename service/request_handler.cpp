@@ -1,6 +1,7 @@
 #include "service/request_handler.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "shm/memstats.hpp"
@@ -17,6 +18,17 @@ reply error_reply(msg type, const proto::frame_header& h, errc code, const std::
 reply ok_reply(msg type, const proto::frame_header& h, const std::vector<std::uint8_t>& body = {}) {
   return {proto::make_reply(type, h.request_id, errc::ok, {}, body), false};
 }
+// Reports that change nothing, so observers such as shmallocctl need not register.
+bool read_only(msg type) {
+  return type == msg::stats || type == msg::classes || type == msg::clients || type == msg::pages;
+}
+reply no_body_error(msg type, const proto::frame_header& h, const char* request) {
+  return error_reply(type, h, errc::protocol_error, std::string(request) + " takes no body");
+}
+std::uint64_t unix_now_ns() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
+}
 }  // namespace
 
 reply request_handler::handle(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
@@ -24,8 +36,7 @@ reply request_handler::handle(client_state& c, const proto::frame_header& h, std
   if (std::string why = proto::check_header(h); !why.empty())
     return error_reply(msg::ok, h, errc::protocol_error, why, true);
   const auto type = static_cast<msg>(h.type);
-  // stats is read-only, so observers such as shmallocctl need not register.
-  if (c.id == 0 && type != msg::hello && type != msg::stats)
+  if (c.id == 0 && type != msg::hello && !read_only(type))
     return error_reply(msg::ok, h, errc::protocol_error, "the first request must be hello");
   switch (type) {
     case msg::hello: return on_hello(c, h, p);
@@ -34,6 +45,9 @@ reply request_handler::handle(client_state& c, const proto::frame_header& h, std
     case msg::alloc_large: return on_alloc_large(c, h, p);
     case msg::free_large: return on_free_large(c, h, p);
     case msg::stats: return on_stats(c, h, p);
+    case msg::classes: return on_classes(c, h, p);
+    case msg::clients: return on_clients(c, h, p);
+    case msg::pages: return on_pages(c, h, p);
     case msg::reattach: return on_reattach(c, h, p);
     case msg::cache_open: return on_cache_open(c, h, p);
     case msg::cache_close: return on_cache_close(c, h, p);
@@ -218,18 +232,39 @@ reply request_handler::on_unpublish(client_state&, const proto::frame_header& h,
 }
 
 reply request_handler::on_stats(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  if (!p.empty()) return error_reply(msg::stats_reply, h, errc::protocol_error, "stats takes no body");
+  if (!p.empty()) return no_body_error(msg::stats_reply, h, "stats");
   return ok_reply(msg::stats_reply, h, proto::encode(stats()));
 }
 
+reply request_handler::on_classes(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  if (!p.empty()) return no_body_error(msg::class_table, h, "classes");
+  return ok_reply(msg::class_table, h, proto::encode(class_table()));
+}
+
+reply request_handler::on_clients(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  if (!p.empty()) return no_body_error(msg::client_table, h, "clients");
+  return ok_reply(msg::client_table, h, proto::encode(client_table()));
+}
+
+reply request_handler::on_pages(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  if (!p.empty()) return no_body_error(msg::page_table, h, "pages");
+  return ok_reply(msg::page_table, h, proto::encode(page_table()));
+}
+
 proto::stats_msg request_handler::stats() const {
-  const heap_memstats m = read_memstats(*heap_);
+  const heap_census census = read_census(*heap_);
+  const heap_memstats& m = census.mem;
   const heap_accounts& a = heap_->accounts();
   proto::stats_msg s;
   s.heap_sys_bytes = m.heap_sys_bytes;
   s.heap_inuse_bytes = m.heap_inuse_bytes;
   s.heap_idle_bytes = m.heap_idle_bytes;
   s.heap_released_bytes = m.heap_released_bytes;
+  s.heap_alloc_bytes = census.heap_alloc_bytes();
+  s.heap_unused_bytes = census.heap_unused_bytes();
+  s.heap_objects = census.heap_objects();
+  s.mallocs_total = census.mallocs_total();
+  s.frees_total = census.frees_total();
   s.large_objects = m.large_objects;
   s.large_bytes = m.large_bytes;
   s.mspan_inuse_bytes = m.mspan_inuse_bytes;
@@ -243,6 +278,71 @@ proto::stats_msg request_handler::stats() const {
   s.control_requests_total = requests_;
   s.metrics_port = metrics_port_;
   return s;
+}
+
+proto::class_table_msg request_handler::class_table() const {
+  const heap_census census = read_census(*heap_);
+  proto::class_table_msg t;
+  for (std::size_t s = 1; s < num_size_classes; ++s) {
+    const class_census& k = census.classes[s];
+    const auto cls = static_cast<std::uint8_t>(s);
+    t.rows.push_back({cls, static_cast<std::uint32_t>(class_to_size(cls)), k.spans_partial, k.spans_full,
+                      k.spans_cached, k.live_objects(), std::uint64_t{k.spans()} * class_span_bytes(cls),
+                      census.class_unused_bytes(s), k.mallocs, k.frees});
+  }
+  return t;
+}
+
+std::uint64_t request_handler::objects_held(const client_state& c) const noexcept {
+  std::uint64_t n = c.large.size();
+  for (std::uint32_t id : c.spans) {
+    const mspan& s = heap_->span(span_id{id});
+    const std::uint32_t bits = count_allocated(s), metadata = reserved_slots(s.span_class);
+    n += bits > metadata ? bits - metadata : 0;
+  }
+  return n;
+}
+
+// connected_ns is on mheap's monotonic clock: the age it gives, taken from
+// the wall clock now, is the Unix time of the hello.
+proto::client_row request_handler::row_of(const client_state& c, std::uint64_t now_ns,
+                                          std::uint64_t unix_now_ns) const {
+  const std::uint64_t age = now_ns > c.connected_ns ? now_ns - c.connected_ns : 0;
+  return {c.id, static_cast<std::uint32_t>(c.pid), c.name, c.bytes_held, objects_held(c),
+          static_cast<std::uint32_t>(c.spans.size()), static_cast<std::uint32_t>(c.large.size()),
+          unix_now_ns > age ? unix_now_ns - age : 0};
+}
+
+proto::client_table_msg request_handler::client_table() const {
+  proto::client_table_msg t;
+  t.total = static_cast<std::uint32_t>(by_id_.size());
+  const std::uint64_t now = heap_->now(), unix_now = unix_now_ns();
+  std::size_t room = proto::max_reply_body - proto::client_table_header_bytes;
+  for (const auto& [id, c] : by_id_) {
+    proto::client_row row = row_of(*c, now, unix_now);
+    if (proto::encoded_size(row) > room) break;  // the rest are counted in total only
+    room -= proto::encoded_size(row);
+    t.rows.push_back(std::move(row));
+  }
+  return t;
+}
+
+proto::page_table_msg request_handler::page_table() const {
+  const page_census p = read_page_census(*heap_);
+  proto::page_table_msg t;
+  t.page_size = page_size;
+  t.pages_capacity = p.pages_capacity;
+  t.pages_committed = p.pages_committed;
+  t.pages_in_use = p.pages_in_use;
+  t.pages_free = p.pages_free;
+  t.pages_released = p.pages_released;
+  t.runs_in_use = p.runs_in_use;
+  t.runs_free = p.runs_free;
+  t.runs_released = p.runs_released;
+  t.largest_free_run_pages = p.largest_free_run_pages;
+  t.spans_in_use = p.spans_in_use;
+  t.large_spans = p.large_spans;
+  return t;
 }
 
 void request_handler::reclaim(const std::set<std::uint32_t>& spans, const std::set<std::uint32_t>& large,

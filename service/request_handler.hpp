@@ -68,7 +68,14 @@ class request_handler {
   // The port the daemon's metrics endpoint listens on (0 = off), for stats.
   void set_metrics_port(std::uint16_t port) noexcept { metrics_port_ = port; }
   std::size_t clients() const noexcept { return clients_; }
+
+  // The read-only reports (stats, classes, clients, pages), from the census
+  // of the heap (shm/memstats.hpp) and the client registry.
   proto::stats_msg stats() const;
+  proto::class_table_msg class_table() const;
+  // Clients by id, as many as fit one reply frame; total counts them all.
+  proto::client_table_msg client_table() const;
+  proto::page_table_msg page_table() const;
 
  private:
   reply on_hello(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
@@ -84,6 +91,13 @@ class request_handler {
   root_entry* find_root(const std::string& name) const noexcept;
   reply on_reattach(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_stats(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_classes(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_clients(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_pages(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  proto::client_row row_of(const client_state& c, std::uint64_t now_ns, std::uint64_t unix_now_ns) const;
+  // Objects allocated in the client's spans (alloc bits, less tiny spans'
+  // counter blocks) plus its large objects.
+  std::uint64_t objects_held(const client_state& c) const noexcept;
   bool over_quota(const client_state& c, std::uint64_t more) const noexcept;
   std::uint64_t span_bytes(std::uint32_t span) const noexcept;
   // Takes back small spans (their free slots return to mcentral), lets large

@@ -3,6 +3,7 @@
 #include "shm/layout.hpp"
 
 #include <cstring>
+#include <initializer_list>
 
 namespace shmalloc::proto {
 
@@ -170,16 +171,38 @@ std::vector<std::uint8_t> encode_root(std::uint64_t handle) {
   w.u64(handle);
   return std::move(w.bytes());
 }
-std::vector<std::uint8_t> encode(const stats_msg& m) {
+namespace {
+// u16 count + count x u64: the stats and page tables, fields in X-macro order.
+std::vector<std::uint8_t> encode_fields(std::initializer_list<std::uint64_t> fields) {
   writer w;
-  std::uint16_t n = 0;
-#define SHMALLOC_X(name) ++n;
-  SHMALLOC_PROTO_STATS(SHMALLOC_X)
-#undef SHMALLOC_X
-  w.u16(n);
-#define SHMALLOC_X(name) w.u64(m.name);
-  SHMALLOC_PROTO_STATS(SHMALLOC_X)
-#undef SHMALLOC_X
+  w.u16(static_cast<std::uint16_t>(fields.size()));
+  for (std::uint64_t v : fields) w.u64(v);
+  return std::move(w.bytes());
+}
+}  // namespace
+
+#define SHMALLOC_FIELD(name) m.name,
+std::vector<std::uint8_t> encode(const stats_msg& m) { return encode_fields({SHMALLOC_PROTO_STATS(SHMALLOC_FIELD)}); }
+std::vector<std::uint8_t> encode(const page_table_msg& m) { return encode_fields({SHMALLOC_PROTO_PAGES(SHMALLOC_FIELD)}); }
+#undef SHMALLOC_FIELD
+
+std::vector<std::uint8_t> encode(const class_table_msg& m) {
+  writer w;
+  w.u16(static_cast<std::uint16_t>(m.rows.size()));
+  for (const class_row& r : m.rows) {
+    w.u8(r.size_class).u32(r.object_size).u32(r.spans_partial).u32(r.spans_full).u32(r.spans_cached);
+    w.u64(r.objects_live).u64(r.bytes_in_use).u64(r.bytes_wasted).u64(r.mallocs).u64(r.frees);
+  }
+  return std::move(w.bytes());
+}
+
+std::vector<std::uint8_t> encode(const client_table_msg& m) {
+  writer w;
+  w.u32(m.total).u16(static_cast<std::uint16_t>(m.rows.size()));
+  for (const client_row& r : m.rows) {
+    w.u32(r.id).u32(r.pid).str(r.name).u64(r.bytes_held).u64(r.objects_live);
+    w.u32(r.spans).u32(r.large_objects).u64(r.connected_unix_ns);
+  }
   return std::move(w.bytes());
 }
 
@@ -297,19 +320,86 @@ std::optional<std::uint64_t> decode_root(std::span<const std::uint8_t> p) {
   if (handle == 0) return std::nullopt;
   return finish(r, handle);
 }
+namespace {
+// Reads u16 count + count x u64 into fields; false unless the count is
+// exactly theirs.
+bool decode_fields(reader& r, std::initializer_list<std::uint64_t*> fields) {
+  if (r.u16() != fields.size()) return false;
+  for (std::uint64_t* f : fields) *f = r.u64();
+  return !r.failed();
+}
+}  // namespace
+
+#define SHMALLOC_FIELD(name) &m.name,
 std::optional<stats_msg> decode_stats(std::span<const std::uint8_t> p) {
   reader r(p);
   stats_msg m;
-  const std::uint16_t n = r.u16();
-  std::uint16_t want = 0;
-#define SHMALLOC_X(name) ++want;
-  SHMALLOC_PROTO_STATS(SHMALLOC_X)
-#undef SHMALLOC_X
-  if (n != want) return std::nullopt;
-#define SHMALLOC_X(name) m.name = r.u64();
-  SHMALLOC_PROTO_STATS(SHMALLOC_X)
-#undef SHMALLOC_X
+  if (!decode_fields(r, {SHMALLOC_PROTO_STATS(SHMALLOC_FIELD)})) return std::nullopt;
   return finish(r, m);
+}
+
+std::optional<page_table_msg> decode_page_table(std::span<const std::uint8_t> p) {
+  reader r(p);
+  page_table_msg m;
+  if (!decode_fields(r, {SHMALLOC_PROTO_PAGES(SHMALLOC_FIELD)})) return std::nullopt;
+  // Each part at most the whole, so that the sum cannot wrap.
+  const bool parts_fit = m.pages_in_use <= m.pages_committed && m.pages_free <= m.pages_committed &&
+                         m.pages_released <= m.pages_committed;
+  if (m.page_size == 0 || m.pages_committed > m.pages_capacity || !parts_fit ||
+      m.pages_in_use + m.pages_free + m.pages_released != m.pages_committed ||
+      m.largest_free_run_pages > m.pages_free + m.pages_released || m.large_spans > m.spans_in_use)
+    return std::nullopt;
+  return finish(r, m);
+}
+#undef SHMALLOC_FIELD
+
+std::optional<class_table_msg> decode_class_table(std::span<const std::uint8_t> p) {
+  reader r(p);
+  class_table_msg m;
+  const std::uint16_t n = r.u16();
+  if (r.failed() || n >= num_size_classes) return std::nullopt;
+  m.rows.resize(n);
+  std::uint8_t last = 0;
+  for (class_row& row : m.rows) {
+    row.size_class = r.u8();
+    row.object_size = r.u32();
+    row.spans_partial = r.u32();
+    row.spans_full = r.u32();
+    row.spans_cached = r.u32();
+    row.objects_live = r.u64();
+    row.bytes_in_use = r.u64();
+    row.bytes_wasted = r.u64();
+    row.mallocs = r.u64();
+    row.frees = r.u64();
+    if (r.failed() || row.size_class <= last || row.size_class >= num_size_classes || row.object_size == 0 ||
+        row.object_size > max_small_size || row.bytes_wasted > row.bytes_in_use || row.objects_live > row.mallocs)
+      return std::nullopt;
+    last = row.size_class;
+  }
+  return finish(r, std::move(m));
+}
+
+std::optional<client_table_msg> decode_client_table(std::span<const std::uint8_t> p) {
+  reader r(p);
+  client_table_msg m;
+  m.total = r.u32();
+  const std::uint16_t n = r.u16();
+  if (r.failed() || n > m.total) return std::nullopt;
+  std::uint32_t last = 0;
+  for (std::uint16_t i = 0; i < n; ++i) {  // grows as rows arrive: n alone is untrusted
+    client_row& row = m.rows.emplace_back();
+    row.id = r.u32();
+    row.pid = r.u32();
+    row.name = r.str(max_name);
+    row.bytes_held = r.u64();
+    row.objects_live = r.u64();
+    row.spans = r.u32();
+    row.large_objects = r.u32();
+    row.connected_unix_ns = r.u64();
+    if (r.failed() || row.id <= last) return std::nullopt;
+    last = row.id;
+  }
+  return finish(r, std::move(m));
 }
 
 // --- frames -----------------------------------------------------------------

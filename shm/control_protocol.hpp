@@ -57,6 +57,13 @@ enum class msg : std::uint16_t {
   lookup = 19,      // c->d  str name; reply root
   root = 20,        // d->c  u64 handle
   unpublish = 21,   // c->d  str name; reply ok
+  // Read-only reports for observers (shmallocctl); like stats, allowed before hello.
+  classes = 22,      // c->d  (empty); reply class_table
+  class_table = 23,  // d->c  u16 count (<= 67), count x class_row, by class
+  clients = 24,      // c->d  (empty); reply client_table
+  client_table = 25, // d->c  u32 total, u16 count (<= total), count x client_row, by id: as many as fit one frame
+  pages = 26,        // c->d  (empty); reply page_table
+  page_table = 27,   // d->c  u16 count, count x u64 (SHMALLOC_PROTO_PAGES order)
 };
 
 struct frame_header {
@@ -156,14 +163,71 @@ struct free_large_msg {
 // The daemon's stats reply, in this order (shmallocctl stats prints them).
 #define SHMALLOC_PROTO_STATS(X)                                   \
   X(heap_sys_bytes) X(heap_inuse_bytes) X(heap_idle_bytes)        \
-  X(heap_released_bytes) X(large_objects) X(large_bytes)          \
+  X(heap_released_bytes) X(heap_alloc_bytes) X(heap_unused_bytes) \
+  X(heap_objects) X(mallocs_total) X(frees_total)                 \
+  X(large_objects) X(large_bytes)                                 \
   X(mspan_inuse_bytes) X(mspan_sys_bytes) X(metadata_sys_bytes)   \
   X(clients) X(reclaimed_bytes_total) X(scavenged_bytes_total)    \
-  X(grow_failures) X(capacity_bytes) X(control_requests_total)  \
+  X(grow_failures) X(capacity_bytes) X(control_requests_total)    \
   X(metrics_port)
 struct stats_msg {
 #define SHMALLOC_X(name) std::uint64_t name = 0;
   SHMALLOC_PROTO_STATS(SHMALLOC_X)
+#undef SHMALLOC_X
+};
+
+// One size class in the class table: u8 size_class (1..67), u32 object_size
+// (1..32768), u32 spans_partial, u32 spans_full, u32 spans_cached, then u64
+// objects_live (<= mallocs), bytes_in_use, bytes_wasted (<= bytes_in_use),
+// mallocs, frees. Scan and noscan spans of the class count together.
+struct class_row {
+  std::uint8_t size_class = 0;
+  std::uint32_t object_size = 0;
+  std::uint32_t spans_partial = 0;  // on mcentral, with free slots
+  std::uint32_t spans_full = 0;     // on mcentral, without
+  std::uint32_t spans_cached = 0;   // out in client caches
+  std::uint64_t objects_live = 0;   // mallocs - frees
+  std::uint64_t bytes_in_use = 0;   // the class's spans, whole (its part of heap_inuse_bytes)
+  std::uint64_t bytes_wasted = 0;   // of those, bytes holding no live object
+  std::uint64_t mallocs = 0;
+  std::uint64_t frees = 0;
+};
+struct class_table_msg {
+  std::vector<class_row> rows;  // strictly increasing size_class
+};
+
+// One connected client: u32 id (> 0, strictly increasing), u32 pid, str name
+// (<= 64), u64 bytes_held, u64 objects_live, u32 spans, u32 large_objects,
+// u64 connected_unix_ns.
+struct client_row {
+  std::uint32_t id = 0;
+  std::uint32_t pid = 0;            // from the socket's peer credentials
+  std::string name;                 // from hello
+  std::uint64_t bytes_held = 0;     // its spans and large objects, whole pages
+  std::uint64_t objects_live = 0;   // allocated in its spans (per alloc bits) plus its large objects
+  std::uint32_t spans = 0;          // small spans it holds
+  std::uint32_t large_objects = 0;  // large objects it allocated and holds
+  std::uint64_t connected_unix_ns = 0;  // when it said hello, Unix time
+};
+inline constexpr std::size_t client_row_fixed_bytes = 4 + 4 + 2 + 8 + 8 + 4 + 4 + 8;
+inline constexpr std::size_t client_table_header_bytes = 4 + 2;
+inline std::size_t encoded_size(const client_row& r) noexcept { return client_row_fixed_bytes + r.name.size(); }
+// The most a reply body may take: the payload limit less an empty message text.
+inline constexpr std::size_t max_reply_body = max_payload - 2;
+struct client_table_msg {
+  std::uint32_t total = 0;       // clients connected; rows may hold fewer
+  std::vector<client_row> rows;
+};
+
+// The page map summarised (shm/memstats.hpp's page_census). A decoder checks
+// pages_in_use + pages_free + pages_released == pages_committed <= pages_capacity.
+#define SHMALLOC_PROTO_PAGES(X)                                         \
+  X(page_size) X(pages_capacity) X(pages_committed) X(pages_in_use)     \
+  X(pages_free) X(pages_released) X(runs_in_use) X(runs_free)           \
+  X(runs_released) X(largest_free_run_pages) X(spans_in_use) X(large_spans)
+struct page_table_msg {
+#define SHMALLOC_X(name) std::uint64_t name = 0;
+  SHMALLOC_PROTO_PAGES(SHMALLOC_X)
 #undef SHMALLOC_X
 };
 
@@ -180,6 +244,9 @@ std::vector<std::uint8_t> encode_publish(const root_msg& m);
 std::vector<std::uint8_t> encode_name(const std::string& name);
 std::vector<std::uint8_t> encode_root(std::uint64_t handle);
 std::vector<std::uint8_t> encode(const stats_msg& m);
+std::vector<std::uint8_t> encode(const class_table_msg& m);
+std::vector<std::uint8_t> encode(const client_table_msg& m);
+std::vector<std::uint8_t> encode(const page_table_msg& m);
 
 // Each returns nullopt unless the payload is exactly one well-formed
 // message with every field in range.
@@ -196,6 +263,9 @@ std::optional<root_msg> decode_publish(std::span<const std::uint8_t> p);
 std::optional<std::string> decode_name(std::span<const std::uint8_t> p);
 std::optional<std::uint64_t> decode_root(std::span<const std::uint8_t> p);
 std::optional<stats_msg> decode_stats(std::span<const std::uint8_t> p);
+std::optional<class_table_msg> decode_class_table(std::span<const std::uint8_t> p);
+std::optional<client_table_msg> decode_client_table(std::span<const std::uint8_t> p);
+std::optional<page_table_msg> decode_page_table(std::span<const std::uint8_t> p);
 
 // A whole reply frame: header (status, request id) + message text + body.
 std::vector<std::uint8_t> make_reply(msg type, std::uint32_t request_id, errc status, const std::string& message,

@@ -3,12 +3,14 @@
 #include <doctest/doctest.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <thread>
 
 #include "service/daemon.hpp"
 #include "service/request_handler.hpp"
 #include "shm/control_client.hpp"
+#include "shm/mspan.hpp"
 #include "shm/verify.hpp"
 #include "support/test_heap.hpp"
 
@@ -35,10 +37,188 @@ answer ask(request_handler& rh, client_state& c, msg type, const std::vector<std
   return {static_cast<errc>(rh_header.status), parts->message, {parts->body.begin(), parts->body.end()}, r.close};
 }
 
-void say_hello(request_handler& rh, client_state& c) {
-  REQUIRE(ask(rh, c, msg::hello, proto::encode(proto::hello_msg{layout_version, 1, "unit"})).status == errc::ok);
+void say_hello(request_handler& rh, client_state& c, const std::string& name = "unit") {
+  REQUIRE(ask(rh, c, msg::hello, proto::encode(proto::hello_msg{layout_version, 1, name})).status == errc::ok);
+}
+
+std::vector<std::uint32_t> refill(request_handler& rh, client_state& c, std::uint8_t spc, std::uint16_t n) {
+  auto got = ask(rh, c, msg::refill, proto::encode(proto::refill_msg{spc, n}));
+  REQUIRE(got.status == errc::ok);
+  auto list = proto::decode_span_list(got.body, proto::max_refill);
+  REQUIRE(list);
+  return list->span_ids;
+}
+
+// Every proper prefix of a well-formed payload, and the payload with a byte
+// more, must be refused.
+template <class Decode>
+void check_exact(const std::vector<std::uint8_t>& good, Decode decode) {
+  REQUIRE(decode(good));
+  for (std::size_t n = 0; n < good.size(); ++n) {
+    CAPTURE(n);
+    CHECK_FALSE(decode(std::span<const std::uint8_t>(good.data(), n)));
+  }
+  std::vector<std::uint8_t> longer = good;
+  longer.push_back(0);
+  CHECK_FALSE(decode(longer));
+}
+
+std::uint64_t unix_now_ns() {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count());
 }
 }  // namespace
+
+TEST_SUITE("control_protocol reports") {
+  TEST_CASE("a class table round-trips and is refused when short, long, unordered or inconsistent") {
+    proto::class_table_msg m;
+    m.rows.push_back({2, 16, 1, 2, 3, 40, 3 * 8192, 100, 50, 10});
+    m.rows.push_back({67, 32768, 0, 0, 1, 1, 32768, 0, 7, 6});
+    const auto bytes = proto::encode(m);
+    CHECK(bytes.size() == 2 + 2 * 57);
+    auto back = proto::decode_class_table(bytes);
+    REQUIRE(back);
+    REQUIRE(back->rows.size() == 2);
+    const proto::class_row& r = back->rows[0];
+    CHECK(r.size_class == 2);
+    CHECK(r.object_size == 16);
+    CHECK(r.spans_partial == 1);
+    CHECK(r.spans_full == 2);
+    CHECK(r.spans_cached == 3);
+    CHECK(r.objects_live == 40);
+    CHECK(r.bytes_in_use == 3 * 8192);
+    CHECK(r.bytes_wasted == 100);
+    CHECK(r.mallocs == 50);
+    CHECK(r.frees == 10);
+    CHECK(back->rows[1].size_class == 67);
+    check_exact(bytes, [](std::span<const std::uint8_t> p) { return proto::decode_class_table(p); });
+    CHECK(proto::decode_class_table(proto::encode(proto::class_table_msg{})));  // no rows is fine
+
+    auto refused = [](proto::class_table_msg bad) { return !proto::decode_class_table(proto::encode(bad)); };
+    CHECK(refused({{m.rows[1], m.rows[0]}}));  // out of order
+    CHECK(refused({{m.rows[0], m.rows[0]}}));  // repeated
+    auto row = m.rows[0];
+    row.size_class = 0;
+    CHECK(refused({{row}}));
+    row.size_class = 68;
+    CHECK(refused({{row}}));
+    row = m.rows[0];
+    row.object_size = 32769;
+    CHECK(refused({{row}}));
+    row = m.rows[0];
+    row.bytes_wasted = row.bytes_in_use + 1;
+    CHECK(refused({{row}}));
+    row = m.rows[0];
+    row.objects_live = row.mallocs + 1;
+    CHECK(refused({{row}}));
+    proto::class_table_msg too_many;
+    for (std::uint8_t c = 1; c <= 68; ++c) too_many.rows.push_back({c, 8, 0, 0, 0, 0, 0, 0, 0, 0});
+    CHECK(refused(too_many));
+    too_many.rows.pop_back();
+    CHECK_FALSE(refused(too_many));  // all 67 classes
+  }
+
+  TEST_CASE("a client table round-trips and is refused when short, long, or out of range") {
+    proto::client_table_msg m;
+    m.total = 3;
+    m.rows.push_back({4, 1234, "worker", 65536, 12, 3, 1, 1'700'000'000'000'000'000ULL});
+    m.rows.push_back({9, 99, std::string(proto::max_name, 'n'), 0, 0, 0, 0, 5});
+    const auto bytes = proto::encode(m);
+    CHECK(bytes.size() == proto::client_table_header_bytes + proto::encoded_size(m.rows[0]) + proto::encoded_size(m.rows[1]));
+    auto back = proto::decode_client_table(bytes);
+    REQUIRE(back);
+    CHECK(back->total == 3);
+    REQUIRE(back->rows.size() == 2);
+    const proto::client_row& r = back->rows[0];
+    CHECK(r.id == 4);
+    CHECK(r.pid == 1234);
+    CHECK(r.name == "worker");
+    CHECK(r.bytes_held == 65536);
+    CHECK(r.objects_live == 12);
+    CHECK(r.spans == 3);
+    CHECK(r.large_objects == 1);
+    CHECK(r.connected_unix_ns == 1'700'000'000'000'000'000ULL);
+    CHECK(back->rows[1].name == m.rows[1].name);
+    check_exact(bytes, [](std::span<const std::uint8_t> p) { return proto::decode_client_table(p); });
+
+    auto refused = [](proto::client_table_msg bad) { return !proto::decode_client_table(proto::encode(bad)); };
+    CHECK(refused({1, m.rows}));                    // more rows than clients
+    CHECK(refused({3, {m.rows[1], m.rows[0]}}));    // ids out of order
+    CHECK(refused({3, {m.rows[0], m.rows[0]}}));    // repeated
+    auto row = m.rows[0];
+    row.id = 0;
+    CHECK(refused({3, {row}}));
+    row = m.rows[0];
+    row.name = std::string(proto::max_name + 1, 'n');
+    CHECK(refused({3, {row}}));
+    // A count that promises more rows than the bytes hold.
+    proto::writer w;
+    w.u32(60000).u16(60000);
+    CHECK_FALSE(proto::decode_client_table(w.bytes()));
+  }
+
+  TEST_CASE("a page table round-trips and is refused unless its pages add up") {
+    proto::page_table_msg m;
+    m.page_size = 8192;
+    m.pages_capacity = 32768;
+    m.pages_committed = 512;
+    m.pages_in_use = 20;
+    m.pages_free = 400;
+    m.pages_released = 92;
+    m.runs_in_use = 2;
+    m.runs_free = 2;
+    m.runs_released = 1;
+    m.largest_free_run_pages = 300;
+    m.spans_in_use = 5;
+    m.large_spans = 1;
+    const auto bytes = proto::encode(m);
+    CHECK(bytes.size() == 2 + 12 * 8);
+    auto back = proto::decode_page_table(bytes);
+    REQUIRE(back);
+#define SHMALLOC_X(name) CHECK(back->name == m.name);
+    SHMALLOC_PROTO_PAGES(SHMALLOC_X)
+#undef SHMALLOC_X
+    check_exact(bytes, [](std::span<const std::uint8_t> p) { return proto::decode_page_table(p); });
+
+    auto refused = [&m](auto change) {
+      proto::page_table_msg bad = m;
+      change(bad);
+      return !proto::decode_page_table(proto::encode(bad));
+    };
+    CHECK(refused([](auto& b) { b.pages_free += 1; }));
+    CHECK(refused([](auto& b) { b.pages_capacity = 511; }));
+    CHECK(refused([](auto& b) { b.page_size = 0; }));
+    CHECK(refused([](auto& b) { b.largest_free_run_pages = 493; }));
+    CHECK(refused([](auto& b) { b.large_spans = 6; }));
+    // Parts that wrap around to the right sum.
+    CHECK(refused([](auto& b) {
+      b.pages_in_use = ~std::uint64_t{0};
+      b.pages_free = 421;
+    }));
+    CHECK_FALSE(refused([](auto& b) { b.largest_free_run_pages = 492; }));
+    // A stats reply is not a page table, nor the other way round.
+    CHECK_FALSE(proto::decode_page_table(proto::encode(proto::stats_msg{})));
+    CHECK_FALSE(proto::decode_stats(bytes));
+  }
+
+  TEST_CASE("a stats reply carries the MemStats values and the metrics port") {
+    proto::stats_msg m;
+    m.heap_alloc_bytes = 1;
+    m.heap_unused_bytes = 2;
+    m.heap_objects = 3;
+    m.mallocs_total = 4;
+    m.frees_total = 5;
+    m.metrics_port = 9464;
+    const auto bytes = proto::encode(m);
+    auto back = proto::decode_stats(bytes);
+    REQUIRE(back);
+#define SHMALLOC_X(name) CHECK(back->name == m.name);
+    SHMALLOC_PROTO_STATS(SHMALLOC_X)
+#undef SHMALLOC_X
+    check_exact(bytes, [](std::span<const std::uint8_t> p) { return proto::decode_stats(p); });
+  }
+}
 
 TEST_SUITE("request_handler") {
   TEST_CASE("refill records ownership, release checks it, disconnect takes back the rest") {
@@ -89,6 +269,155 @@ TEST_SUITE("request_handler") {
   }
 }
 
+TEST_SUITE("request_handler reports") {
+  // One client holding spans and objects the test placed itself.
+  struct census_fixture {
+    static constexpr std::uint8_t cls = 5;  // 48-byte objects
+    test::test_heap t;
+    request_handler rh{*t.heap, {}};
+    client_state a, observer;  // the observer never says hello
+    std::vector<std::uint32_t> small, tiny;
+    census_fixture() {
+      say_hello(rh, a, "census");
+      a.pid = 4242;  // the daemon takes it from the socket
+      small = refill(rh, a, span_class::make(cls, false).value, 3);
+      tiny = refill(rh, a, tiny_span_class, 1);
+      for (int i = 0; i < 7; ++i) REQUIRE(span_alloc_object(t.heap->span(span_id{small[0]})) >= 0);
+      REQUIRE(span_alloc_object(t.heap->span(span_id{tiny[0]})) >= 0);
+      stats_block& st = t.heap->cache_slot(a.cache_slot).stats;
+      bump(st.small_allocs[cls], std::uint64_t{9});
+      bump(st.small_frees[cls], std::uint64_t{2});
+      bump(st.small_allocs[tiny_size_class], std::uint64_t{1});
+    }
+  };
+
+  TEST_CASE("the class table counts spans by state and objects by the statistics blocks") {
+    census_fixture f;
+    auto got = ask(f.rh, f.observer, msg::classes);
+    REQUIRE(got.status == errc::ok);  // allowed before hello
+    auto t = proto::decode_class_table(got.body);
+    REQUIRE(t);
+    REQUIRE(t->rows.size() == num_size_classes - 1);  // every class; shmallocctl filters
+    const proto::class_row& r = t->rows[f.cls - 1];
+    CHECK(r.size_class == f.cls);
+    CHECK(r.object_size == 48);
+    CHECK(r.spans_cached == 3);
+    CHECK(r.spans_partial == 0);
+    CHECK(r.mallocs == 9);
+    CHECK(r.frees == 2);
+    CHECK(r.objects_live == 7);
+    CHECK(r.bytes_in_use == 3 * class_span_bytes(f.cls));
+    CHECK(r.bytes_wasted == 3 * class_span_bytes(f.cls) - 7 * 48);
+    CHECK(t->rows[tiny_size_class - 1].spans_cached == 1);
+    CHECK(t->rows[tiny_size_class - 1].objects_live == 1);
+    CHECK(t->rows[6].mallocs == 0);
+    // Taken back: the span with objects waits on mcentral's partial list,
+    // the two empty ones go back to mheap.
+    f.rh.disconnect(f.a);
+    t = proto::decode_class_table(ask(f.rh, f.observer, msg::classes).body);
+    REQUIRE(t);
+    CHECK(t->rows[f.cls - 1].spans_cached == 0);
+    CHECK(t->rows[f.cls - 1].spans_partial == 1);
+    CHECK(t->rows[f.cls - 1].bytes_in_use == class_span_bytes(f.cls));
+    CHECK(t->rows[f.cls - 1].mallocs == 9);  // the retired slot's counters stay
+  }
+
+  TEST_CASE("the client table gives each client's pid, name, spans, objects and Unix time of hello") {
+    census_fixture f;
+    const std::uint64_t before = unix_now_ns();
+    test::advance_fake_clock(5'000'000'000);  // hello was 5 s ago on mheap's clock
+    auto got = ask(f.rh, f.observer, msg::clients);
+    const std::uint64_t after = unix_now_ns();
+    REQUIRE(got.status == errc::ok);
+    auto t = proto::decode_client_table(got.body);
+    REQUIRE(t);
+    CHECK(t->total == 1);
+    REQUIRE(t->rows.size() == 1);
+    const proto::client_row r = t->rows[0];  // a copy: t is asked again below
+    CHECK(r.id == f.a.id);
+    CHECK(r.pid == 4242);
+    CHECK(r.name == "census");
+    CHECK(r.spans == 4);
+    CHECK(r.large_objects == 0);
+    CHECK(r.bytes_held == 3 * class_span_bytes(f.cls) + class_span_bytes(tiny_size_class));
+    CHECK(r.objects_live == 7 + 1);  // not the tiny span's 32 counter blocks
+    CHECK(r.connected_unix_ns >= before - 5'000'000'000);
+    CHECK(r.connected_unix_ns <= after - 5'000'000'000);
+    // A large object counts as one object and its pages.
+    auto big = ask(f.rh, f.a, msg::alloc_large, proto::encode(proto::alloc_large_msg{40000, true}));
+    REQUIRE(big.status == errc::ok);
+    t = proto::decode_client_table(ask(f.rh, f.observer, msg::clients).body);
+    REQUIRE(t);
+    CHECK(t->rows[0].objects_live == 9);
+    CHECK(t->rows[0].large_objects == 1);
+    CHECK(t->rows[0].bytes_held == r.bytes_held + 5 * page_size);
+  }
+
+  TEST_CASE("the client table stops at one frame and counts the rest") {
+    test::test_heap t;
+    request_handler rh(*t.heap, {});
+    std::vector<client_state> clients(700);
+    for (std::size_t i = 0; i < clients.size(); ++i) say_hello(rh, clients[i], std::string(proto::max_name - 4, 'c') + std::to_string(1000 + i));
+    client_state observer;
+    const auto frame = proto::make_request(msg::clients, 3);
+    const reply r = rh.handle(observer, proto::decode_header(frame.data()), {});
+    CHECK(r.frame.size() <= proto::header_bytes + proto::max_payload);
+    auto parts = proto::split_reply(std::span<const std::uint8_t>(r.frame).subspan(proto::header_bytes));
+    REQUIRE(parts);
+    auto table = proto::decode_client_table(parts->body);
+    REQUIRE(table);
+    CHECK(table->total == 700);
+    const std::size_t fit = (proto::max_reply_body - proto::client_table_header_bytes) / (proto::client_row_fixed_bytes + proto::max_name);
+    CHECK(table->rows.size() == fit);
+    CHECK(table->rows.front().id == clients.front().id);  // the lowest ids
+    CHECK(table->rows.back().id == clients[fit - 1].id);
+  }
+
+  TEST_CASE("the page table and stats agree with the heap's census") {
+    census_fixture f;
+    f.rh.set_metrics_port(9464);
+    auto pages = proto::decode_page_table(ask(f.rh, f.observer, msg::pages).body);
+    REQUIRE(pages);
+    const std::uint64_t in_use = 3 * class_to_npages(f.cls) + class_to_npages(tiny_size_class);
+    CHECK(pages->page_size == page_size);
+    CHECK(pages->pages_in_use == in_use);
+    CHECK(pages->pages_committed == chunk_pages);
+    CHECK(pages->pages_free == chunk_pages - in_use);
+    CHECK(pages->pages_released == 0);
+    CHECK(pages->runs_in_use == 1);
+    CHECK(pages->runs_free == 1);
+    CHECK(pages->largest_free_run_pages == chunk_pages - in_use);
+    CHECK(pages->spans_in_use == 4);
+    CHECK(pages->large_spans == 0);
+    CHECK(pages->pages_capacity == f.t.seg->header().max_pages);
+
+    auto s = proto::decode_stats(ask(f.rh, f.observer, msg::stats).body);
+    REQUIRE(s);
+    const std::uint64_t alloc = 7 * 48 + 1 * 16;
+    CHECK(s->mallocs_total == 10);
+    CHECK(s->frees_total == 2);
+    CHECK(s->heap_objects == 8);
+    CHECK(s->heap_alloc_bytes == alloc);
+    CHECK(s->heap_inuse_bytes == in_use * page_size);
+    CHECK(s->heap_unused_bytes == in_use * page_size - alloc);
+    CHECK(s->metrics_port == 9464);
+  }
+
+  TEST_CASE("the reports take no body, and other requests before hello are still refused") {
+    census_fixture f;
+    for (msg m : {msg::stats, msg::classes, msg::clients, msg::pages}) {
+      CAPTURE(static_cast<int>(m));
+      auto got = ask(f.rh, f.observer, m, {1});
+      CHECK(got.status == errc::protocol_error);
+      CHECK(got.message.find("takes no body") != std::string::npos);
+      CHECK_FALSE(got.close);
+    }
+    CHECK(ask(f.rh, f.observer, msg::refill, proto::encode(proto::refill_msg{10, 1})).status == errc::protocol_error);
+    CHECK(f.observer.id == 0);
+    CHECK(f.rh.clients() == 1);  // asking did not register the observer
+  }
+}
+
 TEST_SUITE("daemon in process") {
   TEST_CASE("the daemon runs on a thread of the test, serves, and stops cleanly") {
     daemon_settings s;
@@ -97,8 +426,10 @@ TEST_SUITE("daemon in process") {
     char tmpl[] = "/tmp/shmalloc-test-XXXXXX";
     const std::string dir = mkdtemp(tmpl);
     s.socket_path = dir + "/d.sock";
+    s.metrics = "127.0.0.1:0";  // tests run in parallel: never the default port
     auto d = daemon::open(s);
     REQUIRE(d);
+    CHECK(d.value()->metrics_port() != 0);
     std::thread runner([&d] { d.value()->run(); });
     {
       control_client c(s.socket_path);
