@@ -2,11 +2,14 @@
 //
 // Each subcommand is one add_<name>() that registers it with CLI11 and returns
 // what to run when it is chosen; main() only parses and dispatches. The
-// commands that talk to the daemon over its Unix socket (stats, ping; later
-// classes, clients, spans) slot in the same way; size-classes needs no daemon.
+// commands that talk to the daemon over its Unix socket (stats, ping,
+// classes, clients, spans) share add_daemon_command and ask(); size-classes
+// needs no daemon. Tables print as memcached-tool does (a header row, aligned
+// columns); --json prints the same names as JSON, numbers as numbers.
 //
-// Exit codes: 0 success (also --help, --version), 1 the command failed,
-// 2 usage error (no or unknown subcommand, bad option; help goes to stderr).
+// Exit codes: 0 success (also --help, --version), 1 the command failed (no
+// daemon answers, it refused, or its reply was malformed: one line on
+// stderr), 2 usage error (no or unknown subcommand, bad option; help goes to stderr).
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -14,7 +17,10 @@
 #include "shm/control_client.hpp"
 #include "shm/size_classes.hpp"
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <ctime>
 #include <functional>
 #include <optional>
 #include <iostream>
@@ -60,67 +66,250 @@ subcommand add_size_classes(CLI::App& root) {
 
 // ---- commands that ask the daemon ------------------------------------------
 
+using shmalloc::proto::msg;
+using json = nlohmann::ordered_json;
+
 struct daemon_options {
   std::string socket = shmalloc::default_socket_path();
   bool json = false;
+  bool all = false;  // classes: every size class, not only those in use
 };
 
-// The daemon's stats, or an error line on stderr and nullopt.
-std::optional<shmalloc::proto::stats_msg> fetch_stats(const daemon_options& o) {
+// Asks the daemon one read-only question and decodes the reply, or prints
+// one error line on stderr and returns nullopt.
+template <class T>
+std::optional<T> ask(const daemon_options& o, msg request, std::optional<T> (*decode)(std::span<const std::uint8_t>)) {
   shmalloc::control_client c(o.socket);
   if (!c.connected()) {
     std::cerr << "shmallocctl: no shmallocd answers on " << o.socket << "\n";
     return std::nullopt;
   }
-  auto body = c.request(shmalloc::proto::msg::stats);
+  auto body = c.request(request);
   if (!body) {
-    std::cerr << "shmallocctl: " << body.err().message << "\n";
+    std::cerr << "shmallocctl: shmallocd on " << o.socket << ": " << body.err().message << "\n";
     return std::nullopt;
   }
-  auto stats = shmalloc::proto::decode_stats(body.value());
-  if (!stats) std::cerr << "shmallocctl: malformed stats reply from " << o.socket << "\n";
-  return stats;
+  auto reply = decode(body.value());
+  if (!reply) std::cerr << "shmallocctl: malformed reply from shmallocd on " << o.socket << "\n";
+  return reply;
 }
+
+// JSON as text; bytes that are not UTF-8 (a client's name is its own) become U+FFFD.
+std::string dump(const json& j) { return j.dump(2, ' ', false, json::error_handler_t::replace); }
+
+int flush_stdout() {
+  std::cout.flush();
+  return std::cout ? exit_ok : exit_failure;  // e.g. stdout is a full disk
+}
+
+// memcached-tool's display: a header row, then each column as wide as its
+// widest cell; text columns (all cells strings) left-aligned, the rest right.
+void print_table(const std::vector<std::string>& columns, const json& rows) {
+  std::vector<std::vector<std::string>> cells{columns};
+  std::vector<bool> text(columns.size(), true);
+  for (const auto& row : rows) {
+    auto& line = cells.emplace_back();
+    for (std::size_t i = 0; i < columns.size(); ++i) {
+      const json& v = row.at(columns[i]);
+      text[i] = text[i] && v.is_string();
+      line.push_back(v.is_string() ? v.get<std::string>() : v.dump());
+    }
+  }
+  std::vector<std::size_t> width(columns.size(), 0);
+  for (const auto& line : cells)
+    for (std::size_t i = 0; i < line.size(); ++i) width[i] = std::max(width[i], line[i].size());
+  for (const auto& line : cells) {
+    std::string out;
+    for (std::size_t i = 0; i < line.size(); ++i) {
+      const std::string pad(width[i] - line[i].size(), ' ');
+      out += (i ? "  " : "") + (text[i] ? line[i] + pad : pad + line[i]);
+    }
+    while (!out.empty() && out.back() == ' ') out.pop_back();
+    std::cout << out << '\n';
+  }
+}
+
+// ---- stats, ping ------------------------------------------------------------
 
 // Flat "name value" lines (like redis-cli INFO), or one JSON object.
 int print_stats(const daemon_options& o) {
-  auto s = fetch_stats(o);
+  auto s = ask(o, msg::stats, &shmalloc::proto::decode_stats);
   if (!s) return exit_failure;
-  nlohmann::ordered_json j;
+  json j;
 #define SHMALLOC_X(name) j[#name] = s->name;
   SHMALLOC_PROTO_STATS(SHMALLOC_X)
 #undef SHMALLOC_X
   if (o.json) {
-    std::cout << j.dump(2) << '\n';
+    std::cout << dump(j) << '\n';
   } else {
     for (const auto& [name, value] : j.items()) std::cout << name << ' ' << value << '\n';
   }
-  std::cout.flush();
-  return std::cout ? exit_ok : exit_failure;
+  return flush_stdout();
 }
 
 int ping(const daemon_options& o) {
-  if (!fetch_stats(o)) return exit_failure;
+  if (!ask(o, msg::stats, &shmalloc::proto::decode_stats)) return exit_failure;
   if (o.json) std::cout << R"({"ok": true})" << '\n';
   else std::cout << "ok\n";
-  return exit_ok;
+  return flush_stdout();
 }
+
+// ---- classes ----------------------------------------------------------------
+
+const std::vector<std::string> class_columns{"class",        "object_size",  "spans_partial", "spans_full",
+                                             "spans_cached", "objects_live", "bytes_in_use",  "bytes_wasted",
+                                             "mallocs",      "frees"};
+
+json class_json(const shmalloc::proto::class_row& r) {
+  return {{"class", r.size_class},        {"object_size", r.object_size},   {"spans_partial", r.spans_partial},
+          {"spans_full", r.spans_full},   {"spans_cached", r.spans_cached}, {"objects_live", r.objects_live},
+          {"bytes_in_use", r.bytes_in_use}, {"bytes_wasted", r.bytes_wasted}, {"mallocs", r.mallocs},
+          {"frees", r.frees}};
+}
+
+// Per size class; only classes with a span or a malloc unless --all.
+int print_classes(const daemon_options& o) {
+  auto t = ask(o, msg::classes, &shmalloc::proto::decode_class_table);
+  if (!t) return exit_failure;
+  json rows = json::array();
+  for (const auto& r : t->rows)
+    if (o.all || r.spans_partial + r.spans_full + r.spans_cached != 0 || r.mallocs != 0) rows.push_back(class_json(r));
+  if (o.json) std::cout << dump(json{{"classes", rows}}) << '\n';
+  else print_table(class_columns, rows);
+  return flush_stdout();
+}
+
+// ---- clients ----------------------------------------------------------------
+
+const std::vector<std::string> client_columns{"id",           "pid",        "name",          "bytes_held",
+                                              "objects_live", "spans_held", "large_objects", "connected_since",
+                                              "connected_seconds_ago"};
+
+std::uint64_t unix_now_ns() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
+}
+
+// "2026-01-31T12:34:56Z"
+std::string iso8601_utc(std::uint64_t unix_ns) {
+  const auto t = static_cast<std::time_t>(unix_ns / 1'000'000'000);
+  std::tm tm{};
+  char buf[32];
+  if (gmtime_r(&t, &tm) == nullptr || std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0) return "?";
+  return buf;
+}
+
+// A client names itself: control characters would reach the terminal.
+std::string printable(std::string name) {
+  for (char& ch : name)
+    if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) ch = '?';
+  return name;
+}
+
+json client_json(const shmalloc::proto::client_row& r, std::uint64_t now_ns) {
+  const std::uint64_t ago = now_ns > r.connected_unix_ns ? (now_ns - r.connected_unix_ns) / 1'000'000'000 : 0;
+  return {{"id", r.id},
+          {"pid", r.pid},
+          {"name", printable(r.name)},
+          {"bytes_held", r.bytes_held},
+          {"objects_live", r.objects_live},
+          {"spans_held", r.spans},
+          {"large_objects", r.large_objects},
+          {"connected_since", iso8601_utc(r.connected_unix_ns)},
+          {"connected_seconds_ago", ago}};
+}
+
+// Per connected client. The reply is one frame: past about 600 clients the
+// daemon sends as many as fit and the total, and we say how many are missing.
+int print_clients(const daemon_options& o) {
+  auto t = ask(o, msg::clients, &shmalloc::proto::decode_client_table);
+  if (!t) return exit_failure;
+  const std::uint64_t now = unix_now_ns();
+  json rows = json::array();
+  for (const auto& r : t->rows) rows.push_back(client_json(r, now));
+  const std::size_t left_out = t->total - t->rows.size();
+  if (o.json) {
+    std::cout << dump(json{{"total", t->total}, {"shown", t->rows.size()}, {"left_out", left_out}, {"clients", rows}})
+              << '\n';
+  } else {
+    print_table(client_columns, rows);
+    if (left_out != 0)
+      std::cout << "(" << left_out << " of " << t->total << " clients left out: the reply is limited to "
+                << shmalloc::proto::max_payload / 1024 << " KiB)\n";
+  }
+  return flush_stdout();
+}
+
+// ---- spans ------------------------------------------------------------------
+
+json spans_json(const shmalloc::proto::page_table_msg& p) {
+  json j;
+  j["page_size"] = p.page_size;
+  const std::pair<const char*, std::uint64_t> page_counts[] = {
+      {"capacity", p.pages_capacity}, {"committed", p.pages_committed}, {"in_use", p.pages_in_use},
+      {"free", p.pages_free},         {"released", p.pages_released}};
+  for (const auto& [name, pages] : page_counts) {
+    j[std::string("pages_") + name] = pages;
+    j[std::string("bytes_") + name] = pages * p.page_size;
+  }
+  j["runs_in_use"] = p.runs_in_use;
+  j["runs_free"] = p.runs_free;
+  j["runs_released"] = p.runs_released;
+  j["largest_free_run_pages"] = p.largest_free_run_pages;
+  j["largest_free_run_bytes"] = p.largest_free_run_pages * p.page_size;
+  j["spans_in_use"] = p.spans_in_use;
+  j["large_spans"] = p.large_spans;
+  return j;
+}
+
+// Text: pages, bytes and runs per kind of page, then the span counts.
+void print_spans_text(const json& j) {
+  json rows = json::array();
+  for (const char* kind : {"capacity", "committed", "in_use", "free", "released"}) {
+    const std::string runs = std::string("runs_") + kind;
+    rows.push_back({{"kind", kind},
+                    {"pages", j[std::string("pages_") + kind]},
+                    {"bytes", j[std::string("bytes_") + kind]},
+                    {"runs", j.contains(runs) ? j[runs] : json("-")}});
+  }
+  rows.push_back({{"kind", "largest_free_run"},
+                  {"pages", j["largest_free_run_pages"]},
+                  {"bytes", j["largest_free_run_bytes"]},
+                  {"runs", "-"}});
+  print_table({"kind", "pages", "bytes", "runs"}, rows);
+  std::cout << '\n';
+  print_table({"spans_in_use", "large_spans"}, json::array({j}));
+}
+
+// The page map: what is committed, in use, free and released, in runs.
+int print_spans(const daemon_options& o) {
+  auto p = ask(o, msg::pages, &shmalloc::proto::decode_page_table);
+  if (!p) return exit_failure;
+  const json j = spans_json(*p);
+  if (o.json) std::cout << dump(j) << '\n';
+  else print_spans_text(j);
+  return flush_stdout();
+}
+
+// ---- registration -----------------------------------------------------------
 
 void add_daemon_options(CLI::App* app, daemon_options& o) {
   app->add_option("--socket", o.socket, "control socket (default: $SHMALLOC_SOCKET or the standard path)");
   app->add_flag("--json", o.json, "print JSON");
 }
 
-subcommand add_stats(CLI::App& root, daemon_options& o) {
-  CLI::App* app = root.add_subcommand("stats", "Print the heap's memory summary (MemStats names)");
+subcommand add_daemon_command(CLI::App& root, daemon_options& o, const char* name, const char* help,
+                              int (*run)(const daemon_options&)) {
+  CLI::App* app = root.add_subcommand(name, help);
   add_daemon_options(app, o);
-  return {app, [&o] { return print_stats(o); }};
+  return {app, [&o, run] { return run(o); }};
 }
 
-subcommand add_ping(CLI::App& root, daemon_options& o) {
-  CLI::App* app = root.add_subcommand("ping", "Exit 0 when the daemon answers (a container healthcheck)");
-  add_daemon_options(app, o);
-  return {app, [&o] { return ping(o); }};
+subcommand add_classes(CLI::App& root, daemon_options& o) {
+  subcommand cmd = add_daemon_command(root, o, "classes", "Per size class: spans, live objects, bytes in use and wasted",
+                                      &print_classes);
+  cmd.app->add_flag("--all", o.all, "every size class, not only those with a span or an allocation");
+  return cmd;
 }
 
 // ---- main -------------------------------------------------------------------
@@ -140,8 +329,13 @@ int main(int argc, char** argv) {
   daemon_options daemon;
   const std::vector<subcommand> commands{
       add_size_classes(root),
-      add_stats(root, daemon),
-      add_ping(root, daemon),
+      add_daemon_command(root, daemon, "stats", "Print the heap's memory summary (MemStats names)", &print_stats),
+      add_daemon_command(root, daemon, "ping", "Exit 0 when the daemon answers (a container healthcheck)", &ping),
+      add_classes(root, daemon),
+      add_daemon_command(root, daemon, "clients", "Per connected client: pid, name, bytes, objects and spans held",
+                         &print_clients),
+      add_daemon_command(root, daemon, "spans", "The page map: pages committed, in use, free, released; runs; spans",
+                         &print_spans),
   };
 
   try {

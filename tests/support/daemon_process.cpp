@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <thread>
@@ -89,6 +90,37 @@ daemon_process::~daemon_process() {
   segment::remove(heap);
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
+}
+
+namespace {
+std::string slurp(FILE* f) {
+  std::string s;
+  char buf[4096];
+  std::size_t n = 0;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
+  return s;
+}
+}  // namespace
+
+int run_ctl(const std::string& args, std::string* out, std::string* err) {
+  char err_path[] = "/tmp/shmalloc-test-ctl-XXXXXX";
+  const int err_fd = err ? mkstemp(err_path) : -1;
+  if (err && err_fd < 0) return -1;
+  const std::string redirect = err ? std::string(" 2>") + err_path : " 2>/dev/null";
+  FILE* p = popen((std::string(SHMALLOC_CTL_PATH) + " " + args + redirect).c_str(), "r");
+  int status = -1;
+  if (p) {
+    *out = slurp(p);
+    status = pclose(p);
+  }
+  if (err) {
+    FILE* e = fdopen(err_fd, "r");
+    *err = e ? slurp(e) : std::string();
+    if (e) std::fclose(e);
+    else close(err_fd);
+    unlink(err_path);
+  }
+  return p && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
 }  // namespace shmalloc::test
