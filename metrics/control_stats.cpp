@@ -20,6 +20,9 @@ std::string_view op_name(std::size_t op) noexcept {
     case msg::publish: return "publish";
     case msg::lookup: return "lookup";
     case msg::unpublish: return "unpublish";
+    case msg::classes: return "classes";
+    case msg::clients: return "clients";
+    case msg::pages: return "pages";
     default: return "unknown";
   }
 }

@@ -2,7 +2,8 @@
 # Builds and runs every test twice: a normal optimised build and an
 # ASan+UBSan debug build (which also turns on the expensive assertions);
 # then, under TSan, the stress suite (the lock-free remote-free stacks from
-# threads and processes) and libshmalloc's multi-thread tests (the span pool).
+# threads and processes), libshmalloc's multi-thread tests (the span pool),
+# and the daemon serving while its metrics endpoint scrapes the heap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
@@ -21,11 +22,13 @@ run_suite build -DCMAKE_BUILD_TYPE=RelWithDebInfo
 echo "== ASan+UBSan build (Debug)"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
   run_suite build-asan -DCMAKE_BUILD_TYPE=Debug -DSHMALLOC_SANITIZE=address,undefined
-echo "== TSan build (Debug) of the lock-free code: the stress suite and libshmalloc's threads"
+echo "== TSan build (Debug) of the lock-free and threaded code: the stress suite, libshmalloc's threads, metrics"
 cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHMALLOC_SANITIZE=thread >/dev/null
-cmake --build build-tsan -j "$jobs" --target shm_stress_tests client_tests shmallocd
+cmake --build build-tsan -j "$jobs" --target shm_stress_tests client_tests shmallocd service_unit_tests metrics_tests
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/shm_stress_tests
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/client_tests -tc="four threads*,steady*"
+TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/service_unit_tests -ts="daemon in process"
+TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/metrics/metrics_tests
 
 leftover=$(comm -13 <(echo "$before" | sort) <(ls /dev/shm | grep '^shmalloc-test-' | sort || true) | grep . || true)
 if [ -n "$leftover" ]; then

@@ -3,10 +3,6 @@
 // test sees exactly what Prometheus would.
 #include <doctest/doctest.h>
 #include <prometheus/text_serializer.h>
-#include <sys/socket.h>
-#include <netinet/in.h>
-#include <arpa/inet.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <ctime>
@@ -19,6 +15,7 @@
 #include "metrics/collector.hpp"
 #include "metrics/process_collector.hpp"
 #include "metrics/server.hpp"
+#include "support/http_get.hpp"
 #include "support/test_heap.hpp"
 
 using namespace shmalloc;
@@ -189,12 +186,14 @@ TEST_SUITE("metrics") {
     s.control.record(static_cast<std::uint16_t>(proto::msg::refill), errc::ok, 20e-6);
     s.control.record(static_cast<std::uint16_t>(proto::msg::refill), errc::quota_exceeded, 3e-6);
     s.control.record(static_cast<std::uint16_t>(proto::msg::hello), errc::ok, 2.0);
+    s.control.record(static_cast<std::uint16_t>(proto::msg::pages), errc::ok, 1e-6);
     s.control.record(999, errc::protocol_error, 1e-6);
     s.control.record(static_cast<std::uint16_t>(proto::msg::welcome), errc::protocol_error, 1e-6);  // a reply type
     const scrape m(render(heap_families(s, build)));
     CHECK(m.at(R"(shmalloc_control_requests_total{op="refill"})") == 2);
     CHECK(m.at(R"(shmalloc_control_requests_total{op="hello"})") == 1);
     CHECK(m.at(R"(shmalloc_control_requests_total{op="unknown"})") == 2);
+    CHECK(m.at(R"(shmalloc_control_requests_total{op="pages"})") == 1);
     CHECK(m.at(R"(shmalloc_control_request_failures_total{op="refill",reason="quota_exceeded"})") == 1);
     CHECK(m.at(R"(shmalloc_control_request_failures_total{op="unknown",reason="protocol_error"})") == 2);
     CHECK(m.series.count(R"(shmalloc_control_request_failures_total{op="hello",reason="ok"})") == 0);
@@ -252,19 +251,7 @@ TEST_SUITE("metrics") {
     REQUIRE(first);
     const std::uint16_t port = first.value()->port();
     CHECK(port != 0);
-    // A plain HTTP/1.0 GET over a socket.
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(port);
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-    const std::string get = "GET /metrics HTTP/1.0\r\n\r\n";
-    REQUIRE(write(fd, get.data(), get.size()) == static_cast<ssize_t>(get.size()));
-    std::string response;
-    char buf[4096];
-    for (ssize_t n; (n = read(fd, buf, sizeof buf)) > 0;) response.append(buf, static_cast<std::size_t>(n));
-    close(fd);
+    const std::string response = shmalloc::test::http_get(port);
     CHECK(response.find("200 OK") != std::string::npos);
     CHECK(response.find(R"(shmalloc_build_info{revision="abcdef",version="1.2.3"} 1)") != std::string::npos);
 

@@ -12,6 +12,7 @@
 #include "shm/control_client.hpp"
 #include "shm/mspan.hpp"
 #include "shm/verify.hpp"
+#include "support/http_get.hpp"
 #include "support/test_heap.hpp"
 
 using namespace shmalloc;
@@ -439,6 +440,12 @@ TEST_SUITE("daemon in process") {
       CHECK(w->heap_name == s.heap.name);
       auto spans = c.request(msg::refill, proto::encode(proto::refill_msg{span_class::make(3, true).value, 2}));
       CHECK(spans);
+      // A scrape on the HTTP thread while the daemon serves on its own
+      // (under TSan: the heap lock keeps the two apart).
+      const std::string scrape = test::http_get(d.value()->metrics_port());
+      CHECK(scrape.find("\nshmalloc_clients 1\n") != std::string::npos);
+      CHECK(scrape.find("shmalloc_size_class_spans{size_class=\"24\",state=\"cached\"} 2") != std::string::npos);
+      CHECK(scrape.find("shmalloc_control_requests_total{op=\"refill\"} 1") != std::string::npos);
     }
     d.value()->request_stop();
     runner.join();
