@@ -185,22 +185,39 @@ awaitable<void> daemon::serve(std::shared_ptr<session> s) {
   sessions_.erase(s);
 }
 
+// Deadlines are checked on a period rather than by re-arming the timer for
+// every frame: a request then costs no timer syscalls, and a deadline is
+// enforced within a quarter of the shorter timeout.
+clock_type::duration daemon::watchdog_period() const {
+  const auto shorter = std::chrono::nanoseconds(std::min(settings_.hello_timeout_ns, settings_.frame_timeout_ns));
+  return std::clamp<clock_type::duration>(shorter / 4, std::chrono::milliseconds(10), std::chrono::seconds(1));
+}
+
 awaitable<void> daemon::watchdog(std::shared_ptr<session> s) {
-  for (;;) {
-    const auto deadline = s->deadline;
-    if (deadline <= clock_type::now()) co_return;  // ends the session: the reader is cancelled
-    s->timer.expires_at(deadline);
+  const auto period = watchdog_period();
+  while (s->deadline > clock_type::now()) {  // returning ends the session: the reader is cancelled
+    s->timer.expires_after(period);
     co_await s->timer.async_wait(use_tuple);
   }
 }
 
+// Reads until in holds at least want bytes, taking whatever has arrived (one
+// read usually brings a whole frame). Bytes of a started frame must all come
+// within the frame timeout. False when the connection ends.
+awaitable<bool> daemon::fill(session& s, std::vector<std::uint8_t>& in, std::size_t want) {
+  if (in.size() >= want) co_return true;
+  if (!in.empty())
+    s.deadline = std::min(s.deadline, clock_type::now() + std::chrono::nanoseconds(settings_.frame_timeout_ns));
+  auto [ec, n] = co_await asio::async_read(s.socket, asio::dynamic_buffer(in), asio::transfer_at_least(want - in.size()),
+                                           use_tuple);
+  co_return !ec;
+}
+
 awaitable<void> daemon::read_frames(std::shared_ptr<session> s) {
-  std::uint8_t head[proto::header_bytes];
-  std::vector<std::uint8_t> payload;
+  std::vector<std::uint8_t> in;  // bytes read and not yet handled
   for (;;) {
-    auto [ec, n] = co_await asio::async_read(s->socket, asio::buffer(head), use_tuple);
-    if (ec) co_return;
-    const proto::frame_header h = proto::decode_header(head);
+    if (!co_await fill(*s, in, proto::header_bytes)) co_return;
+    const proto::frame_header h = proto::decode_header(in.data());
     if (std::string why = proto::check_header(h); !why.empty()) {
       {
         std::lock_guard lock(heap_mutex_);
@@ -210,23 +227,24 @@ awaitable<void> daemon::read_frames(std::shared_ptr<session> s) {
       co_await asio::async_write(s->socket, asio::buffer(frame), use_tuple);
       co_return;  // the framing is broken: nothing after this can be trusted
     }
-    s->deadline = std::min(s->deadline, clock_type::now() + std::chrono::nanoseconds(settings_.frame_timeout_ns));
-    s->timer.cancel();
-    payload.resize(h.length);
-    auto [ec2, m] = co_await asio::async_read(s->socket, asio::buffer(payload), use_tuple);
-    if (ec2) co_return;
-    const auto start = clock_type::now();
-    reply r;
-    {
-      std::lock_guard lock(heap_mutex_);
-      r = handler_->handle(s->client, h, payload);
-      const auto status = static_cast<errc>(proto::decode_header(r.frame.data()).status);
-      control_stats_.record(h.type, status, std::chrono::duration<double>(clock_type::now() - start).count());
-    }
+    const std::size_t frame_bytes = proto::header_bytes + h.length;
+    if (!co_await fill(*s, in, frame_bytes)) co_return;
+    reply r = handle(*s, h, std::span<const std::uint8_t>(in).subspan(proto::header_bytes, h.length));
+    in.erase(in.begin(), in.begin() + static_cast<std::ptrdiff_t>(frame_bytes));
+    // A client that has said hello may idle; one that has not keeps its deadline.
     s->deadline = s->client.id == 0 ? s->deadline : clock_type::time_point::max();
-    auto [ec3, w] = co_await asio::async_write(s->socket, asio::buffer(r.frame), use_tuple);
-    if (ec3 || r.close) co_return;
+    auto [ec, w] = co_await asio::async_write(s->socket, asio::buffer(r.frame), use_tuple);
+    if (ec || r.close) co_return;
   }
+}
+
+reply daemon::handle(session& s, const proto::frame_header& h, std::span<const std::uint8_t> payload) {
+  const auto start = clock_type::now();
+  std::lock_guard lock(heap_mutex_);
+  reply r = handler_->handle(s.client, h, payload);
+  const auto status = static_cast<errc>(proto::decode_header(r.frame.data()).status);
+  control_stats_.record(h.type, status, std::chrono::duration<double>(clock_type::now() - start).count());
+  return r;
 }
 
 awaitable<void> daemon::housekeeping() {

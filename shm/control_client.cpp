@@ -20,9 +20,7 @@ std::string default_socket_path() {
   return "/tmp/shmalloc-" + std::to_string(geteuid()) + "/shmallocd.sock";
 }
 
-
-
-control_client::control_client(const std::string& path) {
+control_client::control_client(const std::string& path) : in_(new std::uint8_t[capacity]) {
   fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
@@ -47,28 +45,43 @@ bool control_client::send_bytes(const std::vector<std::uint8_t>& bytes) {
   return true;
 }
 
-namespace {
-bool read_exact(int fd, std::uint8_t* out, std::size_t n, int timeout_ms) {
-  std::size_t at = 0;
-  while (at < n) {
-    pollfd p{fd, POLLIN, 0};
-    if (poll(&p, 1, timeout_ms) <= 0) return false;
-    const ssize_t got = ::recv(fd, out + at, n - at, 0);
-    if (got <= 0) return false;
-    at += static_cast<std::size_t>(got);
+bool control_client::set_timeout(int timeout_ms) {
+  if (timeout_ms == timeout_ms_) return true;
+  timeval tv{timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+  if (setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) return false;
+  timeout_ms_ = timeout_ms;
+  return true;
+}
+
+// Reads until the buffer holds want bytes from its start. One recv takes
+// whatever has arrived, usually a whole reply: a round trip costs one
+// blocking recv, with the timeout set on the socket rather than by poll.
+bool control_client::fill(std::size_t want, int timeout_ms) {
+  if (timeout_ms > 0 && !set_timeout(timeout_ms)) return false;
+  while (end_ - begin_ < want) {
+    if (begin_ != 0) {  // keep what is unread at the front
+      std::memmove(in_.get(), in_.get() + begin_, end_ - begin_);
+      end_ -= begin_;
+      begin_ = 0;
+    }
+    const ssize_t got = ::recv(fd_, in_.get() + end_, capacity - end_, timeout_ms > 0 ? 0 : MSG_DONTWAIT);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) return false;  // closed, timed out, or an error
+    end_ += static_cast<std::size_t>(got);
   }
   return true;
 }
-}  // namespace
 
 std::optional<control_client::frame> control_client::read_frame(int timeout_ms) {
-  std::uint8_t head[proto::header_bytes];
-  if (!read_exact(fd_, head, sizeof head, timeout_ms)) return std::nullopt;
+  if (fd_ < 0 || !fill(proto::header_bytes, timeout_ms)) return std::nullopt;
   frame f;
-  f.header = proto::decode_header(head);
+  f.header = proto::decode_header(in_.get() + begin_);
   if (f.header.length > proto::max_payload) return std::nullopt;
-  f.payload.resize(f.header.length);
-  if (!read_exact(fd_, f.payload.data(), f.payload.size(), timeout_ms)) return std::nullopt;
+  if (!fill(proto::header_bytes + f.header.length, timeout_ms)) return std::nullopt;
+  const std::uint8_t* payload = in_.get() + begin_ + proto::header_bytes;
+  f.payload.assign(payload, payload + f.header.length);
+  begin_ += proto::header_bytes + f.header.length;
+  if (begin_ == end_) begin_ = end_ = 0;
   return f;
 }
 
@@ -88,6 +101,7 @@ std::optional<proto::welcome_msg> control_client::hello(const std::string& name)
 }
 
 bool control_client::drain() {
+  begin_ = end_ = 0;
   std::uint8_t b[4096];
   for (;;) {
     const ssize_t n = ::recv(fd_, b, sizeof b, MSG_DONTWAIT);
@@ -97,6 +111,7 @@ bool control_client::drain() {
 }
 
 bool control_client::eof(int timeout_ms) {
+  begin_ = end_ = 0;  // unread replies are dropped
   std::uint8_t b[256];
   for (;;) {
     pollfd p{fd_, POLLIN, 0};

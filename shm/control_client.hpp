@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -19,7 +20,9 @@ std::string default_socket_path();
 
 // A blocking client of the control socket, without Asio: shmallocctl's,
 // and the tests'. Every read waits at most timeout_ms, so a daemon that is
-// gone or stalled is an error within a bounded time, never a hang.
+// gone or stalled is an error within a bounded time, never a hang. Replies
+// are read through a buffer of one frame, so a round trip is one send and
+// (usually) one recv.
 class control_client {
  public:
   explicit control_client(const std::string& socket_path);
@@ -46,8 +49,16 @@ class control_client {
   bool drain();  // true once the daemon has closed the connection
 
  private:
+  static constexpr std::size_t capacity = proto::header_bytes + proto::max_payload;  // one whole frame
+  bool fill(std::size_t want, int timeout_ms);
+  bool set_timeout(int timeout_ms);
+
   int fd_ = -1;
   std::uint32_t next_id_ = 1;
+  int timeout_ms_ = 0;  // SO_RCVTIMEO now set (0: none)
+  std::unique_ptr<std::uint8_t[]> in_;  // bytes received; [begin_, end_) not yet read
+  std::size_t begin_ = 0;
+  std::size_t end_ = 0;
 };
 
 }  // namespace shmalloc
