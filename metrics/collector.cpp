@@ -47,7 +47,8 @@ void add_memstats(family_list& out, const heap_census& c) {
   const std::uint64_t alloc = c.heap_alloc_bytes();
   const std::uint64_t unused = m.heap_inuse_bytes > alloc ? m.heap_inuse_bytes - alloc : 0;
   out.gauge("shmalloc_sys_bytes",
-            "Bytes of the heap's segment backed by memory: heap pages and metadata (go_memstats_sys_bytes).",
+            "Bytes obtained for the heap: heap pages (released ones included) and committed metadata "
+            "(go_memstats_sys_bytes).",
             d(m.heap_sys_bytes + m.metadata_sys_bytes));
   out.gauge("shmalloc_heap_sys_bytes",
             "Heap pages committed: heap_inuse_bytes + heap_idle_bytes (go_memstats_heap_sys_bytes).",
@@ -147,33 +148,57 @@ void add_classes(family_list& out, const heap_census& c) {
   }
 }
 
+// Failures alerting rules watch exist from the start at 0, so that rate()
+// sees the first one (a series that appears with its first failure has no
+// earlier sample to compare with).
+bool watched_failure(std::size_t op, std::size_t reason) noexcept {
+  const auto o = static_cast<proto::msg>(op);
+  const auto r = static_cast<errc>(reason);
+  const bool grows = o == proto::msg::refill || o == proto::msg::alloc_large;
+  return (grows && (r == errc::no_memory || r == errc::no_space || r == errc::quota_exceeded)) ||
+         (op == 0 && r == errc::protocol_error);
+}
+
+void add_duration(MetricFamily& f, const std::string& op, const op_stats& o) {
+  ClientMetric::Histogram& h = labelled(f, {{"op", op}}).histogram;
+  std::uint64_t cumulative = 0;
+  for (std::size_t b = 0; b < o.duration_counts.size(); ++b) {
+    cumulative += o.duration_counts[b];
+    h.bucket.push_back({cumulative, b < control_duration_bounds.size() ? control_duration_bounds[b]
+                                                                        : std::numeric_limits<double>::infinity()});
+  }
+  h.sample_count = cumulative;
+  h.sample_sum = o.duration_sum;
+}
+
+// Every request op is exported from the start, with "unknown" for the rest.
 void add_control(family_list& out, const control_stats& cs) {
   MetricFamily& requests = out.family("shmalloc_control_requests_total",
                                       "Control-socket requests handled, by op.", MetricType::Counter);
   MetricFamily& failures = out.family("shmalloc_control_request_failures_total",
-                                      "Control-socket requests answered with an error, by op and reason.",
+                                      "Control-socket requests that failed, wholly or in part, by op and reason.",
                                       MetricType::Counter);
-  MetricFamily& duration = out.family("shmalloc_control_request_duration_seconds",
-                                      "Time from a whole request read to its reply built, by op.",
-                                      MetricType::Histogram);
+  MetricFamily& duration = out.family(
+      "shmalloc_control_request_duration_seconds",
+      "Time from a whole request read to its reply built, by op (requests with a malformed header excluded).",
+      MetricType::Histogram);
   for (std::size_t i = 0; i < max_ops; ++i) {
+    if (i != 0 && !is_request(i)) continue;
     const op_stats& o = cs.op(i);
-    if (o.requests == 0) continue;  // a series appears with its first request
     const std::string op{op_name(i)};
     labelled(requests, {{"op", op}}).counter.value = d(o.requests);
     for (std::size_t r = 1; r < num_reasons; ++r)
-      if (o.failures[r] != 0)
+      if (o.failures[r] != 0 || watched_failure(i, r))
         labelled(failures, {{"op", op}, {"reason", std::string{reason_name(r)}}}).counter.value = d(o.failures[r]);
-    ClientMetric::Histogram& h = labelled(duration, {{"op", op}}).histogram;
-    std::uint64_t cumulative = 0;
-    for (std::size_t b = 0; b < o.duration_counts.size(); ++b) {
-      cumulative += o.duration_counts[b];
-      h.bucket.push_back({cumulative, b < control_duration_bounds.size() ? control_duration_bounds[b]
-                                                                          : std::numeric_limits<double>::infinity()});
-    }
-    h.sample_count = cumulative;
-    h.sample_sum = o.duration_sum;
+    add_duration(duration, op, o);
   }
+  out.counter("shmalloc_control_connections_total", "Connections accepted on the control socket.",
+              d(cs.connections));
+  out.counter("shmalloc_control_peers_refused_total",
+              "Connections refused because the peer's uid and gid are not allowed.", d(cs.peers_refused));
+  out.counter("shmalloc_control_deadline_closes_total",
+              "Connections closed because hello, or a started frame, did not arrive in time.",
+              d(cs.deadline_closes));
 }
 
 }  // namespace
@@ -190,7 +215,7 @@ std::vector<MetricFamily> heap_families(const metrics_sample& s, const build_inf
   add_classes(out, s.census);
   out.gauge("shmalloc_clients", "Client processes connected to the daemon.", d(s.clients));
   add_control(out, s.control);
-  out.counter("shmalloc_reclaimed_bytes_total", "Bytes of spans taken back from clients that went away.",
+  out.counter("shmalloc_reclaimed_bytes_total", "Bytes of spans taken back from clients that disconnected, cleanly or by dying.",
               d(s.census.mem.reclaimed_bytes_total));
   out.counter("shmalloc_scavenged_bytes_total", "Bytes of free pages the scavenger returned to the OS.",
               d(s.census.mem.scavenged_bytes_total));

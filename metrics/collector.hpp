@@ -63,6 +63,10 @@ struct build_info {
   std::string revision;
 };
 
+// `git describe --always --dirty` of the tree this was built from
+// ("unknown" outside a git checkout); generated at build time.
+const char* build_revision() noexcept;
+
 // The shmalloc_* families, from a sample.
 std::vector<prometheus::MetricFamily> heap_families(const metrics_sample& s, const build_info& b);
 

@@ -48,16 +48,31 @@ std::string_view reason_name(std::size_t reason) noexcept {
   return "other";
 }
 
-void control_stats::record(std::uint16_t type, errc status, double seconds) noexcept {
-  // Types that are not requests (replies, unknown numbers) share row 0, so a
-  // peer sending junk cannot grow the label set.
-  const std::size_t i = op_name(type) == "unknown" ? 0 : type;
-  op_stats& s = ops_[i];
+bool is_request(std::size_t op) noexcept { return op != 0 && op_name(op) != "unknown"; }
+
+// Types that are not requests (replies, unknown numbers) share row 0, so a
+// peer sending junk cannot grow the label set.
+op_stats& control_stats::row(std::uint16_t type) noexcept { return ops_[is_request(type) ? type : 0]; }
+
+namespace {
+void count_failure(op_stats& s, errc status) noexcept {
+  if (status == errc::ok) return;
+  const auto r = static_cast<std::size_t>(status);
+  ++s.failures[r < num_reasons ? r : num_reasons - 1];
+}
+}  // namespace
+
+void control_stats::record_refused(std::uint16_t type, errc status) noexcept {
+  op_stats& s = row(type);
   ++s.requests;
-  if (status != errc::ok) {
-    const auto r = static_cast<std::size_t>(status);
-    ++s.failures[r < num_reasons ? r : num_reasons - 1];
-  }
+  count_failure(s, status);
+}
+
+void control_stats::record(std::uint16_t type, errc status, double seconds, errc shortfall) noexcept {
+  op_stats& s = row(type);
+  ++s.requests;
+  count_failure(s, status);
+  count_failure(s, shortfall);
   const auto b = std::lower_bound(control_duration_bounds.begin(), control_duration_bounds.end(), seconds);
   ++s.duration_counts[static_cast<std::size_t>(b - control_duration_bounds.begin())];
   s.duration_sum += seconds;

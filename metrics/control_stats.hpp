@@ -36,13 +36,26 @@ struct op_stats {
   double duration_sum = 0;
 };
 
+// True for the message types a client sends (the op label's values).
+bool is_request(std::size_t op) noexcept;
+
 class control_stats {
  public:
-  // One request of the given type was answered with status.
-  void record(std::uint16_t type, errc status, double seconds) noexcept;
+  // One request of the given type was answered with status (or succeeded in
+  // part: status ok, shortfall the reason it stopped short), seconds after
+  // it was read.
+  void record(std::uint16_t type, errc status, double seconds, errc shortfall = errc::ok) noexcept;
+  // A request refused before it could be timed (a malformed header): counted
+  // and failed, kept out of the duration histogram.
+  void record_refused(std::uint16_t type, errc status) noexcept;
   const op_stats& op(std::size_t i) const noexcept { return ops_[i]; }
 
+  std::uint64_t connections = 0;         // accepted
+  std::uint64_t peers_refused = 0;       // peer credentials not allowed
+  std::uint64_t deadline_closes = 0;     // hello or frame deadline passed
+
  private:
+  op_stats& row(std::uint16_t type) noexcept;
   std::array<op_stats, max_ops> ops_{};
 };
 

@@ -85,7 +85,7 @@ result<std::unique_ptr<daemon>> daemon::open(const daemon_settings& settings) {
 error daemon::start_metrics() {
   if (settings_.metrics == "off") return {};
   auto heap = std::make_shared<metrics::heap_collector>([this] { return sample(); },
-                                                        metrics::build_info{SHMALLOC_VERSION, SHMALLOC_REVISION});
+                                                        metrics::build_info{SHMALLOC_VERSION, metrics::build_revision()});
   auto process = std::make_shared<metrics::process_collector>();
   auto server = metrics::metrics_server::start(settings_.metrics, {heap, process});
   if (!server) return server.err();
@@ -159,7 +159,15 @@ awaitable<void> daemon::accept_loop() {
 }
 
 awaitable<void> daemon::serve(std::shared_ptr<session> s) {
+  {
+    std::lock_guard lock(heap_mutex_);
+    ++control_stats_.connections;
+  }
   if (!peer_allowed(*s)) {
+    {
+      std::lock_guard lock(heap_mutex_);
+      ++control_stats_.peers_refused;
+    }
     spdlog::warn("refused connection from pid {} uid {}: not an allowed uid or gid", s->client.pid, s->client.uid);
     auto frame = proto::make_reply(proto::msg::welcome, 0, errc::permission_denied,
                                    "uid " + std::to_string(s->client.uid) + " may not use this heap");
@@ -167,7 +175,11 @@ awaitable<void> daemon::serve(std::shared_ptr<session> s) {
     asio::write(s->socket, asio::buffer(frame), ec);
   } else {
     s->deadline = clock_type::now() + std::chrono::nanoseconds(settings_.hello_timeout_ns);
-    co_await (read_frames(s) || watchdog(s));
+    const auto ended = co_await (read_frames(s) || watchdog(s));
+    if (ended.index() == 1) {  // the watchdog: a deadline passed
+      std::lock_guard lock(heap_mutex_);
+      ++control_stats_.deadline_closes;
+    }
   }
   if (s->client.id != 0)
     spdlog::info("client {} (pid {}, {}) disconnected; {} spans taken back", s->client.id, s->client.pid,
@@ -221,7 +233,7 @@ awaitable<void> daemon::read_frames(std::shared_ptr<session> s) {
     if (std::string why = proto::check_header(h); !why.empty()) {
       {
         std::lock_guard lock(heap_mutex_);
-        control_stats_.record(h.type, errc::protocol_error, 0);
+        control_stats_.record_refused(h.type, errc::protocol_error);
       }
       auto frame = proto::make_reply(proto::msg::ok, h.request_id, errc::protocol_error, why);
       co_await asio::async_write(s->socket, asio::buffer(frame), use_tuple);
@@ -243,7 +255,8 @@ reply daemon::handle(session& s, const proto::frame_header& h, std::span<const s
   std::lock_guard lock(heap_mutex_);
   reply r = handler_->handle(s.client, h, payload);
   const auto status = static_cast<errc>(proto::decode_header(r.frame.data()).status);
-  control_stats_.record(h.type, status, std::chrono::duration<double>(clock_type::now() - start).count());
+  control_stats_.record(h.type, status, std::chrono::duration<double>(clock_type::now() - start).count(),
+                        r.shortfall);
   return r;
 }
 

@@ -1,7 +1,8 @@
 // daemon.hpp: shmallocd, the one writer of mheap and mcentral.
 //
-// One thread runs the io_context; it owns the heap, so mheap and mcentral
-// need no locks (Asio's single-threaded server shape). Each connection is a
+// One thread runs the io_context and is the heap's only writer (Asio's
+// single-threaded server shape); the one lock, heap_mutex_, only keeps the
+// metrics scrape (below) from reading while that thread writes. Each connection is a
 // session: a coroutine reading length-prefixed frames, raced against a
 // watchdog that closes the socket when its deadline passes (before hello,
 // and while a started frame is incomplete), so a stalled peer cannot hold

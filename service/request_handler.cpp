@@ -115,7 +115,9 @@ reply request_handler::on_refill(client_state& c, const proto::frame_header& h, 
   // Partial success still hands over what was carved: the client must not
   // lose spans the daemon now records as its own.
   if (out.span_ids.empty()) return error_reply(msg::spans, h, failure.code, failure.message);
-  return ok_reply(msg::spans, h, proto::encode(out));
+  reply r = ok_reply(msg::spans, h, proto::encode(out));
+  r.shortfall = failure.code;
+  return r;
 }
 
 reply request_handler::on_release(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {

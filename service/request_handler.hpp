@@ -4,7 +4,8 @@
 //
 // It owns the client registry: which spans and large objects each client
 // holds. mheap and mcentral are used only from the thread that runs the
-// daemon's io_context, so nothing here takes a lock.
+// daemon's io_context, so nothing here takes a lock; the daemon calls it
+// holding heap_mutex_, so that a metrics scrape never reads mid-change.
 #pragma once
 
 #include <sys/types.h>
@@ -42,6 +43,9 @@ struct handler_settings {
 struct reply {
   std::vector<std::uint8_t> frame;
   bool close = false;  // the framing broke or the client said bye
+  // A request that succeeded in part (a refill cut short by the quota or a
+  // full heap): the reply is ok, but metrics count the failure's reason.
+  errc shortfall = errc::ok;
 };
 
 class request_handler {
@@ -115,7 +119,7 @@ class request_handler {
   mheap* heap_;
   handler_settings settings_;
   std::size_t clients_ = 0;
-  std::uint64_t requests_ = 0;  // handled, for stats (metrics will break them down by op)
+  std::uint64_t requests_ = 0;  // handled, for stats (the daemon's metrics count them by op)
   std::uint16_t metrics_port_ = 0;
   std::map<std::uint32_t, client_state*> by_id_;  // live clients, for frees of their large objects
   std::map<std::uint32_t, orphan_group> orphans_;  // by old client id

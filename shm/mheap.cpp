@@ -122,6 +122,9 @@ result<std::uint32_t> mheap::assign_cache(std::uint32_t client) {
   const auto committed = static_cast<std::uint32_t>(a.caches_committed.load(std::memory_order_relaxed));
   for (std::uint32_t i = 0; i < committed; ++i) {
     if (cache_slot(i).client.load(std::memory_order_relaxed) != 0) continue;
+    // retire_cache zeroed it; zero again in case a late bump of the slot's
+    // previous thread landed after that (it was already retired).
+    std::memset(static_cast<void*>(&cache_slot(i).stats), 0, sizeof(stats_block));
     cache_slot(i).client.store(client, std::memory_order_relaxed);
     bump(a.caches_in_use);
     return i;

@@ -4,6 +4,9 @@
 #include <doctest/doctest.h>
 #include <prometheus/text_serializer.h>
 
+#include <unistd.h>
+
+#include <chrono>
 #include <cmath>
 #include <ctime>
 #include <map>
@@ -114,6 +117,10 @@ TEST_SUITE("metrics") {
     CHECK(sys == inuse + idle);
     CHECK(inuse == alloc + unused);
     CHECK(idle == m.at("shmalloc_memory_classes_heap_free_bytes") + m.at("shmalloc_heap_released_bytes"));
+    // Against an independent source: the page bitmap, walked page by page.
+    const page_census pages = read_page_census(h);
+    CHECK(inuse == static_cast<double>(pages.pages_in_use * page_size));
+    CHECK(idle == static_cast<double>((pages.pages_free + pages.pages_released) * page_size));
     CHECK(m.at("shmalloc_alloc_bytes") == alloc);
     CHECK(m.at("shmalloc_heap_objects") == m.at("shmalloc_mallocs_total") - m.at("shmalloc_frees_total"));
     // The numbers themselves: 600 + 50 small objects and one large one live;
@@ -203,7 +210,30 @@ TEST_SUITE("metrics") {
     CHECK(m.at(R"(shmalloc_control_request_duration_seconds_bucket{op="hello",le="+Inf"})") == 1);
     CHECK(m.at(R"(shmalloc_control_request_duration_seconds_count{op="refill"})") == 2);
     CHECK(m.at(R"(shmalloc_control_request_duration_seconds_sum{op="refill"})") == doctest::Approx(23e-6));
-    CHECK(m.series.count(R"(shmalloc_control_requests_total{op="stats"})") == 0);  // never asked
+    // Every op and the failures alerts watch exist from the start, at 0.
+    CHECK(m.at(R"(shmalloc_control_requests_total{op="stats"})") == 0);
+    CHECK(m.at(R"(shmalloc_control_request_duration_seconds_count{op="stats"})") == 0);
+    CHECK(m.at(R"(shmalloc_control_request_failures_total{op="alloc_large",reason="no_space"})") == 0);
+    CHECK(m.series.count(R"(shmalloc_control_request_failures_total{op="stats",reason="no_space"})") == 0);
+  }
+
+  TEST_CASE("a refill cut short counts as a failure; a refused header is not timed; connections are counted") {
+    metrics_sample s;
+    s.valid = true;
+    const auto refill = static_cast<std::uint16_t>(proto::msg::refill);
+    s.control.record(refill, errc::ok, 1e-5, errc::quota_exceeded);  // some spans, then the quota
+    s.control.record_refused(refill, errc::protocol_error);
+    s.control.connections = 7;
+    s.control.peers_refused = 2;
+    s.control.deadline_closes = 1;
+    const scrape m(render(heap_families(s, build)));
+    CHECK(m.at(R"(shmalloc_control_requests_total{op="refill"})") == 2);
+    CHECK(m.at(R"(shmalloc_control_request_failures_total{op="refill",reason="quota_exceeded"})") == 1);
+    CHECK(m.at(R"(shmalloc_control_request_failures_total{op="refill",reason="protocol_error"})") == 1);
+    CHECK(m.at(R"(shmalloc_control_request_duration_seconds_count{op="refill"})") == 1);
+    CHECK(m.at("shmalloc_control_connections_total") == 7);
+    CHECK(m.at("shmalloc_control_peers_refused_total") == 2);
+    CHECK(m.at("shmalloc_control_deadline_closes_total") == 1);
   }
 
   TEST_CASE("names follow Prometheus' rules and labels stay bounded") {
@@ -251,7 +281,14 @@ TEST_SUITE("metrics") {
     REQUIRE(first);
     const std::uint16_t port = first.value()->port();
     CHECK(port != 0);
+    // Idle connections (anyone on the host may open them) take a worker
+    // each; scrapes still get through.
+    int idle[3];
+    for (int& fd : idle) fd = shmalloc::test::tcp_connect(port);
+    const auto t0 = std::chrono::steady_clock::now();
     const std::string response = shmalloc::test::http_get(port);
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(2));
+    for (int fd : idle) close(fd);
     CHECK(response.find("200 OK") != std::string::npos);
     CHECK(response.find(R"(shmalloc_build_info{revision="abcdef",version="1.2.3"} 1)") != std::string::npos);
 

@@ -9,5 +9,7 @@
 namespace shmalloc::test {
 
 std::string http_get(std::uint16_t port, const std::string& path = "/metrics");
+// A TCP connection to 127.0.0.1:port that sends nothing; -1 on failure.
+int tcp_connect(std::uint16_t port);
 
 }  // namespace shmalloc::test
