@@ -69,8 +69,12 @@ void span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept {
 std::uint32_t span_fold_remote(const heap_view& v, mspan& s, errc* status, std::string* why) noexcept {
   *status = errc::ok;
   // A plain load first: most folds find nothing, and the exchange is a
-  // locked instruction.
-  if (s.remote_free.load(std::memory_order_relaxed) == 0) return 0;
+  // locked instruction. Acquire even so (free on x86): the stack may have
+  // been emptied by another process (the daemon's sweep), and this load is
+  // what orders the pushers' writes into the objects (their links) before
+  // this thread reuses them. Across processes the socket that handed the
+  // span over orders them too, but TSan sees only this process.
+  if (s.remote_free.load(std::memory_order_acquire) == 0) return 0;
   std::uint32_t top = s.remote_free.exchange(0, std::memory_order_acquire);
   std::uint32_t folded = 0;
   // A well-formed stack has at most nelems entries. An object pushed a
