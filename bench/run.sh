@@ -109,6 +109,14 @@ out=docs/benchmarks.md
   echo "keeps what case 7 committed until the scavenger returns it. Boost.Interprocess's figure is its segment's"
   echo "used bytes over the live bytes in both."
   echo
+  echo "Why case 9 misses at case 2's steady state: objects of different size classes never share a span, and case"
+  echo "2's 1,000 objects (about 230 KB) spread over all 32 classes up to 1 KiB, which need at least about 48 spans"
+  echo "of 8 KiB (390 KB): no design with per-class spans gets below about 1.7 there (Go's included). Run alone"
+  echo "(\`bench_shmalloc 1 9.\`) it measures about 2.6: the current span plus the refill batch of each class. The"
+  echo "full run measures it after the other cases in the same"
+  echo "process, whose spans stay cached for speed (up to 16 spare spans per class per thread and up to 1 MiB"
+  echo "per class in the process pool) and count as in use until they are given back."
+  echo
   echo "![ns per operation by case and allocator](benchmarks.png)"
 } >"$out"
 
