@@ -1,6 +1,7 @@
 #include "shm/memstats.hpp"
 
 #include <algorithm>
+#include <bit>
 
 namespace shmalloc {
 
@@ -103,26 +104,38 @@ std::uint64_t heap_census::class_unused_bytes(std::size_t s) const noexcept {
   return spans_bytes > live ? spans_bytes - live : 0;
 }
 
+namespace {
+// Pages of m that start a run: set, with the page below not set (carry is
+// the top page of the word below).
+std::uint64_t run_starts(std::uint64_t m, std::uint64_t carry) noexcept { return m & ~((m << 1) | carry); }
+}  // namespace
+
+// A word (64 pages) at a time: a 1 TiB heap is 2 million words, not 134
+// million pages.
 page_census read_page_census(const mheap& h) noexcept {
   page_census p;
   p.pages_capacity = h.seg().header().max_pages;
   p.pages_committed = get(h.accounts().pages_committed);
   p.spans_in_use = h.state().span_pool.in_use;
   p.large_spans = get(h.accounts().large_spans);
-  enum class kind { none, in_use, free, released } prev = kind::none;
-  std::uint64_t free_run = 0;
-  for (std::uint64_t i = 0; i < p.pages_committed; ++i) {
-    const page_id pg{static_cast<std::uint32_t>(i)};
-    const kind k = !h.pages().is_free(pg) ? kind::in_use : h.is_released(pg) ? kind::released : kind::free;
-    if (k == kind::in_use) {
-      ++p.pages_in_use;
-      free_run = 0;
-    } else {
-      ++(k == kind::free ? p.pages_free : p.pages_released);
-      p.largest_free_run_pages = std::max(p.largest_free_run_pages, ++free_run);
-    }
-    if (k != prev) ++(k == kind::in_use ? p.runs_in_use : k == kind::free ? p.runs_free : p.runs_released);
-    prev = k;
+  p.largest_free_run_pages = h.pages().longest_free_run();  // uncommitted pages count as not free
+  std::uint64_t top_used = 0, top_free = 0, top_released = 0;
+  for (std::uint64_t first = 0; first < p.pages_committed; first += 64) {
+    const auto w = static_cast<std::uint32_t>(first / 64);
+    const std::uint64_t left = p.pages_committed - first;
+    const std::uint64_t valid = left >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << left) - 1;
+    const std::uint64_t used = h.pages().word(w) & valid;
+    const std::uint64_t released = h.released_word(w) & ~used & valid;
+    const std::uint64_t free = ~used & ~released & valid;
+    p.pages_in_use += static_cast<std::uint64_t>(std::popcount(used));
+    p.pages_released += static_cast<std::uint64_t>(std::popcount(released));
+    p.pages_free += static_cast<std::uint64_t>(std::popcount(free));
+    p.runs_in_use += static_cast<std::uint64_t>(std::popcount(run_starts(used, top_used)));
+    p.runs_released += static_cast<std::uint64_t>(std::popcount(run_starts(released, top_released)));
+    p.runs_free += static_cast<std::uint64_t>(std::popcount(run_starts(free, top_free)));
+    top_used = used >> 63;
+    top_released = released >> 63;
+    top_free = free >> 63;
   }
   return p;
 }

@@ -7,8 +7,11 @@
 //   read_memstats   mheap's page and metadata accounts (heap_accounts).
 //   read_census     adds every statistics block (each client thread's
 //                   mcache slot, and the counters of retired slots) and
-//                   mcentral's span counts, per size class.
-//   read_page_census  walks the page bitmap: runs free, in use, released.
+//                   mcentral's span counts, per size class. It reads about
+//                   1.2 KB per committed slot: 1.2 MB at the default 1,024
+//                   slots, tens of microseconds.
+//   read_page_census  walks the page bitmap a word (64 pages) at a time:
+//                   runs free, in use, released.
 //
 // The identities Go documents, and which the metrics tests assert:
 //

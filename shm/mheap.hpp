@@ -69,6 +69,7 @@ class mheap {
   mheap_state& state() const noexcept;
   heap_accounts& accounts() const noexcept;
   bool is_released(page_id p) const noexcept { return (released_[p.value / 64] >> (p.value % 64)) & 1; }
+  std::uint64_t released_word(std::uint32_t w) const noexcept { return released_[w]; }
   const chunk_info& chunk(std::uint32_t c) const noexcept { return chunks_[c]; }
   std::uint64_t now() const noexcept { return clock_(); }
 

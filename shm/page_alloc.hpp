@@ -52,6 +52,8 @@ class page_alloc {
   void mark_free(page_id first, std::uint32_t n) noexcept { set_range(first.value, n, false); }
 
   bool is_free(page_id p) const noexcept { return ((bits_[p.value / 64] >> (p.value % 64)) & 1) == 0; }
+  // Bitmap word w: bit i is page w * 64 + i, 1 = not free.
+  std::uint64_t word(std::uint32_t w) const noexcept { return bits_[w]; }
   // True if every page of [first, first + n) is free.
   bool all_free(page_id first, std::uint32_t n) const noexcept;
   // True if no page of [first, first + n) is free.

@@ -1,8 +1,11 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstring>
+#include <random>
 #include <vector>
 
+#include "shm/memstats.hpp"
 #include "shm/verify.hpp"
 #include "support/test_heap.hpp"
 
@@ -157,6 +160,43 @@ TEST_SUITE("mheap") {
     CHECK(p[0] == 0);
     CHECK(p[(1 << 20) - 1] == 0);
     require_healthy(h);
+  }
+
+  TEST_CASE("the page census counts pages and runs as a walk page by page does") {
+    test_heap t;
+    mheap& h = *t.heap;
+    std::mt19937 rng(7);
+    std::vector<span_id> runs;
+    for (int i = 0; i < 300; ++i) runs.push_back(alloc_run(h, 1 + rng() % 40));
+    for (std::size_t i = 0; i < runs.size(); i += 2) h.free_span(runs[i]);
+    shmalloc::test::advance_fake_clock(6'000'000'000ULL);
+    REQUIRE(h.scavenge(5'000'000'000ULL, 3ULL << 20) > 0);  // some free runs released, not all
+    for (int i = 0; i < 20; ++i) alloc_run(h, 1 + rng() % 8);  // some of them reused
+    require_healthy(h);
+
+    page_census want;
+    std::uint64_t free_run = 0;
+    int prev = -1;
+    for (std::uint32_t i = 0; i < h.accounts().pages_committed.load(); ++i) {
+      const page_id pg{i};
+      const int kind = !h.pages().is_free(pg) ? 0 : h.is_released(pg) ? 2 : 1;
+      (kind == 0 ? want.pages_in_use : kind == 1 ? want.pages_free : want.pages_released)++;
+      if (kind != prev) (kind == 0 ? want.runs_in_use : kind == 1 ? want.runs_free : want.runs_released)++;
+      free_run = kind == 0 ? 0 : free_run + 1;
+      want.largest_free_run_pages = std::max(want.largest_free_run_pages, free_run);
+      prev = kind;
+    }
+    const page_census got = read_page_census(h);
+    CHECK(want.pages_released > 0);
+    CHECK(want.runs_free > 10);
+    CHECK(got.pages_in_use == want.pages_in_use);
+    CHECK(got.pages_free == want.pages_free);
+    CHECK(got.pages_released == want.pages_released);
+    CHECK(got.runs_in_use == want.runs_in_use);
+    CHECK(got.runs_free == want.runs_free);
+    CHECK(got.runs_released == want.runs_released);
+    CHECK(got.largest_free_run_pages == want.largest_free_run_pages);
+    CHECK(got.pages_in_use + got.pages_free + got.pages_released == got.pages_committed);
   }
 
   TEST_CASE("cache slots are assigned, counted and retired into monotonic totals") {
