@@ -25,7 +25,8 @@ using clock_type = std::chrono::steady_clock;
 constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
 
 namespace {
-constexpr auto housekeeping_period = std::chrono::seconds(1);
+constexpr auto housekeeping_tick = std::chrono::milliseconds(100);
+constexpr std::uint64_t ticks_per_full_pass = 10;  // once a second
 }  // namespace
 
 struct daemon::session {
@@ -260,13 +261,23 @@ reply daemon::handle(session& s, const proto::frame_header& h, std::span<const s
   return r;
 }
 
+// Every tick, sweeps the span classes whose sweep_wanted flag a freer set
+// (remote frees into spans the daemon holds come back within a tick); once a
+// second, the slower work: a sweep of every span with pending remote frees
+// (the backstop for a flag set while the daemon cleared it), orphans whose
+// grace ran out, and the scavenger.
 awaitable<void> daemon::housekeeping() {
-  while (!stopping_) {
-    housekeeping_timer_.expires_after(housekeeping_period);
+  for (std::uint64_t tick = 1; !stopping_; ++tick) {
+    housekeeping_timer_.expires_after(housekeeping_tick);
     auto [ec] = co_await housekeeping_timer_.async_wait(use_tuple);
     if (ec || stopping_) co_return;
     std::lock_guard lock(heap_mutex_);
-    for (std::uint32_t c = 2; c < num_span_classes; ++c) heap_->central(span_class{static_cast<std::uint8_t>(c)}).sweep(~0u);  // every span with pending remote frees
+    const bool full = tick % ticks_per_full_pass == 0;
+    for (std::uint32_t c = 2; c < num_span_classes; ++c) {
+      const bool wanted = heap_->state().sweep_wanted[c].exchange(0, std::memory_order_acquire) != 0;
+      if (wanted || full) heap_->central(span_class{static_cast<std::uint8_t>(c)}).sweep(~0u);
+    }
+    if (!full) continue;
     if (std::size_t n = handler_->expire_orphans(settings_.reattach_grace_ns))
       spdlog::info("{} client(s) of the previous daemon did not reattach; their spans were taken back", n);
     if (std::uint64_t released = heap_->scavenge(settings_.scavenge_delay_ns))

@@ -89,6 +89,9 @@
 //                    any process, by CAS push; the holder by exchange.
 //                    state: the daemon (relaxed atomic; freers read it).
 //   root_entry       the daemon only; clients ask it (lookup) over the socket.
+//   mheap_state::sweep_wanted
+//                    any process freeing into a span the daemon holds sets
+//                    its class's flag; the daemon clears it and sweeps.
 //   mcache_slot      stats: the one client thread owning the slot, relaxed
 //                    single-writer stores (never read-modify-write); the
 //                    daemon reads them. client: the daemon.
@@ -127,7 +130,7 @@ namespace shmalloc {
 // ---------------------------------------------------------------------------
 
 inline constexpr std::uint64_t heap_magic = 0x636f6c6c616d6873ULL;  // "shmalloc", little endian
-inline constexpr std::uint32_t layout_version = 1;
+inline constexpr std::uint32_t layout_version = 2;  // 2: mheap_state::sweep_wanted
 inline constexpr std::uint64_t arena_bytes = 64ULL << 20;           // Go: heapArenaBytes
 inline constexpr std::uint32_t pages_per_arena = arena_bytes / page_size;
 inline constexpr std::uint32_t chunk_pages = 512;                   // Go: pallocChunkPages
@@ -300,6 +303,12 @@ struct mheap_state {
   std::uint32_t next_client_id;  // daemon only: client ids stay unique across daemon restarts
   mcentral_state central[num_span_classes];
   stats_block retired;  // counters of cache slots that were recycled (daemon writes)
+  // Per span class: set by any process that pushes a remote free onto a
+  // span the daemon holds (state central), so the daemon sweeps that class
+  // within a tick instead of waiting for its periodic sweep of every span;
+  // cleared by the daemon (exchange) when it sweeps the class. Its own cache
+  // lines: freers write it, the daemon polls it.
+  alignas(64) shared_atomic<std::uint8_t> sweep_wanted[num_span_classes];
 };
 
 // ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ heap_view heap_view::of(const segment& seg) noexcept {
   v.max_pages = h.max_pages;
   v.max_spans = h.max_spans;
   v.committed_pages = &seg.heap().accounts.pages_committed;
+  v.sweep_wanted = seg.heap().sweep_wanted;
   return v;
 }
 
@@ -64,6 +65,15 @@ void span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept {
   do {
     link = top;  // published by the release CAS below
   } while (!s.remote_free.compare_exchange_weak(top, i + 1, std::memory_order_release, std::memory_order_relaxed));
+  // A span the daemon holds is folded by the daemon: ask for a sweep of its
+  // class. Load first, so that many freers of one class mostly share the
+  // line instead of bouncing it. If the daemon clears the flag between the
+  // push and this load, its sweep may miss the push; its periodic sweep of
+  // every span picks it up.
+  if (s.state.load(std::memory_order_relaxed) == mspan_state::central && v.sweep_wanted != nullptr) {
+    shared_atomic<std::uint8_t>& wanted = v.sweep_wanted[s.span_class];
+    if (wanted.load(std::memory_order_relaxed) == 0) wanted.store(1, std::memory_order_release);
+  }
 }
 
 std::uint32_t span_fold_remote(const heap_view& v, mspan& s, errc* status, std::string* why) noexcept {

@@ -36,6 +36,7 @@ struct heap_view {
   // Pages committed so far (mheap's account; it only grows). Lookups never
   // read page_map beyond it: those entries are not backed by memory.
   const shared_atomic<std::uint64_t>* committed_pages = nullptr;
+  shared_atomic<std::uint8_t>* sweep_wanted = nullptr;  // mheap_state's, per span class
 
   static heap_view of(const segment& seg) noexcept;
 

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -232,6 +233,33 @@ TEST_SUITE("libshmalloc") {
     for (int i = 0; i < 200000; ++i) shmalloc_free(shmalloc_alloc(64));
     auto after = observer.call(proto::msg::stats);
     CHECK(proto::decode_stats(proto::split_reply(after->payload)->body)->heap_inuse_bytes == inuse_before);
+    a.check_heap();
+  }
+
+  TEST_CASE("memory another process frees into spans the daemon holds returns to the heap within a tick") {
+    attached_daemon a;
+    raw_client observer(a.d.socket);
+    auto inuse = [&observer] {
+      auto st = observer.call(proto::msg::stats);
+      REQUIRE(st);
+      return proto::decode_stats(proto::split_reply(st->payload)->body)->heap_inuse_bytes;
+    };
+    // 12.8 MB of 64-byte objects: the filled spans go back to the daemon.
+    std::vector<std::uint64_t> handles(200000);
+    for (auto& h : handles) h = shmalloc_handle(shmalloc_alloc(64));
+    const auto full = inuse();
+    CHECK(full >= 12'800'000);
+    const int freer = run_in_child([&handles] {
+      for (auto h : handles) shmalloc_free(shmalloc_pointer(h));
+      return 0;
+    });
+    REQUIRE(freer == 0);
+    // The freer flagged the class; the daemon's next 100 ms tick sweeps it
+    // (its sweep of every span comes only once a second).
+    const auto t0 = std::chrono::steady_clock::now();
+    while (inuse() > full / 4 && std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(450))
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    CHECK(inuse() <= full / 4);
     a.check_heap();
   }
 

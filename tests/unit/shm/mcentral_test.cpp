@@ -201,4 +201,23 @@ TEST_SUITE("mcentral") {
     for (std::size_t align = 32; align <= 8192; align *= 2) check_type(align / 2 + 8, align);
     require_healthy(h);
   }
+
+  TEST_CASE("a remote free into a span the daemon holds flags its class for a sweep; one into a cached span does not") {
+    test_heap t;
+    mheap& h = *t.heap;
+    const auto spc = span_class::make(6, false);
+    mcentral c = h.central(spc);
+    auto& wanted = h.state().sweep_wanted[spc.value];
+    auto cached = *c.cache_span(1);
+    span_alloc_object(h.span(cached));
+    span_push_remote(h.view(), h.span(cached), 0);
+    CHECK(wanted.load() == 0);  // its holder folds it
+    auto central = *c.cache_span(1);
+    span_alloc_object(h.span(central));
+    span_alloc_object(h.span(central));
+    REQUIRE(!c.uncache_span(central).message.size());
+    span_push_remote(h.view(), h.span(central), 1);
+    CHECK(wanted.load() == 1);
+    CHECK(h.state().sweep_wanted[spc.value + 2].load() == 0);  // only that class
+  }
 }
