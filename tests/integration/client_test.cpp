@@ -227,23 +227,16 @@ TEST_SUITE("libshmalloc") {
     attached_daemon a;
     for (int i = 0; i < 1000; ++i) shmalloc_free(shmalloc_alloc(64));  // warm up
     raw_client observer(a.d.socket);
-    auto before = observer.call(proto::msg::stats);
-    REQUIRE(before);
-    const auto inuse_before = proto::decode_stats(proto::split_reply(before->payload)->body)->heap_inuse_bytes;
+    const auto inuse_before = daemon_stats(observer).heap_inuse_bytes;
     for (int i = 0; i < 200000; ++i) shmalloc_free(shmalloc_alloc(64));
-    auto after = observer.call(proto::msg::stats);
-    CHECK(proto::decode_stats(proto::split_reply(after->payload)->body)->heap_inuse_bytes == inuse_before);
+    CHECK(daemon_stats(observer).heap_inuse_bytes == inuse_before);
     a.check_heap();
   }
 
   TEST_CASE("memory another process frees into spans the daemon holds returns to the heap within a tick") {
     attached_daemon a;
     raw_client observer(a.d.socket);
-    auto inuse = [&observer] {
-      auto st = observer.call(proto::msg::stats);
-      REQUIRE(st);
-      return proto::decode_stats(proto::split_reply(st->payload)->body)->heap_inuse_bytes;
-    };
+    auto inuse = [&observer] { return daemon_stats(observer).heap_inuse_bytes; };
     // 12.8 MB of 64-byte objects: the filled spans go back to the daemon.
     std::vector<std::uint64_t> handles(200000);
     for (auto& h : handles) h = shmalloc_handle(shmalloc_alloc(64));
@@ -266,11 +259,7 @@ TEST_SUITE("libshmalloc") {
   TEST_CASE("repeated large allocations are served from the process's cache, without a round trip each") {
     attached_daemon a;
     raw_client observer(a.d.socket);
-    auto requests = [&observer] {
-      auto st = observer.call(proto::msg::stats);
-      REQUIRE(st);
-      return proto::decode_stats(proto::split_reply(st->payload)->body)->control_requests_total;
-    };
+    auto requests = [&observer] { return daemon_stats(observer).control_requests_total; };
     for (std::size_t n : {64u << 10, 256u << 10, 1u << 20}) shmalloc_free(shmalloc_alloc(n));  // warm
     const auto before = requests();
     for (int i = 0; i < 3000; ++i) {

@@ -30,15 +30,7 @@ std::vector<std::uint32_t> refill(raw_client& c, std::uint8_t spc, std::uint16_t
   return list ? list->span_ids : std::vector<std::uint32_t>{};
 }
 
-proto::stats_msg stats(raw_client& c) {
-  auto f = c.call(msg::stats);
-  REQUIRE(f);
-  auto parts = proto::split_reply(f->payload);
-  REQUIRE(parts);
-  auto s = proto::decode_stats(parts->body);
-  REQUIRE(s);
-  return *s;
-}
+proto::stats_msg stats(raw_client& c) { return daemon_stats(c); }
 
 // Stops the daemon keeping its heap, then checks the heap it left.
 void check_heap_after(daemon_process& d) {

@@ -1,5 +1,7 @@
 #include "support/daemon_process.hpp"
 
+#include <doctest/doctest.h>
+
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/prctl.h>
@@ -83,6 +85,16 @@ int daemon_process::stop(int sig) {
   waitpid(pid_, &status, 0);
   pid_ = -1;
   return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+}
+
+proto::stats_msg daemon_stats(raw_client& c) {
+  auto f = c.call(proto::msg::stats);
+  REQUIRE(f);
+  auto parts = proto::split_reply(f->payload);
+  REQUIRE(parts);
+  auto s = proto::decode_stats(parts->body);
+  REQUIRE(s);
+  return *s;
 }
 
 daemon_process::~daemon_process() {

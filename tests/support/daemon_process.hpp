@@ -43,6 +43,9 @@ pid_t spawn_daemon(const std::vector<std::string>& args, const std::string& sock
 // The tests speak raw frames through the same client shmallocctl uses.
 using raw_client = control_client;
 
+// The daemon's stats reply (a doctest REQUIRE fails if there is none).
+proto::stats_msg daemon_stats(raw_client& c);
+
 // Runs shmallocctl with args (a shell word list); returns its exit code
 // (-1 if it did not exit) and its stdout in *out, its stderr in *err if given.
 int run_ctl(const std::string& args, std::string* out, std::string* err = nullptr);
