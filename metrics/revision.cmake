@@ -1,8 +1,12 @@
 # Writes OUT (a .cpp defining shmalloc::metrics::build_revision()) from
-# `git describe` of SOURCE_DIR, at every build, touching the file only when
+# REVISION if given, else `git describe` of SOURCE_DIR, at every build, touching the file only when
 # the revision changed, so shmalloc_build_info never reports a stale one.
-execute_process(COMMAND git describe --always --dirty --abbrev=12 WORKING_DIRECTORY ${SOURCE_DIR}
-                OUTPUT_VARIABLE revision OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE failed)
+if(REVISION)
+  set(revision ${REVISION})
+else()
+  execute_process(COMMAND git describe --always --dirty --abbrev=12 WORKING_DIRECTORY ${SOURCE_DIR}
+                  OUTPUT_VARIABLE revision OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE failed)
+endif()
 if(failed OR NOT revision)
   set(revision unknown)  # not a git checkout (a source tarball)
 endif()
