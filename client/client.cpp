@@ -239,7 +239,10 @@ int ensure_attached() {
 // pointers remain valid; the child says hello anew on first use.
 void after_fork_in_child() noexcept {
   runtime& r = rt();
-  if (r.conn) r.conn.release();  // leak the object: its fd is the parent's connection too
+  // Close the child's copy of the parent's socket (a copy held here would
+  // keep the daemon from seeing the parent exit), and leak the object: no
+  // allocator calls between fork and the child's own use.
+  if (r.conn) r.conn.release()->close_inherited();
   r.pool.clear();
   r.full.clear();
   r.held.clear();

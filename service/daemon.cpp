@@ -218,12 +218,16 @@ awaitable<void> daemon::watchdog(std::shared_ptr<session> s) {
 // read usually brings a whole frame). Bytes of a started frame must all come
 // within the frame timeout. False when the connection ends.
 awaitable<bool> daemon::fill(session& s, std::vector<std::uint8_t>& in, std::size_t want) {
-  if (in.size() >= want) co_return true;
-  if (!in.empty())
-    s.deadline = std::min(s.deadline, clock_type::now() + std::chrono::nanoseconds(settings_.frame_timeout_ns));
-  auto [ec, n] = co_await asio::async_read(s.socket, asio::dynamic_buffer(in), asio::transfer_at_least(want - in.size()),
-                                           use_tuple);
-  co_return !ec;
+  while (in.size() < want) {
+    if (!in.empty())  // a frame (or its header) has started: it must finish in time
+      s.deadline = std::min(s.deadline, clock_type::now() + std::chrono::nanoseconds(settings_.frame_timeout_ns));
+    const std::size_t had = in.size();
+    in.resize(had + std::max<std::size_t>(want - had, 4096));
+    auto [ec, n] = co_await s.socket.async_read_some(asio::buffer(in.data() + had, in.size() - had), use_tuple);
+    in.resize(had + n);
+    if (ec) co_return false;
+  }
+  co_return true;
 }
 
 awaitable<void> daemon::read_frames(std::shared_ptr<session> s) {
@@ -274,7 +278,8 @@ awaitable<void> daemon::housekeeping() {
     std::lock_guard lock(heap_mutex_);
     const bool full = tick % ticks_per_full_pass == 0;
     for (std::uint32_t c = 2; c < num_span_classes; ++c) {
-      const bool wanted = heap_->state().sweep_wanted[c].exchange(0, std::memory_order_acquire) != 0;
+      auto& flag = heap_->state().sweep_wanted[c];
+      const bool wanted = flag.load(std::memory_order_relaxed) != 0 && flag.exchange(0, std::memory_order_acquire) != 0;
       if (wanted || full) heap_->central(span_class{static_cast<std::uint8_t>(c)}).sweep(~0u);
     }
     if (!full) continue;

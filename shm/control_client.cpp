@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
@@ -29,6 +30,11 @@ control_client::control_client(const std::string& path) : in_(new std::uint8_t[c
     ::close(fd_);
     fd_ = -1;
   }
+}
+
+void control_client::close_inherited() noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
 }
 
 control_client::~control_client() {
@@ -58,6 +64,9 @@ bool control_client::set_timeout(int timeout_ms) {
 // blocking recv, with the timeout set on the socket rather than by poll.
 bool control_client::fill(std::size_t want, int timeout_ms) {
   if (timeout_ms > 0 && !set_timeout(timeout_ms)) return false;
+  // A signal interrupting recv restarts it with the whole timeout: keep the
+  // deadline, and give a retry only what is left of it.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   while (end_ - begin_ < want) {
     if (begin_ != 0) {  // keep what is unread at the front
       std::memmove(in_.get(), in_.get() + begin_, end_ - begin_);
@@ -65,7 +74,11 @@ bool control_client::fill(std::size_t want, int timeout_ms) {
       begin_ = 0;
     }
     const ssize_t got = ::recv(fd_, in_.get() + end_, capacity - end_, timeout_ms > 0 ? 0 : MSG_DONTWAIT);
-    if (got < 0 && errno == EINTR) continue;
+    if (got < 0 && errno == EINTR) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (timeout_ms > 0 && (left.count() <= 0 || !set_timeout(static_cast<int>(left.count())))) return false;
+      continue;
+    }
     if (got <= 0) return false;  // closed, timed out, or an error
     end_ += static_cast<std::size_t>(got);
   }

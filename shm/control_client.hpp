@@ -30,6 +30,10 @@ class control_client {
   control_client(const control_client&) = delete;
   control_client& operator=(const control_client&) = delete;
   bool connected() const noexcept { return fd_ >= 0; }
+  // In a forked child: closes the child's copy of the socket (the parent's
+  // connection stays open), so the daemon sees the parent go when it goes.
+  // Touches nothing else: async-signal-safe, fit for an atfork handler.
+  void close_inherited() noexcept;
   bool send_bytes(const std::vector<std::uint8_t>& bytes);
   // Reads one reply frame; nullopt on EOF or error (or after timeout_ms).
   struct frame {
@@ -45,8 +49,9 @@ class control_client {
   // (errc::unavailable if the daemon did not answer).
   result<std::vector<std::uint8_t>> request(proto::msg type, const std::vector<std::uint8_t>& body = {});
   bool eof(int timeout_ms = 5000);
-  // Reads and drops whatever has arrived, without waiting; false on EOF.
-  bool drain();  // true once the daemon has closed the connection
+  // Reads and drops whatever has arrived, without waiting: true while the
+  // connection is open, false once the daemon has closed it.
+  bool drain();
 
  private:
   static constexpr std::size_t capacity = proto::header_bytes + proto::max_payload;  // one whole frame

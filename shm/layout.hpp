@@ -385,5 +385,7 @@ static_assert(sizeof(stats_block) == (2 * num_size_classes + 8) * 8);
 static_assert(sizeof(mcache_slot) == 16 + sizeof(stats_block) + 48 && sizeof(mcache_slot) % 64 == 0);
 static_assert(sizeof(mcentral_state) == 24);
 static_assert(sizeof(chunk_info) == 16);
+// The fixed region: a change here is a layout_version bump.
+static_assert(sizeof(mheap_state) == 4800 && sizeof(segment_fixed) == 5056);
 
 }  // namespace shmalloc

@@ -60,6 +60,10 @@ std::uint32_t& link_of(const heap_view& v, const mspan& s, std::uint32_t i) noex
 }  // namespace
 
 void span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept {
+  // Read before the push: once pushed, the object may be folded, the span
+  // freed and the descriptor reused by the daemon.
+  const bool daemon_holds = s.state.load(std::memory_order_relaxed) == mspan_state::central;
+  const std::uint8_t spc = s.span_class;
   std::uint32_t& link = link_of(v, s, i);
   std::uint32_t top = s.remote_free.load(std::memory_order_relaxed);
   do {
@@ -67,11 +71,11 @@ void span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept {
   } while (!s.remote_free.compare_exchange_weak(top, i + 1, std::memory_order_release, std::memory_order_relaxed));
   // A span the daemon holds is folded by the daemon: ask for a sweep of its
   // class. Load first, so that many freers of one class mostly share the
-  // line instead of bouncing it. If the daemon clears the flag between the
-  // push and this load, its sweep may miss the push; its periodic sweep of
-  // every span picks it up.
-  if (s.state.load(std::memory_order_relaxed) == mspan_state::central && v.sweep_wanted != nullptr) {
-    shared_atomic<std::uint8_t>& wanted = v.sweep_wanted[s.span_class];
+  // line instead of bouncing it. A push the flag misses (the daemon took
+  // the span back just after the state was read, or cleared the flag in
+  // between) waits for the daemon's periodic sweep of every span.
+  if (daemon_holds && v.sweep_wanted != nullptr) {
+    shared_atomic<std::uint8_t>& wanted = v.sweep_wanted[spc];
     if (wanted.load(std::memory_order_relaxed) == 0) wanted.store(1, std::memory_order_release);
   }
 }

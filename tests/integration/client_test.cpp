@@ -3,6 +3,7 @@
 // killed mid-run, bad frees, fork, and a daemon that goes away.
 #include <doctest/doctest.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -254,6 +255,34 @@ TEST_SUITE("libshmalloc") {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     CHECK(inuse() <= full / 4);
     a.check_heap();
+  }
+
+  TEST_CASE("a process that exits is seen to go although a child it forked still runs") {
+    daemon_process d;
+    REQUIRE(d.started());
+    raw_client observer(d.socket);
+    auto* grandchild = static_cast<pid_t*>(mmap(nullptr, sizeof(pid_t), PROT_READ | PROT_WRITE,
+                                                MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+    REQUIRE(grandchild != MAP_FAILED);
+    const int rc = run_in_child([&] {
+      if (shmalloc_attach(d.socket.c_str()) != 0 || shmalloc_alloc(64) == nullptr) return 1;
+      const pid_t g = fork();
+      if (g == 0) {  // holds the inherited copy of its parent's socket, if the library left it open
+        pause();
+        _exit(0);
+      }
+      *grandchild = g;
+      return 0;  // exits without detaching, as a crash would
+    });
+    REQUIRE(rc == 0);
+    bool gone = false;
+    for (int i = 0; i < 100 && !gone; ++i) {
+      gone = daemon_stats(observer).clients == 0;
+      if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    CHECK(gone);
+    kill(*grandchild, SIGKILL);  // ours: started by our child, stopped by pid
+    munmap(grandchild, sizeof(pid_t));
   }
 
   TEST_CASE("repeated large allocations are served from the process's cache, without a round trip each") {

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -376,6 +377,38 @@ TEST_SUITE("shmallocd fresh") {
 }
 
 TEST_SUITE("shmallocd security and deadlines") {
+  TEST_CASE("a client's read timeout holds while signals interrupt it") {
+    daemon_process d;
+    REQUIRE(d.started());
+    raw_client c(d.socket);
+    REQUIRE(c.hello());
+    kill(d.pid(), SIGSTOP);  // it will never answer
+    // In a child, so that a hang is a failure here, not a stuck test: a
+    // signal every 50 ms (SA_RESTART: recv with SO_RCVTIMEO returns EINTR
+    // anyway) must not restart the 1 s timeout each time.
+    const pid_t child = fork();
+    if (child == 0) {
+      struct sigaction sa {};
+      sa.sa_handler = [](int) {};
+      sa.sa_flags = SA_RESTART;
+      sigaction(SIGALRM, &sa, nullptr);
+      itimerval every{{0, 50000}, {0, 50000}};
+      setitimer(ITIMER_REAL, &every, nullptr);
+      const bool sent = c.send_bytes(proto::make_request(msg::stats, 99));
+      _exit(sent && !c.read_frame(1000) ? 0 : 1);
+    }
+    int status = -1;
+    for (int i = 0; i < 400 && waitpid(child, &status, WNOHANG) == 0; ++i) usleep(10000);  // 4 s at most
+    const bool finished = WIFEXITED(status);
+    if (!finished) {
+      kill(child, SIGKILL);
+      waitpid(child, nullptr, 0);
+    }
+    CHECK(finished);
+    CHECK((finished && WEXITSTATUS(status) == 0));
+    kill(d.pid(), SIGCONT);
+  }
+
   TEST_CASE("a silent connection and a half-sent frame are closed at their deadlines") {
     daemon_process d({"--hello-timeout", "300ms", "--frame-timeout", "300ms"});
     REQUIRE(d.started());
@@ -389,6 +422,12 @@ TEST_SUITE("shmallocd security and deadlines") {
     half.resize(proto::header_bytes + 1);  // the header promises 3 bytes, 1 comes
     REQUIRE(stalled.send_bytes(half));
     CHECK(stalled.eof(3000));
+    raw_client split(d.socket);  // half a header, after hello
+    REQUIRE(split.hello());
+    auto header = proto::make_request(msg::stats, 11);
+    header.resize(proto::header_bytes / 2);
+    REQUIRE(split.send_bytes(header));
+    CHECK(split.eof(3000));
     raw_client fine(d.socket);
     CHECK(fine.hello());
   }
