@@ -27,6 +27,7 @@ constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
 namespace {
 constexpr auto housekeeping_tick = std::chrono::milliseconds(100);
 constexpr std::uint64_t ticks_per_full_pass = 10;  // once a second
+constexpr std::uint32_t flagged_sweep_max_spans = 4096;  // 32 MiB of 8 KiB spans
 }  // namespace
 
 struct daemon::session {
@@ -280,7 +281,12 @@ awaitable<void> daemon::housekeeping() {
     for (std::uint32_t c = 2; c < num_span_classes; ++c) {
       auto& flag = heap_->state().sweep_wanted[c];
       const bool wanted = flag.load(std::memory_order_relaxed) != 0 && flag.exchange(0, std::memory_order_acquire) != 0;
-      if (wanted || full) heap_->central(span_class{static_cast<std::uint8_t>(c)}).sweep(~0u);
+      mcentral central = heap_->central(span_class{static_cast<std::uint8_t>(c)});
+      // A sweep walks the class's lists: on a tick, only short ones, so a
+      // steady stream of remote frees into a huge class costs one walk a
+      // second, as before the flags, not ten.
+      const bool short_lists = central.state().partial_count + central.state().full_count <= flagged_sweep_max_spans;
+      if ((wanted && short_lists) || full) central.sweep(~0u);
     }
     if (!full) continue;
     if (std::size_t n = handler_->expire_orphans(settings_.reattach_grace_ns))
