@@ -45,7 +45,6 @@ double d(std::uint64_t v) { return static_cast<double>(v); }
 void add_memstats(family_list& out, const heap_census& c) {
   const heap_memstats& m = c.mem;
   const std::uint64_t alloc = c.heap_alloc_bytes();
-  const std::uint64_t unused = m.heap_inuse_bytes > alloc ? m.heap_inuse_bytes - alloc : 0;
   out.gauge("shmalloc_sys_bytes",
             "Bytes obtained for the heap: heap pages (released ones included) and committed metadata "
             "(go_memstats_sys_bytes).",
@@ -71,7 +70,7 @@ void add_memstats(family_list& out, const heap_census& c) {
   out.gauge("shmalloc_memory_classes_heap_unused_bytes",
             "Bytes of in-use spans holding no live object: free slots and fragmentation "
             "(go_memory_classes_heap_unused_bytes).",
-            d(unused));
+            d(c.heap_unused_bytes()));
   out.gauge("shmalloc_heap_objects", "Live objects: mallocs_total - frees_total (go_memstats_heap_objects).",
             d(c.heap_objects()));
   out.gauge("shmalloc_mspan_inuse_bytes", "Bytes of span descriptors in use (go_memstats_mspan_inuse_bytes).",
@@ -144,7 +143,7 @@ void add_classes(family_list& out, const heap_census& c) {
     labelled(spans, {{"size_class", size}, {"state", "full"}}).gauge.value = k.spans_full;
     labelled(spans, {{"size_class", size}, {"state", "cached"}}).gauge.value = k.spans_cached;
     labelled(objects, {{"size_class", size}}).gauge.value = d(k.live_objects());
-    labelled(bytes, {{"size_class", size}}).gauge.value = d(std::uint64_t{k.spans()} * class_span_bytes(cls));
+    labelled(bytes, {{"size_class", size}}).gauge.value = d(c.class_inuse_bytes(s));
   }
 }
 

@@ -256,7 +256,6 @@ reply request_handler::on_pages(client_state&, const proto::frame_header& h, std
 proto::stats_msg request_handler::stats() const {
   const heap_census census = read_census(*heap_);
   const heap_memstats& m = census.mem;
-  const heap_accounts& a = heap_->accounts();
   proto::stats_msg s;
   s.heap_sys_bytes = m.heap_sys_bytes;
   s.heap_inuse_bytes = m.heap_inuse_bytes;
@@ -273,9 +272,9 @@ proto::stats_msg request_handler::stats() const {
   s.mspan_sys_bytes = m.mspan_sys_bytes;
   s.metadata_sys_bytes = m.metadata_sys_bytes;
   s.clients = clients_;
-  s.reclaimed_bytes_total = a.reclaimed_bytes_total.load(std::memory_order_relaxed);
-  s.scavenged_bytes_total = a.scavenged_bytes_total.load(std::memory_order_relaxed);
-  s.grow_failures = a.grow_failures.load(std::memory_order_relaxed);
+  s.reclaimed_bytes_total = m.reclaimed_bytes_total;
+  s.scavenged_bytes_total = m.scavenged_bytes_total;
+  s.grow_failures = m.grow_failures;
   s.capacity_bytes = m.capacity_bytes;
   s.control_requests_total = requests_;
   s.metrics_port = metrics_port_;
@@ -289,7 +288,7 @@ proto::class_table_msg request_handler::class_table() const {
     const class_census& k = census.classes[s];
     const auto cls = static_cast<std::uint8_t>(s);
     t.rows.push_back({cls, static_cast<std::uint32_t>(class_to_size(cls)), k.spans_partial, k.spans_full,
-                      k.spans_cached, k.live_objects(), std::uint64_t{k.spans()} * class_span_bytes(cls),
+                      k.spans_cached, k.live_objects(), census.class_inuse_bytes(s),
                       census.class_unused_bytes(s), k.mallocs, k.frees});
   }
   return t;
@@ -332,18 +331,9 @@ proto::client_table_msg request_handler::client_table() const {
 proto::page_table_msg request_handler::page_table() const {
   const page_census p = read_page_census(*heap_);
   proto::page_table_msg t;
-  t.page_size = page_size;
-  t.pages_capacity = p.pages_capacity;
-  t.pages_committed = p.pages_committed;
-  t.pages_in_use = p.pages_in_use;
-  t.pages_free = p.pages_free;
-  t.pages_released = p.pages_released;
-  t.runs_in_use = p.runs_in_use;
-  t.runs_free = p.runs_free;
-  t.runs_released = p.runs_released;
-  t.largest_free_run_pages = p.largest_free_run_pages;
-  t.spans_in_use = p.spans_in_use;
-  t.large_spans = p.large_spans;
+#define SHMALLOC_X(name) t.name = p.name;
+  SHMALLOC_PROTO_PAGES(SHMALLOC_X)
+#undef SHMALLOC_X
   return t;
 }
 

@@ -97,10 +97,13 @@ std::uint64_t heap_census::heap_unused_bytes() const noexcept {
   return mem.heap_inuse_bytes > alloc ? mem.heap_inuse_bytes - alloc : 0;
 }
 
+std::uint64_t heap_census::class_inuse_bytes(std::size_t s) const noexcept {
+  return std::uint64_t{classes[s].spans()} * class_span_bytes(static_cast<std::uint8_t>(s));
+}
+
 std::uint64_t heap_census::class_unused_bytes(std::size_t s) const noexcept {
-  const auto cls = static_cast<std::uint8_t>(s);
-  const std::uint64_t spans_bytes = std::uint64_t{classes[s].spans()} * class_span_bytes(cls);
-  const std::uint64_t live = classes[s].live_objects() * class_to_size(cls);
+  const std::uint64_t spans_bytes = class_inuse_bytes(s);
+  const std::uint64_t live = classes[s].live_objects() * class_to_size(static_cast<std::uint8_t>(s));
   return spans_bytes > live ? spans_bytes - live : 0;
 }
 

@@ -95,7 +95,8 @@ struct heap_census {
   std::uint64_t heap_objects() const noexcept;
   std::uint64_t heap_alloc_bytes() const noexcept;   // live objects' bytes (by size class)
   std::uint64_t heap_unused_bytes() const noexcept;  // heap_inuse - heap_alloc, at least 0
-  // Bytes of class c's in-use spans that hold no live object.
+  // Bytes of class c's in-use spans, and those of them holding no live object.
+  std::uint64_t class_inuse_bytes(std::size_t c) const noexcept;
   std::uint64_t class_unused_bytes(std::size_t c) const noexcept;
 };
 
@@ -103,6 +104,7 @@ heap_census read_census(const mheap& h) noexcept;
 
 // The page map, summarised (a page is free, in use, or free and released).
 struct page_census {
+  std::uint64_t page_size = shmalloc::page_size;
   std::uint64_t pages_capacity = 0;   // pages the heap may grow to
   std::uint64_t pages_committed = 0;  // pages backed by memory (or released)
   std::uint64_t pages_in_use = 0;
