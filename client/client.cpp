@@ -37,6 +37,10 @@ constinit mcache empty_cache{.alloc = {}, .token = ~0u, .slot = 0, .stats = &dum
 // before any cache can hold a span, and cleared only by detach.
 constinit heap_view g_view{};
 constinit std::uint64_t g_size = 0;
+// g_view.committed_pages, never null: before attach (and after detach) it
+// points at a zero, so the free fast path needs no "attached?" test.
+constinit const shared_atomic<std::uint64_t> no_pages{};
+constinit const shared_atomic<std::uint64_t>* g_committed = &no_pages;
 
 constexpr std::uint16_t first_batch = 2;
 constexpr std::uint16_t max_batch = proto::max_refill;
@@ -174,6 +178,7 @@ int attach_locked(runtime& r, const char* socket_path) {
   r.main_slot_free = true;
   g_view = heap_view::of(*r.seg);
   g_size = r.seg->size();
+  g_committed = g_view.committed_pages;
   for (auto& b : r.batch) b = first_batch;
   r.attached = true;
   if (!r.atfork_registered) {
@@ -278,15 +283,18 @@ bool has_free_slot(const mspan& s) noexcept {
   return false;
 }
 
-// Loads into e the first word at or after `from` with a free slot.
-bool load_word(mcache_entry& e, std::uint32_t from) noexcept {
-  const mspan& s = *e.span;
+// Loads into e the first word of s at or after `from` with a free slot.
+// When there is none, e keeps pointing at s (its span() stays s) with no
+// free bits.
+bool load_word(mcache_entry& e, mspan& s, std::uint32_t from) noexcept {
   for (std::uint32_t w = from; w * 64 < s.nelems; ++w) {
     std::uint64_t free = ~s.alloc_bits[w];
     const std::uint32_t valid = s.nelems - w * 64;
     if (valid < 64) free &= (std::uint64_t{1} << valid) - 1;
     if (free != 0) {
       e.word = w;
+      e.bits = &s.alloc_bits[w];
+      e.word_base = g_view.span_base(s) + std::size_t{w} * 64 * e.elem_size;
       e.free_bits = free;
       return true;
     }
@@ -326,10 +334,10 @@ void fold(mcache* mc, mspan& s) noexcept {
 // Takes span id into the thread's entry for spc: this thread now holds it.
 // Makes s the entry's current span; true if it has a free slot.
 bool install(mcache_entry& e, mspan& s) noexcept {
-  e.span = &s;
-  e.base = g_view.span_base(s);
   e.elem_size = s.elem_size;
-  return load_word(e, 0);
+  e.word = 0;
+  e.bits = &s.alloc_bits[0];
+  return load_word(e, s, 0);
 }
 
 bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
@@ -347,7 +355,7 @@ bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
   mcache_entry& e = mc->alloc[spc];
   std::uint32_t* spares = mc->spares[spc];
   std::uint8_t& n = mc->nspares[spc];
-  const std::uint32_t current = g_view.span_id_of(*e.span).value;
+  const std::uint32_t current = g_view.span_id_of(*e.span()).value;
   for (std::uint8_t k = 0; k < n; ++k) {
     mspan& s = g_view.span(span_id{spares[k]});
     fold(mc, s);
@@ -447,7 +455,7 @@ void release_thread_cache() noexcept {
   runtime& r = rt();
   for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
     const auto c = static_cast<std::uint8_t>(spc);
-    if (mc->alloc[spc].span != nullptr) drop_span(r, c, *mc->alloc[spc].span);
+    if (mspan* s = mc->alloc[spc].span(); s != nullptr) drop_span(r, c, *s);
     for (std::uint8_t k = 0; k < mc->nspares[spc]; ++k) drop_span(r, c, g_view.span(span_id{mc->spares[spc][k]}));
   }
   t_cache = &empty_cache;
@@ -477,9 +485,9 @@ SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexce
   const std::uint8_t spc = span_class::make(size_class, noscan).value;
   mcache_entry& e = mc->alloc[spc];
   for (int attempt = 0; attempt < 8; ++attempt) {
-    if (e.span != nullptr) {
+    if (mspan* s = e.span(); s != nullptr) {
       // The rest of the span, then what other threads and processes freed.
-      if (load_word(e, e.word + 1) || (fold(mc, *e.span), load_word(e, 0))) return alloc_small(size_class, noscan);
+      if (load_word(e, *s, e.word + 1) || (fold(mc, *s), load_word(e, *s, 0))) return alloc_small(size_class, noscan);
       if (switch_to_spare(r, mc, spc)) return alloc_small(size_class, noscan);
     }
     std::int64_t id = r.pool.pop(spc);
@@ -635,25 +643,60 @@ SHMALLOC_FAST_PATH void free_slot_inline(mspan& s, std::uint32_t i, std::uint8_t
   const std::uint64_t bit = std::uint64_t{1} << (i % 64);
   if (SHMALLOC_UNLIKELY((s.alloc_bits[i / 64] & bit) == 0)) bad_free(p, "double free");
   s.alloc_bits[i / 64] &= ~bit;
-  auto& count = mc->stats->small_frees[size_class];
-  count.store(count.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  bump(mc->stats->small_frees[size_class]);
 }
 
-// The free fast path: the holder clears the bit; anyone else pushes.
-SHMALLOC_FAST_PATH void free_object(void* p) noexcept {
+namespace {
+
+// Every free the fast path does not finish: large and tiny objects, remote
+// frees, and bad pointers, each checked in full and reported by name.
+SHMALLOC_SLOW_PATH void free_slow(void* p) noexcept {
   std::uint64_t offset = 0;
   mspan& s = locate(p, &offset);
   if (SHMALLOC_UNLIKELY(s.elem_size == 0)) {
     if (offset != 0) bad_free(p, "not the start of an object");
     return free_large(p, s);
   }
-  if (SHMALLOC_UNLIKELY(s.span_class == tiny_span_class)) return free_tiny(s, offset, p);
+  if (s.span_class == tiny_span_class) return free_tiny(s, offset, p);
   // Go's division-free object index: a multiply by the class's magic.
   const std::uint8_t size_class = span_class{s.span_class}.size_class();
   const std::uint32_t i = object_index(static_cast<std::uint32_t>(offset), size_class);
-  if (SHMALLOC_UNLIKELY(std::uint64_t{i} * s.elem_size != offset || i >= s.nelems))
-    bad_free(p, "not the start of an object");
+  if (std::uint64_t{i} * s.elem_size != offset || i >= s.nelems) bad_free(p, "not the start of an object");
   free_slot_inline(s, i, size_class, p);
+}
+
+}  // namespace
+
+// The free fast path: a small object of a span this thread holds, allocated.
+// Anything else takes free_slow, which checks again and says what is wrong.
+// Three things make the checks here cheap: a page without a span maps to
+// entry 0, which wraps past max_spans; a large object's span has class 0,
+// whose magic gives index 0, and no cache ever holds it (owner_cache 0); and
+// bits at or past nelems are never set, so a slot in a span's tail reads as
+// free. The index stays inside the bitmap: a span of c's class holds at most
+// bitmap_words * 64 objects, and offset < span bytes.
+SHMALLOC_FAST_PATH void free_object(void* p) noexcept {
+  const heap_view& v = g_view;
+  const auto off = static_cast<std::uint64_t>(static_cast<const std::byte*>(p) - v.arenas);
+  const std::uint64_t page = off / page_size;
+  if (SHMALLOC_UNLIKELY(page >= g_committed->load(std::memory_order_relaxed))) return free_slow(p);
+  const std::uint32_t entry = v.page_map[page] - 1;
+  if (SHMALLOC_UNLIKELY(entry >= v.max_spans)) return free_slow(p);
+  mspan& s = v.spans[entry];
+  __builtin_prefetch(&s.alloc_bits[2], 1);
+  if (SHMALLOC_UNLIKELY(s.span_class == tiny_span_class)) return free_slow(p);
+  const std::uint64_t offset = off - std::uint64_t{s.start.value} * page_size;
+  const std::uint8_t size_class = span_class{s.span_class}.size_class();
+  const std::uint32_t i = object_index(static_cast<std::uint32_t>(offset), size_class);
+  mcache* mc = t_cache;
+  if (SHMALLOC_UNLIKELY(std::uint64_t{i} * s.elem_size != offset ||
+                        s.owner_cache.load(std::memory_order_relaxed) != mc->token))
+    return free_slow(p);
+  std::uint64_t& word = s.alloc_bits[i / 64];
+  const std::uint64_t bit = std::uint64_t{1} << (i % 64);
+  if (SHMALLOC_UNLIKELY((word & bit) == 0)) return free_slow(p);
+  word &= ~bit;
+  bump(mc->stats->small_frees[size_class]);
 }
 
 namespace {
@@ -664,8 +707,7 @@ void free_slot(mspan& s, std::uint32_t i, std::uint8_t size_class, const void* p
 
 
 SHMALLOC_FAST_PATH void* alloc(std::size_t size, bool noscan) noexcept {
-  if (SHMALLOC_UNLIKELY(size > max_small_size)) return alloc_large(size, noscan);
-  if (size == 0) size = 1;
+  if (SHMALLOC_UNLIKELY(size > max_small_size)) return alloc_large(size, noscan);  // size 0 is class 1
   if (noscan && size < tiny_size) return alloc_tiny(size);
   const std::uint8_t c = size_to_class(size);
   // The noscan 16-byte span class is the tiny allocator's: other 16-byte
@@ -704,6 +746,7 @@ void shmalloc_detach(void) {
   r.conn.reset();
   r.attached = false;
   r.client_id = 0;
+  g_committed = &no_pages;
   g_view = heap_view{};
   g_size = 0;
   r.seg.reset();

@@ -68,6 +68,8 @@ struct attached_daemon {
   }
 };
 
+std::uint64_t arena_offset = 0;  // of the heap under test, for tests that find a span's base from a handle
+
 std::size_t random_size(std::mt19937_64& rng) {
   const auto r = rng() % 100;
   if (r < 70) return 1 + rng() % 128;
@@ -467,6 +469,11 @@ TEST_SUITE("libshmalloc") {
 
   TEST_CASE("a double free and a foreign pointer are reported and abort") {
     attached_daemon a;
+    {
+      auto seg = segment::attach(a.d.heap);
+      REQUIRE(seg);
+      arena_offset = seg.value()->regions().arenas.offset;
+    }
     auto dies_with = [](void (*fn)()) {
       int pipe_fds[2];
       REQUIRE(pipe(pipe_fds) == 0);
@@ -504,6 +511,22 @@ TEST_SUITE("libshmalloc") {
     CHECK(dies_with([] {
             auto* p = static_cast<char*>(shmalloc_alloc(64));
             shmalloc_free(p + 8);
+          }).find("not the start of an object") != std::string::npos);
+    // What the free fast path lets through to its slow path by design: the
+    // inside of a large object (its index is 0 but its offset is not), a
+    // slot-sized step into a span's tail (index nelems, whose bit is never
+    // set), all reported by the slow path.
+    CHECK(dies_with([] {
+            auto* p = static_cast<char*>(shmalloc_alloc(100000));
+            shmalloc_free(p + page_size);
+          }).find("not the start of an object") != std::string::npos);
+    CHECK(dies_with([] {
+            constexpr std::size_t size = 48;  // 170 objects in 8,160 of the span's 8,192 bytes
+            constexpr std::uint8_t c = size_to_class(size);
+            static_assert(class_to_size(c) == size && class_to_objects(c) * size < class_span_bytes(c));
+            auto* p = static_cast<char*>(shmalloc_alloc(size));
+            const std::size_t offset = (shmalloc_handle(p) - arena_offset) % class_span_bytes(c);
+            shmalloc_free(p - offset + std::size_t{class_to_objects(c)} * size);
           }).find("not the start of an object") != std::string::npos);
     a.check_heap();
   }
