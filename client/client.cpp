@@ -37,10 +37,11 @@ constinit mcache empty_cache{.alloc = {}, .token = ~0u, .slot = 0, .stats = &dum
 // before any cache can hold a span, and cleared only by detach.
 constinit heap_view g_view{};
 constinit std::uint64_t g_size = 0;
-// g_view.committed_pages, never null: before attach (and after detach) it
-// points at a zero, so the free fast path needs no "attached?" test.
-constinit const shared_atomic<std::uint64_t> no_pages{};
-constinit const shared_atomic<std::uint64_t>* g_committed = &no_pages;
+// A lower bound of the heap's committed pages (g_view.committed_pages),
+// in process memory: the free fast path compares with it without following
+// a pointer into the segment. The heap's count only grows, so a stale bound
+// only sends a free to the slow path, which raises it. 0 when detached.
+constinit std::atomic<std::uint64_t> g_committed{0};
 
 constexpr std::uint16_t first_batch = 2;
 constexpr std::uint16_t max_batch = proto::max_refill;
@@ -178,7 +179,7 @@ int attach_locked(runtime& r, const char* socket_path) {
   r.main_slot_free = true;
   g_view = heap_view::of(*r.seg);
   g_size = r.seg->size();
-  g_committed = g_view.committed_pages;
+  g_committed.store(0, std::memory_order_relaxed);  // raised by the first free
   for (auto& b : r.batch) b = first_batch;
   r.attached = true;
   if (!r.atfork_registered) {
@@ -283,11 +284,11 @@ bool has_free_slot(const mspan& s) noexcept {
   return false;
 }
 
-// Loads into e the first word of s at or after `from` with a free slot.
+// Loads into e the first word of s in [from, to) with a free slot.
 // When there is none, e keeps pointing at s (its span() stays s) with no
 // free bits.
-bool load_word(mcache_entry& e, mspan& s, std::uint32_t from) noexcept {
-  for (std::uint32_t w = from; w * 64 < s.nelems; ++w) {
+bool load_word(mcache_entry& e, mspan& s, std::uint32_t from, std::uint32_t to = bitmap_words) noexcept {
+  for (std::uint32_t w = from; w < to && w * 64 < s.nelems; ++w) {
     std::uint64_t free = ~s.alloc_bits[w];
     const std::uint32_t valid = s.nelems - w * 64;
     if (valid < 64) free &= (std::uint64_t{1} << valid) - 1;
@@ -484,6 +485,10 @@ SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexce
   runtime& r = rt();
   const std::uint8_t spc = span_class::make(size_class, noscan).value;
   mcache_entry& e = mc->alloc[spc];
+  // First what this thread freed into the word it allocates from: in a
+  // steady state that is where the next objects are, and reading one word
+  // is the cheapest refill there is (it also keeps objects packed low).
+  if (mspan* s = e.span(); s != nullptr && load_word(e, *s, e.word, e.word + 1)) return alloc_small(size_class, noscan);
   for (int attempt = 0; attempt < 8; ++attempt) {
     if (mspan* s = e.span(); s != nullptr) {
       // The rest of the span, then what other threads and processes freed.
@@ -648,9 +653,27 @@ SHMALLOC_FAST_PATH void free_slot_inline(mspan& s, std::uint32_t i, std::uint8_t
 
 namespace {
 
+// Clears bit i % 64 of w; true if it was set. One `btr` on x86-64, which
+// takes the bit number modulo 64 itself (GCC spells the portable form as
+// five instructions).
+SHMALLOC_FAST_PATH bool test_and_clear(std::uint64_t& w, std::uint32_t i) noexcept {
+#if defined(__x86_64__) && defined(__GCC_ASM_FLAG_OUTPUTS__)
+  bool was_set;
+  asm("btrq %q2, %0" : "+r"(w), "=@ccc"(was_set) : "r"(std::uint64_t{i}));
+  return was_set;
+#else
+  const std::uint64_t bit = std::uint64_t{1} << (i % 64);
+  const bool was_set = (w & bit) != 0;
+  w &= ~bit;
+  return was_set;
+#endif
+}
+
 // Every free the fast path does not finish: large and tiny objects, remote
 // frees, and bad pointers, each checked in full and reported by name.
 SHMALLOC_SLOW_PATH void free_slow(void* p) noexcept {
+  if (g_view.committed_pages != nullptr)
+    g_committed.store(g_view.committed_pages->load(std::memory_order_relaxed), std::memory_order_relaxed);
   std::uint64_t offset = 0;
   mspan& s = locate(p, &offset);
   if (SHMALLOC_UNLIKELY(s.elem_size == 0)) {
@@ -679,7 +702,7 @@ SHMALLOC_FAST_PATH void free_object(void* p) noexcept {
   const heap_view& v = g_view;
   const auto off = static_cast<std::uint64_t>(static_cast<const std::byte*>(p) - v.arenas);
   const std::uint64_t page = off / page_size;
-  if (SHMALLOC_UNLIKELY(page >= g_committed->load(std::memory_order_relaxed))) return free_slow(p);
+  if (SHMALLOC_UNLIKELY(page >= g_committed.load(std::memory_order_relaxed))) return free_slow(p);
   const std::uint32_t entry = v.page_map[page] - 1;
   if (SHMALLOC_UNLIKELY(entry >= v.max_spans)) return free_slow(p);
   mspan& s = v.spans[entry];
@@ -693,9 +716,9 @@ SHMALLOC_FAST_PATH void free_object(void* p) noexcept {
                         s.owner_cache.load(std::memory_order_relaxed) != mc->token))
     return free_slow(p);
   std::uint64_t& word = s.alloc_bits[i / 64];
-  const std::uint64_t bit = std::uint64_t{1} << (i % 64);
-  if (SHMALLOC_UNLIKELY((word & bit) == 0)) return free_slow(p);
-  word &= ~bit;
+  std::uint64_t bits = word;
+  if (SHMALLOC_UNLIKELY(!test_and_clear(bits, i))) return free_slow(p);
+  word = bits;
   bump(mc->stats->small_frees[size_class]);
 }
 
@@ -709,7 +732,7 @@ void free_slot(mspan& s, std::uint32_t i, std::uint8_t size_class, const void* p
 SHMALLOC_FAST_PATH void* alloc(std::size_t size, bool noscan) noexcept {
   if (SHMALLOC_UNLIKELY(size > max_small_size)) return alloc_large(size, noscan);  // size 0 is class 1
   if (noscan && size < tiny_size) return alloc_tiny(size);
-  const std::uint8_t c = size_to_class(size);
+  const std::uint8_t c = size_to_class_fast(size);
   // The noscan 16-byte span class is the tiny allocator's: other 16-byte
   // objects take the scan class (no collector reads the difference).
   return alloc_small(c, noscan && c != tiny_size_class);
@@ -746,7 +769,7 @@ void shmalloc_detach(void) {
   r.conn.reset();
   r.attached = false;
   r.client_id = 0;
-  g_committed = &no_pages;
+  g_committed.store(0, std::memory_order_relaxed);
   g_view = heap_view{};
   g_size = 0;
   r.seg.reset();

@@ -190,6 +190,24 @@ constexpr std::uint8_t size_to_class(std::size_t size) {
   return size_to_class128[(size + large_size_div - 1 - small_size_max) / large_size_div];
 }
 
+// The same answer from one table indexed by ceil(size/8) over every small
+// size (4,097 bytes): one load and no compare, for the client's allocation
+// fast path. Derived from size_to_class, so Go's table stays the one source.
+namespace detail {
+constexpr auto make_size_to_class_flat() {
+  std::array<std::uint8_t, max_small_size / small_size_div + 1> t{};
+  for (std::size_t i = 0; i < t.size(); ++i) t[i] = size_to_class(i * small_size_div);
+  return t;
+}
+}  // namespace detail
+
+inline constexpr auto size_to_class_flat = detail::make_size_to_class_flat();
+
+// Precondition: size <= max_small_size.
+inline std::uint8_t size_to_class_fast(std::size_t size) noexcept {
+  return size_to_class_flat[(size + small_size_div - 1) / small_size_div];
+}
+
 // ---- Aligned lookup ---------------------------------------------------------
 
 namespace detail {

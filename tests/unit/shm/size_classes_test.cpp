@@ -153,7 +153,8 @@ TEST_CASE("Every size from 1 to 32768 maps to the smallest class that holds it")
   std::size_t failures = 0;
   for (std::size_t size = 1; size <= max_small_size && failures < 10; ++size) {
     const std::uint8_t c = size_to_class(size);
-    const bool ok = c >= 1 && c < num_size_classes && class_to_size(c) >= size && class_to_size(c - 1) < size;
+    const bool ok = c >= 1 && c < num_size_classes && class_to_size(c) >= size && class_to_size(c - 1) < size &&
+                    size_to_class_fast(size) == c;  // the client's one-table lookup agrees
     if (!ok) {
       ++failures;
       FAIL_CHECK("size " << size << " -> class " << int{c});
@@ -161,6 +162,7 @@ TEST_CASE("Every size from 1 to 32768 maps to the smallest class that holds it")
   }
   CHECK(failures == 0);
   CHECK(size_to_class(0) == 1);  // documented: size 0 is served by class 1
+  CHECK(size_to_class_fast(0) == 1);
   // A few boundaries straight from Go's tables.
   CHECK(size_to_class(8) == 1);
   CHECK(size_to_class(9) == 2);
