@@ -51,6 +51,15 @@ constexpr std::uint64_t max_pool_bytes = 1 << 20;  // per span class: more goes 
 constexpr std::size_t large_cache_entries = 8;
 constexpr std::uint64_t large_cache_max_bytes = 64ULL << 20;
 
+// Trimming: what a process caches for speed (each thread's spans, the pool,
+// freed large objects) goes back to the daemon once it has sat unused for a
+// decay period, so that other processes can have it. There is no background
+// thread: a thread checks the clock every trim_check_every slow-path calls.
+constexpr std::uint64_t default_cache_decay_ns = 500'000'000;
+constexpr std::uint64_t never = ~std::uint64_t{0};
+constexpr std::uint32_t trim_check_every = 64;
+std::atomic<std::uint64_t> g_cache_decay_ns{default_cache_decay_ns};  // SHMALLOC_CACHE_DECAY_MS, read at attach
+
 std::uint64_t now_ns() {
   return static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
 }
@@ -119,11 +128,18 @@ struct runtime {
   struct cached_large {
     std::uint32_t span;
     std::uint32_t npages;
+    std::uint32_t epoch;  // trim_epoch when it was freed
   };
   std::vector<cached_large> large_cache;
   std::uint64_t large_cache_bytes = 0;           // the daemon came back with another heap: nothing can be recovered
   std::uint16_t batch[num_span_classes] = {};
   std::uint64_t last_refill_ns[num_span_classes] = {};
+  // Trimming: a process-wide trim bumps the epoch; what was last used two
+  // epochs ago has sat unused for a whole decay period.
+  std::uint64_t last_trim_ns = 0;
+  std::atomic<std::uint32_t> trim_epoch{2};
+  std::atomic<std::uint32_t> pool_epoch[num_span_classes] = {};  // the epoch of the class's last pool use
+  std::uint32_t large_calls = 0;
 };
 
 runtime& rt() {
@@ -153,6 +169,24 @@ std::string process_name() {
 
 bool reconnect_locked(runtime& r);
 
+// SHMALLOC_CACHE_DECAY_MS: milliseconds a cached span or large object may
+// sit unused before it goes back to the daemon; "off" keeps them until the
+// thread or process ends. Anything else is reported once and ignored.
+std::uint64_t read_cache_decay() {
+  const char* v = std::getenv("SHMALLOC_CACHE_DECAY_MS");
+  if (v == nullptr || *v == '\0') return default_cache_decay_ns;
+  if (std::strcmp(v, "off") == 0) return never;
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long ms = std::strtoull(v, &end, 10);
+  if (errno != 0 || *end != '\0' || *v == '-' || ms > 86'400'000) {
+    std::fprintf(stderr, "shmalloc: SHMALLOC_CACHE_DECAY_MS=%s is not a number of milliseconds up to a day or \"off\"; "
+                 "using %llu\n", v, static_cast<unsigned long long>(default_cache_decay_ns / 1'000'000));
+    return default_cache_decay_ns;
+  }
+  return ms * 1'000'000;
+}
+
 // REQUIRES: r.mu held.
 int attach_locked(runtime& r, const char* socket_path) {
   if (r.attached) return 0;
@@ -172,6 +206,7 @@ int attach_locked(runtime& r, const char* socket_path) {
   }
   r.conn = std::move(conn);
   r.socket = path;
+  g_cache_decay_ns.store(read_cache_decay(), std::memory_order_relaxed);  // each attach (a forked child's too) reads it
   r.held.clear();
   r.lost_heap = false;
   r.client_id = w->client_id;
@@ -413,7 +448,9 @@ std::int64_t refill(runtime& r, std::uint8_t spc) {
   if (!body) return -1;
   auto list = proto::decode_span_list(body.value(), proto::max_refill);
   if (!list || list->span_ids.empty()) return -1;
+  tsan_acquire_cross_process();  // the daemon folded what was pushed into these spans' memory
   r.held.insert(list->span_ids.begin(), list->span_ids.end());
+  r.pool_epoch[spc].store(r.trim_epoch.load(std::memory_order_relaxed), std::memory_order_relaxed);
   for (std::size_t i = 1; i < list->span_ids.size(); ++i) r.pool.push(spc, list->span_ids[i]);
   return list->span_ids[0];
 }
@@ -479,12 +516,18 @@ void release_thread_cache() noexcept {
 
 constinit thread_local mcache* t_cache __attribute__((tls_model("initial-exec"))) = &empty_cache;
 
+namespace {
+void maybe_trim(runtime& r, mcache* mc);
+}  // namespace
+
 SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexcept {
   mcache* mc = ensure_cache();
   if (mc == nullptr) return nullptr;
   runtime& r = rt();
   const std::uint8_t spc = span_class::make(size_class, noscan).value;
   mcache_entry& e = mc->alloc[spc];
+  mc->active[spc / 64] |= std::uint64_t{1} << (spc % 64);
+  if (SHMALLOC_UNLIKELY(++mc->slow_calls % trim_check_every == 0)) maybe_trim(r, mc);
   // First what this thread freed into the word it allocates from: in a
   // steady state that is where the next objects are, and reading one word
   // is the cheapest refill there is (it also keeps objects packed low).
@@ -496,6 +539,7 @@ SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexce
       if (switch_to_spare(r, mc, spc)) return alloc_small(size_class, noscan);
     }
     std::int64_t id = r.pool.pop(spc);
+    if (id >= 0) r.pool_epoch[spc].store(r.trim_epoch.load(std::memory_order_relaxed), std::memory_order_relaxed);
     if (id < 0) id = refill(r, spc);
     if (id < 0) return nullptr;
     if (take_span(mc, spc, static_cast<std::uint32_t>(id))) return alloc_small(size_class, noscan);
@@ -526,7 +570,8 @@ namespace {
 void* take_cached_large(runtime& r, std::size_t size) noexcept {
   const std::uint64_t need = (size + page_size - 1) / page_size;
   for (std::size_t i = 0; i < r.large_cache.size(); ++i) {
-    const auto [span, npages] = r.large_cache[i];
+    const auto [span, npages, epoch] = r.large_cache[i];
+    (void)epoch;
     if (npages < need || npages > need + need / 8) continue;
     r.large_cache.erase(r.large_cache.begin() + static_cast<std::ptrdiff_t>(i));
     r.large_cache_bytes -= std::uint64_t{npages} * page_size;
@@ -553,19 +598,106 @@ bool cache_large(runtime& r, void* p, const mspan& s) noexcept {
   if (s.owner_client != r.client_id || r.large_cache.size() >= large_cache_entries ||
       r.large_cache_bytes + bytes > large_cache_max_bytes)
     return false;
-  r.large_cache.push_back({id, s.npages});
+  r.large_cache.push_back({id, s.npages, r.trim_epoch.load(std::memory_order_relaxed)});
   r.large_cache_bytes += bytes;
   return true;
 }
 
 // REQUIRES: r.mu held. Gives every cached large object back (detach).
-void flush_large_cache(runtime& r) {
+// REQUIRES: r.mu held. Gives back the cached large objects that keep(c)
+// does not want kept.
+template <class Keep>
+void trim_large_cache(runtime& r, Keep keep) {
+  std::size_t kept = 0;
   for (const auto& c : r.large_cache) {
+    if (keep(c)) {
+      r.large_cache[kept++] = c;
+      continue;
+    }
     const handle_t h = g_view.handle_of(g_view.span_base(g_view.span(span_id{c.span})));
     if (request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{h}))) r.held.erase(c.span);
+    r.large_cache_bytes -= std::uint64_t{c.npages} * page_size;
   }
-  r.large_cache.clear();
-  r.large_cache_bytes = 0;
+  r.large_cache.resize(kept);
+}
+
+// REQUIRES: r.mu held. Gives every cached large object back (detach).
+void flush_large_cache(runtime& r) {
+  trim_large_cache(r, [](const runtime::cached_large&) { return false; });
+}
+
+// REQUIRES: r.mu held. Gives s, which this thread held, back to the daemon
+// (with the next batch of full spans).
+void give_back_locked(runtime& r, mspan& s) {
+  s.owner_cache.store(0, std::memory_order_release);
+  r.full.push_back(g_view.span_id_of(s).value);
+}
+
+// REQUIRES: r.mu held. Gives back the thread's spans of every span class it
+// has not allocated from since its last trim, whether or not objects in them
+// are live (their frees become remote frees), and of the other classes the
+// spares with no live object but one. With `everything`, every span of every
+// class that holds no live object. The tiny class keeps its spans: its
+// current block is counted in a way only its thread can retire.
+void trim_thread_locked(runtime& r, mcache* mc, bool everything) {
+  for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
+    if (spc == tiny_span_class) continue;
+    const bool idle = !everything && ((mc->active[spc / 64] >> (spc % 64)) & 1) == 0;
+    std::uint32_t empty_kept = everything ? 1 : 0;  // how many empty spares may stay
+    auto goes = [&](mspan& s) {
+      if (idle) return true;
+      fold(mc, s);
+      return count_allocated(s) == 0 && empty_kept++ != 0;
+    };
+    std::uint32_t* spares = mc->spares[spc];
+    std::uint8_t& n = mc->nspares[spc];
+    std::uint8_t kept = 0;
+    for (std::uint8_t k = 0; k < n; ++k) {
+      mspan& s = g_view.span(span_id{spares[k]});
+      if (goes(s)) give_back_locked(r, s);
+      else spares[kept++] = spares[k];
+    }
+    n = kept;
+    mcache_entry& e = mc->alloc[spc];
+    if (mspan* s = e.span(); s != nullptr && (idle || (everything && goes(*s)))) {
+      give_back_locked(r, *s);
+      e = mcache_entry{};
+    }
+  }
+  for (auto& word : mc->active) word = 0;
+  release_full_locked(r);
+}
+
+// REQUIRES: r.mu held. The pool's spans of classes no thread took from (or
+// refilled) during the last decay period, and large objects cached as long;
+// with `everything`, all of both.
+void trim_process_locked(runtime& r, bool everything) {
+  const std::uint32_t epoch = r.trim_epoch.load(std::memory_order_relaxed);
+  for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
+    const auto c = static_cast<std::uint8_t>(spc);
+    if (!everything && r.pool_epoch[spc].load(std::memory_order_relaxed) + 1 >= epoch) continue;
+    for (std::int64_t id; (id = r.pool.pop(c)) >= 0;) r.full.push_back(static_cast<std::uint32_t>(id));
+    r.batch[spc] = first_batch;
+  }
+  release_full_locked(r);
+  trim_large_cache(r, [&](const runtime::cached_large& c) { return !everything && c.epoch + 1 >= epoch; });
+  r.trim_epoch.store(epoch + 1, std::memory_order_relaxed);
+}
+
+// Trims this thread's cache, and the process's, if a decay period has
+// passed since each was last trimmed.
+void maybe_trim(runtime& r, mcache* mc) {
+  const std::uint64_t decay = g_cache_decay_ns.load(std::memory_order_relaxed);
+  if (decay == never) return;
+  const std::uint64_t t = now_ns();
+  if (t - mc->last_trim_ns < decay) return;
+  std::lock_guard lock(r.mu);
+  if (!r.attached) return;
+  trim_thread_locked(r, mc, false);
+  mc->last_trim_ns = t;
+  if (t - r.last_trim_ns < decay) return;
+  trim_process_locked(r, false);
+  r.last_trim_ns = t;
 }
 
 SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
@@ -578,6 +710,7 @@ SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
     if (!body) return nullptr;
     auto large = proto::decode_large(body.value());
     if (!large) return nullptr;
+    tsan_acquire_cross_process();  // as for a refill: its pages may have held pushed objects
     r.held.insert(large->span_id);
     p = g_view.pointer(large->handle);
   }
@@ -599,6 +732,15 @@ SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept {
       auto done = request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{g_view.handle_of(p)}));
       if (!done) bad_free(p, done.err().message.c_str());
       r.held.erase(g_view.span_id_of(s).value);
+    }
+    // A process that only allocates large objects trims from here.
+    if (const std::uint64_t decay = g_cache_decay_ns.load(std::memory_order_relaxed);
+        ++r.large_calls % trim_check_every == 0 && decay != never) {
+      const std::uint64_t t = now_ns();
+      if (t - r.last_trim_ns >= decay) {
+        trim_process_locked(r, false);
+        r.last_trim_ns = t;
+      }
     }
   }
   mcache* mc = t_cache;
@@ -794,6 +936,15 @@ void* shmalloc_alloc_aligned(size_t size, size_t alignment) {
 
 void shmalloc_free(void* p) {
   if (p != nullptr) free_object(p);
+}
+
+void shmalloc_trim(void) {
+  runtime& r = rt();
+  mcache* mc = t_cache;
+  std::lock_guard lock(r.mu);
+  if (!r.attached) return;
+  if (mc != &empty_cache) trim_thread_locked(r, mc, true);
+  trim_process_locked(r, true);
 }
 
 size_t shmalloc_usable_size(const void* p) {

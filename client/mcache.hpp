@@ -70,6 +70,11 @@ struct mcache {
   std::byte* tiny = nullptr;
   std::uint32_t tiny_offset = tiny_size;  // full: the empty cache never fits
   std::uint32_t tiny_count = 0;
+  // Trimming (client.cpp, trim_cache): span classes whose slow path ran
+  // since the last trim are active; the others give their spans back.
+  std::uint64_t active[(num_span_classes + 63) / 64] = {};
+  std::uint64_t last_trim_ns = 0;
+  std::uint32_t slow_calls = 0;
 };
 
 inline constexpr std::int8_t tiny_bias = 64;  // more than a block's 16 objects

@@ -69,6 +69,7 @@ void span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept {
   do {
     link = top;  // published by the release CAS below
   } while (!s.remote_free.compare_exchange_weak(top, i + 1, std::memory_order_release, std::memory_order_relaxed));
+  tsan_release_cross_process();
   // A span the daemon holds is folded by the daemon: ask for a sweep of its
   // class. Load first, so that many freers of one class mostly share the
   // line instead of bouncing it. A push the flag misses (the daemon took

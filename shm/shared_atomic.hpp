@@ -12,7 +12,43 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(__SANITIZE_THREAD__)
+#define SHMALLOC_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define SHMALLOC_TSAN 1
+#endif
+#endif
+#ifndef SHMALLOC_TSAN
+#define SHMALLOC_TSAN 0
+#endif
+
+#if SHMALLOC_TSAN
+extern "C" void __tsan_acquire(void* addr);
+extern "C" void __tsan_release(void* addr);
+#endif
+
 namespace shmalloc {
+
+// What ThreadSanitizer cannot see: order made by another process. A thread
+// that pushes a remote free releases this process's cross-process order; a
+// thread that receives memory from the daemon (a refill, a large object)
+// acquires it. That is what really happens: the daemon folds every push
+// into a span before it hands the span's memory out again, and its reply
+// comes after. Without it TSan reports the pusher's link write and the
+// next owner's first write to the same bytes as a race. No code in other
+// builds.
+inline char cross_process_order;
+inline void tsan_release_cross_process() noexcept {
+#if SHMALLOC_TSAN
+  __tsan_release(&cross_process_order);
+#endif
+}
+inline void tsan_acquire_cross_process() noexcept {
+#if SHMALLOC_TSAN
+  __tsan_acquire(&cross_process_order);
+#endif
+}
 
 template <class T>
 struct shared_atomic {
@@ -41,14 +77,9 @@ struct shared_atomic {
 // aligned 8-byte access is single-copy atomic there, so a reader's relaxed
 // load sees the old or the new value. Elsewhere, and under ThreadSanitizer
 // (which must see the store), it is the relaxed load and store.
-#if defined(__SANITIZE_THREAD__)
+#if SHMALLOC_TSAN
 #define SHMALLOC_BUMP_ASM 0
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define SHMALLOC_BUMP_ASM 0
-#endif
-#endif
-#if !defined(SHMALLOC_BUMP_ASM) && defined(__x86_64__)
+#elif defined(__x86_64__)
 #define SHMALLOC_BUMP_ASM 1
 #endif
 

@@ -7,6 +7,13 @@
  * Allocation attaches on first use (SHMALLOC_SOCKET, else the default socket
  * path). Errors are negative codes; shmalloc_strerror names them.
  *
+ * Caches: each thread keeps spans per size class, the process keeps a pool
+ * of spans and up to 8 freed large objects, so that most calls need no
+ * round trip to the daemon. What sits unused for SHMALLOC_CACHE_DECAY_MS
+ * (default 500; "off": never) goes back to the daemon, checked when a thread
+ * next allocates through its slow path (there is no background thread).
+ * shmalloc_trim gives back at once what no live object needs.
+ *
  * fork(): the child never uses the parent's caches or connection; they are
  * reset in the child, which attaches again on first use. Pointers the child
  * inherited stay valid (the mapping is kept).
@@ -28,6 +35,7 @@ void *shmalloc_alloc(size_t size);                          /* at least 8-byte a
 void *shmalloc_alloc_noscan(size_t size);                   /* pointer-free object: may use the tiny allocator */
 void *shmalloc_alloc_aligned(size_t size, size_t alignment); /* power of two up to 8192 */
 void shmalloc_free(void *p);                                /* any thread, any process; NULL is a no-op */
+void shmalloc_trim(void); /* give back the calling thread's empty spans, the pool and cached large objects */
 size_t shmalloc_usable_size(const void *p);
 uint64_t shmalloc_handle(const void *p); /* position-independent; 0 for NULL */
 void *shmalloc_pointer(uint64_t handle); /* this process's address for a handle */
