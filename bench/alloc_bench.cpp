@@ -289,7 +289,8 @@ shmalloc::proto::stats_msg daemon_stats() {
 }
 
 // Case 8: one refill round trip (hello'd client, one span), next to a raw
-// Unix-socket round trip of the same sizes (a forked echo process). Median
+// Unix-socket round trip of the same sizes (a forked echo process). The two
+// alternate, so that both see the same moments of a noisy machine. Median
 // microseconds of n round trips each.
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -300,24 +301,17 @@ std::pair<double, double> round_trips(int n) {
   shmalloc::control_client c(shmalloc::default_socket_path());
   c.hello("bench");
   const auto request = proto::make_request(proto::msg::refill, 1, proto::encode(proto::refill_msg{20, 1}));
-  std::vector<double> refill_us;
+  // The reply's size, for the echo: one refill first.
+  c.send_bytes(request);
+  auto first = c.read_frame();
+  if (!first) return {0, 0};
+  const std::size_t reply_bytes = proto::header_bytes + first->payload.size();
   std::vector<std::uint32_t> got;
-  std::size_t reply_bytes = 0;
-  for (int i = 0; i < n; ++i) {
-    const auto t0 = clock_type::now();
-    c.send_bytes(request);
-    auto f = c.read_frame();
-    refill_us.push_back(ns_since(t0, 1000.0));
-    if (!f) break;
-    reply_bytes = proto::header_bytes + f->payload.size();
-    if (auto parts = proto::split_reply(f->payload))
+  auto keep = [&got](const std::vector<std::uint8_t>& payload) {
+    if (auto parts = proto::split_reply(payload))
       if (auto list = proto::decode_span_list(parts->body, proto::max_refill)) got.push_back(list->span_ids[0]);
-    if (got.size() == proto::max_release) {
-      c.request(proto::msg::release, proto::encode(proto::span_list_msg{got}));
-      got.clear();
-    }
-  }
-  if (!got.empty()) c.request(proto::msg::release, proto::encode(proto::span_list_msg{got}));
+  };
+  keep(first->payload);
 
   int sv[2];
   socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
@@ -333,13 +327,24 @@ std::pair<double, double> round_trips(int n) {
   }
   close(sv[1]);
   std::vector<char> out(request.size()), in(reply_bytes);
-  std::vector<double> raw_us;
+  std::vector<double> refill_us, raw_us;
   for (int i = 0; i < n; ++i) {
-    const auto t0 = clock_type::now();
+    auto t0 = clock_type::now();
+    c.send_bytes(request);
+    auto f = c.read_frame();
+    refill_us.push_back(ns_since(t0, 1000.0));
+    if (!f) break;
+    keep(f->payload);
+    t0 = clock_type::now();
     send(sv[0], out.data(), out.size(), 0);
     recv(sv[0], in.data(), in.size(), MSG_WAITALL);
     raw_us.push_back(ns_since(t0, 1000.0));
+    if (got.size() == proto::max_release) {
+      c.request(proto::msg::release, proto::encode(proto::span_list_msg{got}));
+      got.clear();
+    }
   }
+  if (!got.empty()) c.request(proto::msg::release, proto::encode(proto::span_list_msg{got}));
   close(sv[0]);
   waitpid(echo, nullptr, 0);
   return {median(refill_us), median(raw_us)};

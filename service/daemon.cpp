@@ -177,6 +177,8 @@ awaitable<void> daemon::serve(std::shared_ptr<session> s) {
     asio::write(s->socket, asio::buffer(frame), ec);
   } else {
     s->deadline = clock_type::now() + std::chrono::nanoseconds(settings_.hello_timeout_ns);
+    std::error_code ec;
+    s->socket.non_blocking(true, ec);  // for send_reply; the async reads do not care
     const auto ended = co_await (read_frames(s) || watchdog(s));
     if (ended.index() == 1) {  // the watchdog: a deadline passed
       std::lock_guard lock(heap_mutex_);
@@ -242,7 +244,7 @@ awaitable<void> daemon::read_frames(std::shared_ptr<session> s) {
         control_stats_.record_refused(h.type, errc::protocol_error);
       }
       auto frame = proto::make_reply(proto::msg::ok, h.request_id, errc::protocol_error, why);
-      co_await asio::async_write(s->socket, asio::buffer(frame), use_tuple);
+      co_await send_reply(*s, frame);
       co_return;  // the framing is broken: nothing after this can be trusted
     }
     const std::size_t frame_bytes = proto::header_bytes + h.length;
@@ -251,9 +253,25 @@ awaitable<void> daemon::read_frames(std::shared_ptr<session> s) {
     in.erase(in.begin(), in.begin() + static_cast<std::ptrdiff_t>(frame_bytes));
     // A client that has said hello may idle; one that has not keeps its deadline.
     s->deadline = s->client.id == 0 ? s->deadline : clock_type::time_point::max();
-    auto [ec, w] = co_await asio::async_write(s->socket, asio::buffer(r.frame), use_tuple);
-    if (ec || r.close) co_return;
+    if (const std::error_code ec = co_await send_reply(*s, r.frame); ec || r.close) co_return;
   }
+}
+
+// Replies are small, so the socket (non-blocking since the session began)
+// almost always takes one whole: the reply then costs one send and no trip
+// through the reactor, where async_write would post its completion and cost
+// the loop another epoll_wait per request. What it does not take goes by
+// async_write, so a client that stops reading blocks only itself.
+awaitable<std::error_code> daemon::send_reply(session& s, const std::vector<std::uint8_t>& frame) {
+  std::error_code ec;
+  std::size_t sent = s.socket.write_some(asio::buffer(frame), ec);
+  if (ec == asio::error::would_block || ec == asio::error::try_again) {
+    ec.clear();
+    sent = 0;
+  }
+  if (ec || sent == frame.size()) co_return ec;
+  auto [rest_ec, n] = co_await asio::async_write(s.socket, asio::buffer(frame.data() + sent, frame.size() - sent), use_tuple);
+  co_return rest_ec;
 }
 
 reply daemon::handle(session& s, const proto::frame_header& h, std::span<const std::uint8_t> payload) {

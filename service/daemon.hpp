@@ -58,6 +58,7 @@ class daemon {
   asio::awaitable<void> read_frames(std::shared_ptr<session> s);
   asio::awaitable<void> watchdog(std::shared_ptr<session> s);
   asio::awaitable<bool> fill(session& s, std::vector<std::uint8_t>& in, std::size_t want);
+  asio::awaitable<std::error_code> send_reply(session& s, const std::vector<std::uint8_t>& frame);
   reply handle(session& s, const proto::frame_header& h, std::span<const std::uint8_t> payload);
   std::chrono::steady_clock::duration watchdog_period() const;
   asio::awaitable<void> housekeeping();

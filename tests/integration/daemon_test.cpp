@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <random>
 
 #include "shm/mheap.hpp"
@@ -430,6 +431,38 @@ TEST_SUITE("shmallocd security and deadlines") {
     CHECK(split.eof(3000));
     raw_client fine(d.socket);
     CHECK(fine.hello());
+  }
+
+  TEST_CASE("a client that stops reading its replies holds up only itself, and gets every reply whole later") {
+    daemon_process d;
+    REQUIRE(d.started());
+    raw_client greedy(d.socket);
+    REQUIRE(greedy.hello());
+    // 4,000 requests in one write (64 KB, which the socket takes at once);
+    // their replies (a class table each, 16 MB in all) are far more than the
+    // socket buffers hold, so the daemon's sends come up short and wait.
+    constexpr int requests = 4000;
+    std::vector<std::uint8_t> all;
+    for (int i = 0; i < requests; ++i) {
+      const auto one = proto::make_request(msg::classes, static_cast<std::uint32_t>(1000 + i));
+      all.insert(all.end(), one.begin(), one.end());
+    }
+    REQUIRE(greedy.send_bytes(all));
+    usleep(200000);
+    raw_client other(d.socket);
+    const auto t0 = std::chrono::steady_clock::now();
+    REQUIRE(other.hello());
+    CHECK(other.call(msg::stats).has_value());
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(1));
+    int whole = 0;
+    for (int i = 0; i < requests; ++i) {
+      auto f = greedy.read_frame();
+      if (!f || f->header.request_id != static_cast<std::uint32_t>(1000 + i) || f->status() != errc::ok) break;
+      auto parts = proto::split_reply(f->payload);
+      if (!parts || !proto::decode_class_table(parts->body)) break;
+      ++whole;
+    }
+    CHECK(whole == requests);
   }
 
   TEST_CASE("other protocol and layout versions are refused with their numbers") {
