@@ -138,7 +138,9 @@ struct runtime {
   // epochs ago has sat unused for a whole decay period.
   std::uint64_t last_trim_ns = 0;
   std::atomic<std::uint32_t> trim_epoch{2};
-  std::atomic<std::uint32_t> pool_epoch[num_span_classes] = {};  // the epoch of the class's last pool use
+  // Per span class, spans taken from the pool or refilled into it since the
+  // last trim (the class's recent demand): the trim keeps that many.
+  std::atomic<std::uint32_t> pool_demand[num_span_classes] = {};
   std::uint32_t large_calls = 0;
 };
 
@@ -450,7 +452,7 @@ std::int64_t refill(runtime& r, std::uint8_t spc) {
   if (!list || list->span_ids.empty()) return -1;
   tsan_acquire_cross_process();  // the daemon folded what was pushed into these spans' memory
   r.held.insert(list->span_ids.begin(), list->span_ids.end());
-  r.pool_epoch[spc].store(r.trim_epoch.load(std::memory_order_relaxed), std::memory_order_relaxed);
+  r.pool_demand[spc].fetch_add(static_cast<std::uint32_t>(list->span_ids.size()), std::memory_order_relaxed);
   for (std::size_t i = 1; i < list->span_ids.size(); ++i) r.pool.push(spc, list->span_ids[i]);
   return list->span_ids[0];
 }
@@ -539,7 +541,7 @@ SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexce
       if (switch_to_spare(r, mc, spc)) return alloc_small(size_class, noscan);
     }
     std::int64_t id = r.pool.pop(spc);
-    if (id >= 0) r.pool_epoch[spc].store(r.trim_epoch.load(std::memory_order_relaxed), std::memory_order_relaxed);
+    if (id >= 0) r.pool_demand[spc].fetch_add(1, std::memory_order_relaxed);
     if (id < 0) id = refill(r, spc);
     if (id < 0) return nullptr;
     if (take_span(mc, spc, static_cast<std::uint32_t>(id))) return alloc_small(size_class, noscan);
@@ -668,16 +670,23 @@ void trim_thread_locked(runtime& r, mcache* mc, bool everything) {
   release_full_locked(r);
 }
 
-// REQUIRES: r.mu held. The pool's spans of classes no thread took from (or
-// refilled) during the last decay period, and large objects cached as long;
-// with `everything`, all of both.
+// REQUIRES: r.mu held. Of each class's pooled spans, those beyond what its
+// threads took (or refilled) during the last decay period; large objects
+// cached that long; with `everything`, all of both. A class whose demand
+// stopped also starts its refill batches small again.
 void trim_process_locked(runtime& r, bool everything) {
   const std::uint32_t epoch = r.trim_epoch.load(std::memory_order_relaxed);
   for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
     const auto c = static_cast<std::uint8_t>(spc);
-    if (!everything && r.pool_epoch[spc].load(std::memory_order_relaxed) + 1 >= epoch) continue;
-    for (std::int64_t id; (id = r.pool.pop(c)) >= 0;) r.full.push_back(static_cast<std::uint32_t>(id));
-    r.batch[spc] = first_batch;
+    const std::uint32_t demand = r.pool_demand[spc].exchange(0, std::memory_order_relaxed);
+    const std::uint32_t keep = everything ? 0 : demand;
+    const std::uint32_t pooled = r.pool.size(c);
+    for (std::uint32_t k = keep; k < pooled; ++k) {
+      const std::int64_t id = r.pool.pop(c);
+      if (id < 0) break;
+      r.full.push_back(static_cast<std::uint32_t>(id));
+    }
+    if (demand == 0) r.batch[spc] = first_batch;
   }
   release_full_locked(r);
   trim_large_cache(r, [&](const runtime::cached_large& c) { return !everything && c.epoch + 1 >= epoch; });
