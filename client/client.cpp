@@ -759,8 +759,9 @@ SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept {
   }
 }
 
-SHMALLOC_SLOW_PATH void free_remote(mspan& s, std::uint32_t index, std::uint8_t size_class) noexcept {
-  span_push_remote(g_view, s, index);
+SHMALLOC_SLOW_PATH void free_remote(mspan& s, std::uint32_t index, std::uint8_t size_class, const void* p) noexcept {
+  if (span_push_remote(g_view, s, index) == errc::double_free)
+    bad_free(p, "double free (freed before by another thread or process, and not yet reclaimed)");
   mcache* mc = ensure_cache();
   if (mc == nullptr) return;  // counted nowhere: the daemon is gone
   bump(mc->stats->small_frees[size_class], std::uint64_t{1});
@@ -795,7 +796,7 @@ SHMALLOC_SLOW_PATH void free_tiny(mspan& s, std::uint64_t offset, const void* p)
 SHMALLOC_FAST_PATH void free_slot_inline(mspan& s, std::uint32_t i, std::uint8_t size_class, const void* p) noexcept {
   mcache* mc = t_cache;
   if (SHMALLOC_UNLIKELY(s.owner_cache.load(std::memory_order_relaxed) != mc->token))
-    return free_remote(s, i, size_class);
+    return free_remote(s, i, size_class, p);
   const std::uint64_t bit = std::uint64_t{1} << (i % 64);
   if (SHMALLOC_UNLIKELY((s.alloc_bits[i / 64] & bit) == 0)) bad_free(p, "double free");
   s.alloc_bits[i / 64] &= ~bit;
@@ -841,6 +842,19 @@ SHMALLOC_SLOW_PATH void free_slow(void* p) noexcept {
 
 }  // namespace
 
+namespace {
+
+// An object of a span this thread does not hold, whose index the fast path
+// found: a remote free, without finding the span again. Large objects (no
+// cache holds them; their index 0 passes) and steps into a span's tail go to
+// free_slow.
+SHMALLOC_SLOW_PATH void free_other(void* p, mspan& s, std::uint32_t i) noexcept {
+  if (s.elem_size == 0 || i >= s.nelems) return free_slow(p);
+  free_remote(s, i, span_class{s.span_class}.size_class(), p);
+}
+
+}  // namespace
+
 // The free fast path: a small object of a span this thread holds, allocated.
 // Anything else takes free_slow, which checks again and says what is wrong.
 // Three things make the checks here cheap: a page without a span maps to
@@ -862,10 +876,9 @@ SHMALLOC_FAST_PATH void free_object(void* p) noexcept {
   const std::uint64_t offset = off - std::uint64_t{s.start.value} * page_size;
   const std::uint8_t size_class = span_class{s.span_class}.size_class();
   const std::uint32_t i = object_index(static_cast<std::uint32_t>(offset), size_class);
+  if (SHMALLOC_UNLIKELY(std::uint64_t{i} * s.elem_size != offset)) return free_slow(p);
   mcache* mc = t_cache;
-  if (SHMALLOC_UNLIKELY(std::uint64_t{i} * s.elem_size != offset ||
-                        s.owner_cache.load(std::memory_order_relaxed) != mc->token))
-    return free_slow(p);
+  if (SHMALLOC_UNLIKELY(s.owner_cache.load(std::memory_order_relaxed) != mc->token)) return free_other(p, s, i);
   std::uint64_t& word = s.alloc_bits[i / 64];
   std::uint64_t bits = word;
   if (SHMALLOC_UNLIKELY(!test_and_clear(bits, i))) return free_slow(p);

@@ -13,8 +13,8 @@
 // the slow path (client.cpp) attaches, opens a cache, and refills.
 //
 // Freeing: the thread that holds the span (mspan::owner_cache == its token)
-// clears the bit itself; anyone else pushes the object on the span's
-// remote-free stack. Neither needs a lock; the local free needs no atomic
+// clears the bit itself; anyone else sets its bit in the span's
+// remote-free bitmap. Neither needs a lock; the local free needs no atomic
 // read-modify-write either.
 //
 // Process memory only: nothing here lives in the segment except what the

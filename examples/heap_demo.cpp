@@ -103,7 +103,7 @@ int child_turn(const std::string& name, handle_t board_handle) {
   for (std::uint64_t k = 0; k < b->count; k += 2) {
     object_ref ref;
     if (h.view().object_at(b->objects[k], &ref) != errc::ok) return 3;
-    span_push_remote(h.view(), h.span(ref.span), ref.index);
+    (void)span_push_remote(h.view(), h.span(ref.span), ref.index);  // each object once
   }
   auto mine = h.central(span_class::make(5, true)).cache_span(2);
   for (int k = 0; k < 40; ++k) span_alloc_object(h.span(*mine));

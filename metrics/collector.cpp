@@ -98,7 +98,7 @@ void add_totals(family_list& out, const heap_census& c) {
   out.counter("shmalloc_remote_frees_total",
               "Objects freed into spans held by another thread or process.", d(c.stats.remote_frees));
   out.counter("shmalloc_double_frees_total",
-              "Double frees found when remote-free stacks were folded.", d(c.stats.double_frees));
+              "Double frees found when remote-free bitmaps were folded.", d(c.stats.double_frees));
 }
 
 // Allocations by size (go_gc_heap_allocs_by_size_bytes): the buckets are the

@@ -62,12 +62,14 @@
 // -------------
 // Any thread of any process may free any object. The handle gives the page,
 // page_map gives the span. The thread that holds the span (mspan::owner_cache
-// is its cache id) clears the bit itself. Anyone else pushes the object on
-// the span's lock-free remote-free stack (mspan::remote_free; the link is
-// written into the freed object). The holder folds that stack into the
-// bitmap when its span runs dry; the daemon folds it ("sweeps") for spans it
-// holds, and returns spans left with no object to mheap, so memory never
-// stays stuck in one size class.
+// is its cache id) clears the bit itself. Anyone else sets the object's bit
+// in the span's remote-free bitmap (mspan::remote_bits, one atomic OR; a bit
+// already set is a double free, refused at once). The holder folds those
+// bits into alloc_bits when its span runs dry; the daemon folds them
+// ("sweeps") for spans it holds, and returns spans left with no object to
+// mheap, so memory never stays stuck in one size class. A free never writes
+// into the freed object: a process that writes to memory it has freed
+// damages only objects, never the allocator's bookkeeping.
 //
 // Who writes what
 // ---------------
@@ -85,8 +87,11 @@
 //                    the current holder (one client thread, or the daemon).
 //                    owner_cache: the holding client thread (relaxed atomic;
 //                    only it ever stores its own id there, so a racing reader
-//                    can never mistake itself for the holder). remote_free:
-//                    any process, by CAS push; the holder by exchange.
+//                    can never mistake itself for the holder). remote_bits:
+//                    any process sets bits (fetch_or); the holder takes
+//                    each word by exchange. They have cache lines of their
+//                    own, so remote frees do not take the lines the
+//                    holder's fast paths read.
 //                    state: the daemon (relaxed atomic; freers read it).
 //   root_entry       the daemon only; clients ask it (lookup) over the socket.
 //   mheap_state::sweep_wanted
@@ -103,7 +108,9 @@
 // --------------------------------
 // - Objects are freed explicitly; there is no garbage collector. Go frees by
 //   sweeping mark bits; we clear alloc bits on free and keep a remote-free
-//   stack per span for frees from other threads and processes.
+//   bitmap per span for frees from other threads and processes (mimalloc
+//   and TCMalloc link freed objects into lists instead; a bitmap never
+//   writes into the object, and finds a second free while the first waits).
 // - mheap's free pages are a bitmap with a segment tree of (start, end, max)
 //   free-run summaries (page_alloc.hpp), a simpler cousin of Go's radix
 //   summaries: O(log n) first fit at the lowest address, as Go does.
@@ -130,7 +137,7 @@ namespace shmalloc {
 // ---------------------------------------------------------------------------
 
 inline constexpr std::uint64_t heap_magic = 0x636f6c6c616d6873ULL;  // "shmalloc", little endian
-inline constexpr std::uint32_t layout_version = 2;  // 2: mheap_state::sweep_wanted
+inline constexpr std::uint32_t layout_version = 3;  // 2: mheap_state::sweep_wanted; 3: mspan::remote_bits
 inline constexpr std::uint64_t arena_bytes = 64ULL << 20;           // Go: heapArenaBytes
 inline constexpr std::uint32_t pages_per_arena = arena_bytes / page_size;
 inline constexpr std::uint32_t chunk_pages = 512;                   // Go: pallocChunkPages
@@ -156,7 +163,7 @@ inline constexpr std::uint32_t bitmap_words = max_objects_per_span / 64;
   X(tiny_allocs, "objects packed by the tiny allocator")                          \
   X(remote_frees, "objects freed into spans held by another thread or process")   \
   X(refills, "spans taken from the process pool or the daemon")                  \
-  X(double_frees, "remote double frees found while folding remote-free stacks")
+  X(double_frees, "remote double frees found while folding remote-free bitmaps")
 
 // Counters one cache (or the daemon) writes. Single writer: bump() with a
 // relaxed load and store, never a read-modify-write.
@@ -205,15 +212,18 @@ struct mspan {
 
   std::uint32_t owner_client;              // daemon writes: client holding it, 0 = daemon
   shared_atomic<std::uint32_t> owner_cache;  // holder thread writes: its cache id + 1, 0 = none
-  shared_atomic<std::uint32_t> remote_free;  // any process pushes: object index + 1, 0 = empty
+  std::uint32_t reserved0;
   std::uint16_t alloc_count;               // live objects per alloc_bits (exact while daemon holds it)
   std::uint16_t reserved;
   std::uint64_t reserved2;
 
   std::uint64_t alloc_bits[bitmap_words];  // 1 = allocated; written by the holder only
-  // To three whole cache lines: descriptors of spans two threads hold must
-  // not share a line (the table is page-aligned).
-  std::uint64_t pad[2];
+  std::uint64_t pad[2];                    // to a line boundary
+  // Objects freed by others and not yet folded into alloc_bits: any process
+  // sets bits, the holder (or the daemon) takes them. Two lines of their own.
+  shared_atomic<std::uint64_t> remote_bits[bitmap_words];
+  // Five whole cache lines: descriptors of spans two threads hold never
+  // share a line (the table is page-aligned).
 };
 
 // ---------------------------------------------------------------------------
@@ -294,7 +304,7 @@ struct heap_accounts {
   shared_atomic<std::uint64_t> reclaimed_bytes_total;  // bytes taken back from dead clients
   shared_atomic<std::uint64_t> caches_in_use;    // mcache slots assigned
   shared_atomic<std::uint64_t> caches_committed; // mcache slots backed by committed memory
-  shared_atomic<std::uint64_t> remote_free_errors; // double frees and broken stacks found by folds
+  shared_atomic<std::uint64_t> remote_free_errors; // double frees and stray bits found by folds
 };
 
 struct mheap_state {
@@ -380,7 +390,7 @@ inline constexpr bool is_shareable_v = std::is_trivially_copyable_v<T> && std::i
 
 static_assert(is_shareable_v<mspan> && is_shareable_v<segment_header> && is_shareable_v<mheap_state>);
 static_assert(is_shareable_v<stats_block> && is_shareable_v<mcache_slot> && is_shareable_v<segment_fixed>);
-static_assert(sizeof(mspan) == 192 && sizeof(mspan) % 64 == 0);
+static_assert(sizeof(mspan) == 320 && sizeof(mspan) % 64 == 0 && offsetof(mspan, remote_bits) % 64 == 0);
 static_assert(sizeof(stats_block) == (2 * num_size_classes + 8) * 8);
 static_assert(sizeof(mcache_slot) == 16 + sizeof(stats_block) + 48 && sizeof(mcache_slot) % 64 == 0);
 static_assert(sizeof(mcentral_state) == 24);

@@ -69,7 +69,7 @@ span_id mcentral::take_swept_full() {
   for (span_id id = state_->full; id && budget > 0; --budget) {
     mspan& s = heap_->span(id);
     const span_id next = s.next;
-    if (s.remote_free.load(std::memory_order_relaxed) != 0) {
+    if (remote_pending(s)) {
       unlink(list::full, id);
       fold(id);
       if (s.alloc_count < s.nelems) return id;
@@ -114,7 +114,7 @@ std::uint32_t mcentral::sweep(std::uint32_t budget) {
   for (list l : {list::full, list::partial}) {
     for (span_id id = head(l); id && budget > 0; --budget) {
       const span_id next = heap_->span(id).next;
-      if (heap_->span(id).remote_free.load(std::memory_order_relaxed) != 0) {
+      if (remote_pending(heap_->span(id))) {
         unlink(l, id);
         freed += settle(id, nullptr) ? 1 : 0;
       }

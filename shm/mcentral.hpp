@@ -2,7 +2,7 @@
 //
 // "partial" spans have at least one free slot; "full" spans have none
 // except, perhaps, objects other processes freed since the daemon last
-// looked (pending on the span's remote-free stack). Sweeping folds those in:
+// looked (pending in the span's remote-free bitmap). Sweeping folds those in:
 // a span that gains free slots moves to partial, and a span left with no
 // object goes back to mheap, so memory never stays stuck in one size class.
 //
@@ -44,7 +44,7 @@ class mcentral {
   void unlink(list l, span_id id) noexcept;
   span_id& head(list l) noexcept;
   std::uint32_t& count(list l) noexcept;
-  // Folds the span's remote frees; a double free or a broken stack found
+  // Folds the span's remote frees; a double free or a stray bit found
   // there is counted in heap_accounts::remote_free_errors and returned.
   error fold(span_id id);
   // Folds remote frees and files the span on the list its count calls for

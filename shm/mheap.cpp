@@ -218,7 +218,7 @@ result<span_id> mheap::alloc_span(std::uint32_t npages, span_class spc, mspan_st
   s.next = s.prev = span_id::nil();
   s.owner_client = owner;
   s.owner_cache.store(0, std::memory_order_relaxed);
-  s.remote_free.store(0, std::memory_order_relaxed);
+  for (auto& w : s.remote_bits) w.store(0, std::memory_order_relaxed);
   s.alloc_count = 0;
   std::memset(s.alloc_bits, 0, sizeof s.alloc_bits);
   if (const std::uint32_t reserved = reserved_slots(spc.value); reserved != 0) {

@@ -54,21 +54,22 @@ errc span_free_local(mspan& s, std::uint32_t i) noexcept {
 }
 
 namespace {
-std::uint32_t& link_of(const heap_view& v, const mspan& s, std::uint32_t i) noexcept {
-  return *reinterpret_cast<std::uint32_t*>(v.span_base(s) + std::uint64_t{i} * object_bytes(s));
+std::uint32_t bitmap_words_of(const mspan& s) noexcept { return (std::uint32_t{s.nelems} + 63) / 64; }
+std::uint64_t valid_bits(const mspan& s, std::uint32_t w) noexcept {
+  const std::uint32_t valid = s.nelems - w * 64;
+  return valid >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << valid) - 1;
 }
 }  // namespace
 
-void span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept {
+errc span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept {
   // Read before the push: once pushed, the object may be folded, the span
   // freed and the descriptor reused by the daemon.
   const bool daemon_holds = s.state.load(std::memory_order_relaxed) == mspan_state::central;
   const std::uint8_t spc = s.span_class;
-  std::uint32_t& link = link_of(v, s, i);
-  std::uint32_t top = s.remote_free.load(std::memory_order_relaxed);
-  do {
-    link = top;  // published by the release CAS below
-  } while (!s.remote_free.compare_exchange_weak(top, i + 1, std::memory_order_release, std::memory_order_relaxed));
+  const std::uint64_t bit = std::uint64_t{1} << (i % 64);
+  // Release: what this thread did with the object happens before whoever
+  // folds the bit hands the object out again.
+  if ((s.remote_bits[i / 64].fetch_or(bit, std::memory_order_release) & bit) != 0) return errc::double_free;
   tsan_release_cross_process();
   // A span the daemon holds is folded by the daemon: ask for a sweep of its
   // class. Load first, so that many freers of one class mostly share the
@@ -79,49 +80,54 @@ void span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept {
     shared_atomic<std::uint8_t>& wanted = v.sweep_wanted[spc];
     if (wanted.load(std::memory_order_relaxed) == 0) wanted.store(1, std::memory_order_release);
   }
+  return errc::ok;
 }
 
-std::uint32_t span_fold_remote(const heap_view& v, mspan& s, errc* status, std::string* why) noexcept {
+std::uint32_t span_fold_remote(const heap_view&, mspan& s, errc* status, std::string* why) noexcept {
   *status = errc::ok;
-  // A plain load first: most folds find nothing, and the exchange is a
-  // locked instruction. Acquire even so (free on x86): the stack may have
-  // been emptied by another process (the daemon's sweep), and this load is
-  // what orders the pushers' writes into the objects (their links) before
-  // this thread reuses them. Across processes the socket that handed the
-  // span over orders them too, but TSan sees only this process.
-  if (s.remote_free.load(std::memory_order_acquire) == 0) return 0;
-  std::uint32_t top = s.remote_free.exchange(0, std::memory_order_acquire);
   std::uint32_t folded = 0;
-  // A well-formed stack has at most nelems entries. An object pushed a
-  // second time while its first push is still pending turns the stack into a
-  // cycle; the step bound ends that walk.
-  for (std::uint32_t steps = 0; top != 0; ++steps) {
-    const std::uint32_t i = top - 1;
-    if (i >= s.nelems || steps > s.nelems) {
-      *status = errc::corrupt;
-      if (why) *why = "remote-free list of span at page " + std::to_string(s.start.value) + " is corrupt";
-      return folded;
-    }
-    top = link_of(v, s, i);
-    if (span_free_local(s, i) != errc::ok) {
-      // Freed twice, but after its first free was folded: the link is the
-      // second push's, so the rest of the stack is intact. Keep folding.
+  for (std::uint32_t w = 0; w < bitmap_words_of(s); ++w) {
+    // A plain load first: most words hold nothing, and the exchange is a
+    // locked instruction. Acquire even so (free on x86): the word may have
+    // been emptied by another process (the daemon's sweep), and this load is
+    // what orders the freers' last uses of the objects before this thread
+    // hands them out again. Across processes the socket that handed the span
+    // over orders them too, but TSan sees only this process.
+    if (s.remote_bits[w].load(std::memory_order_acquire) == 0) continue;
+    std::uint64_t freed = s.remote_bits[w].exchange(0, std::memory_order_acquire);
+    if (const std::uint64_t stray = freed & ~valid_bits(s, w); stray != 0) {
       if (*status == errc::ok && why)
-        *why = "object " + std::to_string(i) + " of span at page " + std::to_string(s.start.value) +
-               " was freed twice (remote free of a free object)";
-      *status = errc::double_free;
-      continue;
+        *why = "remote-free bits past the last object of span at page " + std::to_string(s.start.value);
+      *status = errc::corrupt;
+      freed &= ~stray;
     }
-    ++folded;
+    if (const std::uint64_t twice = freed & ~s.alloc_bits[w]; twice != 0) {
+      // Freed again after the first free was folded: reported, not folded.
+      if (why && *status != errc::double_free && *status != errc::corrupt)
+        *why = "object " + std::to_string(w * 64 + static_cast<std::uint32_t>(std::countr_zero(twice))) +
+               " of span at page " + std::to_string(s.start.value) + " was freed twice (remote free of a free object)";
+      if (*status == errc::ok) *status = errc::double_free;
+      freed &= ~twice;
+    }
+    s.alloc_bits[w] &= ~freed;
+    const auto n = static_cast<std::uint32_t>(std::popcount(freed));
+    s.alloc_count = static_cast<std::uint16_t>(s.alloc_count - n);
+    folded += n;
   }
   return folded;
 }
 
-std::uint32_t count_remote_pending(const heap_view& v, const mspan& s) noexcept {
+std::uint32_t count_remote_pending(const heap_view&, const mspan& s) noexcept {
   std::uint32_t n = 0;
-  for (std::uint32_t top = s.remote_free.load(std::memory_order_acquire); top != 0 && n <= s.nelems; ++n)
-    top = top - 1 < s.nelems ? link_of(v, s, top - 1) : 0;
+  for (std::uint32_t w = 0; w < bitmap_words_of(s); ++w)
+    n += static_cast<std::uint32_t>(std::popcount(s.remote_bits[w].load(std::memory_order_acquire) & valid_bits(s, w)));
   return n;
+}
+
+bool remote_pending(const mspan& s) noexcept {
+  for (std::uint32_t w = 0; w < bitmap_words_of(s); ++w)
+    if (s.remote_bits[w].load(std::memory_order_relaxed) != 0) return true;
+  return false;
 }
 
 }  // namespace shmalloc

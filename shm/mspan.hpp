@@ -95,19 +95,23 @@ std::int32_t span_alloc_object(mspan& s) noexcept;
 // Holder only: frees slot i. errc::double_free if it was not allocated.
 errc span_free_local(mspan& s, std::uint32_t i) noexcept;
 
-// Any process: pushes slot i on the span's remote-free stack. The link to
-// the previous top is written into the object's first four bytes.
-void span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept;
+// Any process: marks slot i freed in the span's remote-free bitmap (one
+// atomic OR; the object's bytes are not touched). errc::double_free if the
+// bit was already set: the object was freed before and not yet folded.
+errc span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept;
 
-// Holder only: takes the whole remote-free stack and clears those slots'
-// bits. Returns the number of objects folded in. A slot already free (a
-// remote double free) is skipped and the fold goes on, reporting
-// errc::double_free; a slot out of range or a cycle (an object pushed twice
-// while pending) stops it with errc::corrupt. *why gets the first problem.
-// What a broken stack still held is lost: those objects stay allocated.
+// Holder only: takes the remote-free bitmap and clears those slots'
+// alloc_bits. Returns the number of objects folded in. A slot already free
+// (freed again after its first free was folded) is skipped and the fold goes
+// on, reporting errc::double_free; bits past nelems (written by no correct
+// process) are dropped with errc::corrupt. *why gets the first problem.
 std::uint32_t span_fold_remote(const heap_view& v, mspan& s, errc* status, std::string* why) noexcept;
 
-// Objects waiting on the remote-free stack (walks it; the checker's use).
+// Objects waiting in the remote-free bitmap.
 std::uint32_t count_remote_pending(const heap_view& v, const mspan& s) noexcept;
+
+// Whether any object waits in the remote-free bitmap (relaxed: a hint for
+// the daemon's sweep, which folds under acquire).
+bool remote_pending(const mspan& s) noexcept;
 
 }  // namespace shmalloc

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs every test twice: a normal optimised build and an
 # ASan+UBSan debug build (which also turns on the expensive assertions);
-# then, under TSan, the stress suite (the lock-free remote-free stacks from
+# then, under TSan, the stress suite (the lock-free remote-free bitmaps from
 # threads and processes), libshmalloc's multi-thread tests (the span pool),
 # and the daemon serving while its metrics endpoint scrapes the heap.
 set -euo pipefail

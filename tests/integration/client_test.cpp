@@ -661,6 +661,13 @@ TEST_SUITE("libshmalloc") {
             shmalloc_free(p);
           }).find("double free") != std::string::npos);
     CHECK(dies_with([] {
+            void* p = shmalloc_alloc(64);  // this thread holds its span: another thread's frees are remote
+            std::thread([p] {
+              shmalloc_free(p);
+              shmalloc_free(p);  // still pending: its bit is set in the span's remote-free bitmap
+            }).join();
+          }).find("double free (freed before by another thread or process") != std::string::npos);
+    CHECK(dies_with([] {
             static int not_ours = 0;
             shmalloc_free(&not_ours);
           }).find("not a pointer into the shared heap") != std::string::npos);

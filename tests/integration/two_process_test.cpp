@@ -1,7 +1,7 @@
 // Two processes map one heap at different addresses and agree on every
 // handle; each carves spans while the other waits (mheap has one writer at a
 // time: later, the daemon), and frees cross the process boundary through the
-// remote-free stacks.
+// remote-free bitmaps.
 #include <doctest/doctest.h>
 
 #include <cstring>
@@ -64,7 +64,7 @@ TEST_SUITE("two processes") {
       for (std::uint64_t k = 0; k < b->count; k += 2) {
         object_ref ref;
         if (child.view().object_at(b->handles[k], &ref) != errc::ok) return 14;
-        span_push_remote(child.view(), child.span(ref.span), ref.index);
+        if (span_push_remote(child.view(), child.span(ref.span), ref.index) != errc::ok) return 15;
       }
       // Carve a span of our own (the parent waits) and fill objects.
       auto mine = child.central(span_class::make(8, false)).cache_span(2);

@@ -10,8 +10,9 @@
 //
 // Object patterns: every small object gets a 64-bit pattern, derived from its
 // handle and an allocation serial number, in bytes 8..15 (and, for objects of
-// 24 bytes and more, in their last 8 bytes too). Bytes 0..7 are never used:
-// a remote free writes the stack link into the first 4 bytes. Objects of the
+// 24 bytes and more, in their last 8 bytes too). Bytes 0..7 carry no
+// pattern (once a remote free wrote a list link there; now no free writes
+// into an object, and the patterns must survive every free). Objects of the
 // 8-byte class carry no pattern. An object handed out twice, two objects that
 // overlap, a page released under a live object or a handle translated wrongly
 // shows up as a pattern mismatch (or as a handle the model already holds).
@@ -329,7 +330,7 @@ class traffic {
     REQUIRE(s.state.load() == mspan_state::cached);
     REQUIRE(s.owner_client == owner);
     REQUIRE(s.span_class == spc.value);
-    REQUIRE(s.remote_free.load() == 0);  // cache_span folded what was pending
+    REQUIRE(!remote_pending(s));  // cache_span folded what was pending
     REQUIRE(count_allocated(s) == span_live_[id->value] + reserved_slots(s.span_class));
     REQUIRE(s.alloc_count == span_live_[id->value] + reserved_slots(s.span_class));
     REQUIRE(s.alloc_count < s.nelems);
@@ -391,7 +392,7 @@ class traffic {
     std::string why;
     span_fold_remote(v_, s, &status, &why);
     REQUIRE_MESSAGE(status == errc::ok, why);
-    REQUIRE(s.remote_free.load() == 0);
+    REQUIRE(!remote_pending(s));
     REQUIRE(count_allocated(s) == span_live_[id.value] + reserved_slots(s.span_class));
     REQUIRE(s.alloc_count == span_live_[id.value] + reserved_slots(s.span_class));
     ++folds_;
@@ -404,7 +405,7 @@ class traffic {
   }
 
   // Frees live_[pos]: locally if the span is held and the freer is its
-  // holder (a coin toss), else through the remote-free stack.
+  // holder (a coin toss), else through the remote-free bitmap.
   void free_at(std::size_t pos) {
     const object o = live_[pos];
     check_object(o);
@@ -413,7 +414,7 @@ class traffic {
       REQUIRE(span_free_local(s, o.index) == errc::ok);
       ++local_frees_;
     } else {
-      span_push_remote(v_, s, o.index);
+      REQUIRE(span_push_remote(v_, s, o.index) == errc::ok);
       ++remote_frees_;
     }
     bump(stats_->small_frees[o.size_class], std::uint64_t{1});
@@ -458,7 +459,7 @@ class traffic {
       REQUIRE(s.state.load() == mspan_state::dead);  // back to mheap
     } else {
       REQUIRE(s.state.load() == mspan_state::central);
-      REQUIRE(s.remote_free.load() == 0);
+      REQUIRE(!remote_pending(s));
       REQUIRE(s.alloc_count == span_live_[id.value] + reserved_slots(s.span_class));
     }
   }
@@ -586,7 +587,7 @@ inline void cpu_relax() {
 }
 
 // One worker: waits until every worker is ready, then pushes its share of
-// the objects on their spans' remote-free stacks, counting each free in its
+// the objects in their spans' remote-free bitmaps, counting each free in its
 // own stats slot at push time. Returns 0, or a code saying what was wrong.
 // Runs in a child process or a thread: no doctest here.
 int free_share(const heap_view& v, stats_block& stats, share_board& b, std::uint32_t me) {
@@ -628,7 +629,7 @@ int free_share(const heap_view& v, stats_block& stats, share_board& b, std::uint
   }
   b.pushing_ns[me][0] = mheap::monotonic_ns();
   for (const target& t : mine) {
-    span_push_remote(v, *t.span, t.index);
+    if (span_push_remote(v, *t.span, t.index) != errc::ok) return 21;
     bump(stats.small_frees[t.size_class], std::uint64_t{1});
   }
   b.pushing_ns[me][1] = mheap::monotonic_ns();
@@ -835,7 +836,7 @@ void remote_free_rounds(workers_are kind, std::uint32_t nworkers, std::uint32_t 
       const mspan_state st = s.state.load();
       const bool cached = std::find(still_held.begin(), still_held.end(), span_id{id}) != still_held.end();
       INFO("span ", id, " state ", int(st), " cached ", cached);
-      CHECK(s.remote_free.load() == 0);
+      CHECK(!remote_pending(s));
       const auto w = want.find(id);
       if (w == want.end()) {
         // Nothing kept: a cached span is empty, a central one went back to mheap.
@@ -878,7 +879,7 @@ void remote_free_rounds(workers_are kind, std::uint32_t nworkers, std::uint32_t 
   // Free what was kept (remotely: the daemon holds every span now), sweep,
   // and the heap is empty but for the board.
   for (const object& o : live) {
-    span_push_remote(v, h.span(o.span), o.index);
+    REQUIRE(span_push_remote(v, h.span(o.span), o.index) == errc::ok);
     bump(stats.small_frees[o.size_class], std::uint64_t{1});
   }
   for (std::uint32_t c = 2; c < num_span_classes; ++c)

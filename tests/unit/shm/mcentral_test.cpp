@@ -1,6 +1,8 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "shm/verify.hpp"
@@ -83,7 +85,7 @@ TEST_SUITE("mcentral") {
     REQUIRE(!c.uncache_span(id).message.size());
     CHECK(c.state().full_count == 1);
 
-    // Another process frees three objects: they wait on the stack.
+    // Another process frees three objects: they wait in the remote bitmap.
     for (std::uint32_t i : {5u, 700u, 1023u}) span_push_remote(h.view(), s, i);
     CHECK(count_remote_pending(h.view(), s) == 3);
     require_healthy(h);
@@ -157,19 +159,43 @@ TEST_SUITE("mcentral") {
     CHECK_MESSAGE(r.ok(), r.summary());
   }
 
-  TEST_CASE("an object pushed twice while still pending is reported as a corrupt stack, not an endless fold") {
+  TEST_CASE("an object freed twice while still pending is refused at the second free and folded once") {
     test_heap t;
     mheap& h = *t.heap;
     auto id = *h.central(span_class::make(4, false)).cache_span(1);
     mspan& s = h.span(id);
     for (int k = 0; k < 4; ++k) span_alloc_object(s);
-    for (std::uint32_t i : {0u, 1u, 0u}) span_push_remote(h.view(), s, i);  // 0 -> 1 -> 0 -> ... a cycle
+    CHECK(span_push_remote(h.view(), s, 0) == errc::ok);
+    CHECK(span_push_remote(h.view(), s, 1) == errc::ok);
+    CHECK(span_push_remote(h.view(), s, 0) == errc::double_free);
+    CHECK(count_remote_pending(h.view(), s) == 2);
     errc status{};
     std::string why;
-    span_fold_remote(h.view(), s, &status, &why);
+    CHECK(span_fold_remote(h.view(), s, &status, &why) == 2);
+    CHECK(status == errc::ok);
+    CHECK_FALSE(remote_pending(s));
+    CHECK(s.alloc_count == 2);
+  }
+
+  TEST_CASE("a remote free leaves the object's bytes alone, and bits past the last object are dropped as corrupt") {
+    test_heap t;
+    mheap& h = *t.heap;
+    static_assert(class_to_size(5) == 48 && class_to_objects(5) == 170);  // the last word is part full
+    auto id = *h.central(span_class::make(5, false)).cache_span(1);
+    mspan& s = h.span(id);
+    const auto i = static_cast<std::uint32_t>(span_alloc_object(s));
+    auto* obj = h.view().span_base(s) + std::size_t{i} * s.elem_size;
+    std::memset(obj, 0xa5, s.elem_size);
+    REQUIRE(span_push_remote(h.view(), s, i) == errc::ok);
+    CHECK(std::all_of(obj, obj + s.elem_size, [](std::byte b) { return b == std::byte{0xa5}; }));
+    s.remote_bits[s.nelems / 64].fetch_or(std::uint64_t{1} << (s.nelems % 64));  // a slot that does not exist
+    errc status{};
+    std::string why;
+    CHECK(span_fold_remote(h.view(), s, &status, &why) == 1);
     CHECK(status == errc::corrupt);
-    CHECK(why.find("corrupt") != std::string::npos);
-    CHECK(s.remote_free.load() == 0);
+    CHECK(why.find("past the last object") != std::string::npos);
+    CHECK_FALSE(remote_pending(s));
+    CHECK_FALSE(is_allocated(s, i));
   }
 
   TEST_CASE("objects of the alignment table's types are aligned for their type") {
