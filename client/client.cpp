@@ -874,9 +874,11 @@ SHMALLOC_FAST_PATH void free_object(void* p) noexcept {
   __builtin_prefetch(&s.alloc_bits[2], 1);
   if (SHMALLOC_UNLIKELY(s.span_class == tiny_span_class)) return free_slow(p);
   const std::uint64_t offset = off - std::uint64_t{s.start.value} * page_size;
-  const std::uint8_t size_class = span_class{s.span_class}.size_class();
-  const std::uint32_t i = object_index(static_cast<std::uint32_t>(offset), size_class);
+  // object_index, with the magic the span carries: no table lookup after
+  // the span's line arrives.
+  const auto i = static_cast<std::uint32_t>((std::uint64_t{static_cast<std::uint32_t>(offset)} * s.div_magic) >> 32);
   if (SHMALLOC_UNLIKELY(std::uint64_t{i} * s.elem_size != offset)) return free_slow(p);
+  const std::uint8_t size_class = span_class{s.span_class}.size_class();
   mcache* mc = t_cache;
   if (SHMALLOC_UNLIKELY(s.owner_cache.load(std::memory_order_relaxed) != mc->token)) return free_other(p, s, i);
   std::uint64_t& word = s.alloc_bits[i / 64];

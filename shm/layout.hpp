@@ -212,7 +212,7 @@ struct mspan {
 
   std::uint32_t owner_client;              // daemon writes: client holding it, 0 = daemon
   shared_atomic<std::uint32_t> owner_cache;  // holder thread writes: its cache id + 1, 0 = none
-  std::uint32_t reserved0;
+  std::uint32_t div_magic;  // daemon writes: class_div_magic(size class), 0 for large (the free path's index)
   std::uint16_t alloc_count;               // live objects per alloc_bits (exact while daemon holds it)
   std::uint16_t reserved;
   std::uint64_t reserved2;

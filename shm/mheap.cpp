@@ -214,6 +214,7 @@ result<span_id> mheap::alloc_span(std::uint32_t npages, span_class spc, mspan_st
   s.npages = npages;
   s.span_class = spc.value;
   s.elem_size = c == 0 ? 0 : class_to_size(c);
+  s.div_magic = class_div_magic(c);
   s.nelems = static_cast<std::uint16_t>(c == 0 ? 1 : class_to_objects(c));
   s.next = s.prev = span_id::nil();
   s.owner_client = owner;

@@ -84,11 +84,12 @@ class checker {
     const std::uint8_t c = spc.size_class();
     const std::uint32_t live = count_allocated(s);
     if (st == mspan_state::large) {
-      if (c != 0 || s.nelems != 1 || live != 1) fail("large span ", id.value, " has bad geometry or bits");
+      if (c != 0 || s.nelems != 1 || live != 1 || s.div_magic != 0)
+        fail("large span ", id.value, " has bad geometry or bits");
       return;
     }
     if (c == 0 || s.elem_size != class_to_size(c) || s.nelems != class_to_objects(c) ||
-        s.npages != class_to_npages(c))
+        s.npages != class_to_npages(c) || s.div_magic != class_div_magic(c))
       return fail("span ", id.value, " geometry does not match size class ", int{c});
     for (std::uint32_t i = s.nelems; i < bitmap_words * 64; ++i)
       if (is_allocated(s, i)) return fail("span ", id.value, " has alloc bits beyond its slots");
