@@ -128,6 +128,7 @@ struct runtime {
   struct cached_large {
     std::uint32_t span;
     std::uint32_t npages;
+    std::uint32_t start;  // first page
     std::uint32_t epoch;  // trim_epoch when it was freed
   };
   std::vector<cached_large> large_cache;
@@ -399,6 +400,7 @@ bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
     fold(mc, s);
     if (!has_free_slot(s)) continue;
     spares[k] = current;
+    mc->spare_used[spc] |= static_cast<std::uint16_t>(1u << k);
     return install(e, s);
   }
   // Keep at most max_spares spans, and max_spare_bytes, per class.
@@ -406,8 +408,10 @@ bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
   while (n > 0 && (n == mcache::max_spares || (n + 1) * span_bytes > mcache::max_spare_bytes)) {
     drop_span(r, spc, g_view.span(span_id{spares[0]}));
     std::copy(spares + 1, spares + n, spares);
+    mc->spare_used[spc] = static_cast<std::uint16_t>(mc->spare_used[spc] >> 1);
     --n;
   }
+  mc->spare_used[spc] |= static_cast<std::uint16_t>(1u << n);
   spares[n++] = current;
   e = mcache_entry{};
   return false;
@@ -452,7 +456,7 @@ std::int64_t refill(runtime& r, std::uint8_t spc) {
   if (!list || list->span_ids.empty()) return -1;
   tsan_acquire_cross_process();  // the daemon folded what was pushed into these spans' memory
   r.held.insert(list->span_ids.begin(), list->span_ids.end());
-  r.pool_demand[spc].fetch_add(static_cast<std::uint32_t>(list->span_ids.size()), std::memory_order_relaxed);
+  r.pool_demand[spc].fetch_add(1, std::memory_order_relaxed);  // the span returned; pooled ones count when taken
   for (std::size_t i = 1; i < list->span_ids.size(); ++i) r.pool.push(spc, list->span_ids[i]);
   return list->span_ids[0];
 }
@@ -567,25 +571,30 @@ SHMALLOC_SLOW_PATH void* alloc_tiny_slow(std::size_t size) noexcept {
 
 namespace {
 
+// REQUIRES: r.mu held. Whether a cached large object is still the one this
+// process freed: another process freeing it again (a double free) gives it
+// back to the daemon behind our back, and then neither reusing it nor
+// freeing it again is ours to do.
+bool still_ours(const runtime& r, const runtime::cached_large& c) noexcept {
+  const mspan& s = g_view.span(span_id{c.span});
+  return s.state.load(std::memory_order_relaxed) == mspan_state::large && s.owner_client == r.client_id &&
+         s.npages == c.npages && s.start.value == c.start;
+}
+
 // REQUIRES: r.mu held. A cached large span of the right size (at most an
 // eighth bigger), or nullptr.
 void* take_cached_large(runtime& r, std::size_t size) noexcept {
   const std::uint64_t need = (size + page_size - 1) / page_size;
   for (std::size_t i = 0; i < r.large_cache.size(); ++i) {
-    const auto [span, npages, epoch] = r.large_cache[i];
-    (void)epoch;
-    if (npages < need || npages > need + need / 8) continue;
+    const runtime::cached_large c = r.large_cache[i];
+    if (c.npages < need || c.npages > need + need / 8) continue;
     r.large_cache.erase(r.large_cache.begin() + static_cast<std::ptrdiff_t>(i));
-    r.large_cache_bytes -= std::uint64_t{npages} * page_size;
-    // Another process freeing the object again (a double free) would have
-    // given it back to the daemon behind our back: never reuse it then.
-    const mspan& s = g_view.span(span_id{span});
-    if (s.state.load(std::memory_order_relaxed) != mspan_state::large || s.owner_client != r.client_id ||
-        s.npages != npages) {
-      r.held.erase(span);
+    r.large_cache_bytes -= std::uint64_t{c.npages} * page_size;
+    if (!still_ours(r, c)) {
+      r.held.erase(c.span);
       return take_cached_large(r, size);
     }
-    return g_view.span_base(s);
+    return g_view.span_base(g_view.span(span_id{c.span}));
   }
   return nullptr;
 }
@@ -600,7 +609,7 @@ bool cache_large(runtime& r, void* p, const mspan& s) noexcept {
   if (s.owner_client != r.client_id || r.large_cache.size() >= large_cache_entries ||
       r.large_cache_bytes + bytes > large_cache_max_bytes)
     return false;
-  r.large_cache.push_back({id, s.npages, r.trim_epoch.load(std::memory_order_relaxed)});
+  r.large_cache.push_back({id, s.npages, s.start.value, r.trim_epoch.load(std::memory_order_relaxed)});
   r.large_cache_bytes += bytes;
   return true;
 }
@@ -616,9 +625,13 @@ void trim_large_cache(runtime& r, Keep keep) {
       r.large_cache[kept++] = c;
       continue;
     }
+    r.large_cache_bytes -= std::uint64_t{c.npages} * page_size;
+    if (!still_ours(r, c)) {  // freed twice elsewhere: not ours to free again
+      r.held.erase(c.span);
+      continue;
+    }
     const handle_t h = g_view.handle_of(g_view.span_base(g_view.span(span_id{c.span})));
     if (request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{h}))) r.held.erase(c.span);
-    r.large_cache_bytes -= std::uint64_t{c.npages} * page_size;
   }
   r.large_cache.resize(kept);
 }
@@ -638,33 +651,42 @@ void give_back_locked(runtime& r, mspan& s) {
 // REQUIRES: r.mu held. Gives back the thread's spans of every span class it
 // has not allocated from since its last trim, whether or not objects in them
 // are live (their frees become remote frees), and of the other classes the
-// spares with no live object but one. With `everything`, every span of every
-// class that holds no live object. The tiny class keeps its spans: its
-// current block is counted in a way only its thread can retire.
+// spares that hold no live object and were not current since the last trim.
+// With `everything`, every span of every class that holds no live object.
+// The tiny class keeps its spans: its current block is counted in a way only
+// its thread can retire.
 void trim_thread_locked(runtime& r, mcache* mc, bool everything) {
   for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
     if (spc == tiny_span_class) continue;
-    const bool idle = !everything && ((mc->active[spc / 64] >> (spc % 64)) & 1) == 0;
-    std::uint32_t empty_kept = everything ? 1 : 0;  // how many empty spares may stay
-    auto goes = [&](mspan& s) {
-      if (idle) return true;
-      fold(mc, s);
-      return count_allocated(s) == 0 && empty_kept++ != 0;
-    };
+    mcache_entry& e = mc->alloc[spc];
+    // Active: its slow path ran (the bit), or its fast path took a slot.
+    const bool active = ((mc->active[spc / 64] >> (spc % 64)) & 1) != 0 || e.free_bits != mc->free_bits_at_trim[spc];
+    const bool idle = !everything && !active;
     std::uint32_t* spares = mc->spares[spc];
     std::uint8_t& n = mc->nspares[spc];
+    std::uint16_t& used = mc->spare_used[spc];
     std::uint8_t kept = 0;
     for (std::uint8_t k = 0; k < n; ++k) {
       mspan& s = g_view.span(span_id{spares[k]});
-      if (goes(s)) give_back_locked(r, s);
-      else spares[kept++] = spares[k];
+      const bool was_current = ((used >> k) & 1) != 0;
+      bool goes = idle;
+      if (!goes && (everything || !was_current)) {
+        fold(mc, s);
+        goes = count_allocated(s) == 0;
+      }
+      if (goes) {
+        give_back_locked(r, s);
+        continue;
+      }
+      spares[kept++] = spares[k];
     }
     n = kept;
-    mcache_entry& e = mc->alloc[spc];
-    if (mspan* s = e.span(); s != nullptr && (idle || (everything && goes(*s)))) {
+    used = 0;  // a new period starts
+    if (mspan* s = e.span(); s != nullptr && (idle || (everything && (fold(mc, *s), count_allocated(*s) == 0)))) {
       give_back_locked(r, *s);
       e = mcache_entry{};
     }
+    mc->free_bits_at_trim[spc] = e.free_bits;
   }
   for (auto& word : mc->active) word = 0;
   release_full_locked(r);
@@ -897,7 +919,7 @@ void free_slot(mspan& s, std::uint32_t i, std::uint8_t size_class, const void* p
 
 SHMALLOC_FAST_PATH void* alloc(std::size_t size, bool noscan) noexcept {
   if (SHMALLOC_UNLIKELY(size > max_small_size)) return alloc_large(size, noscan);  // size 0 is class 1
-  if (noscan && size < tiny_size) return alloc_tiny(size);
+  if (noscan && size - 1 < tiny_size - 1) return alloc_tiny(size);  // 1..15 bytes; 0 wraps past
   const std::uint8_t c = size_to_class_fast(size);
   // The noscan 16-byte span class is the tiny allocator's: other 16-byte
   // objects take the scan class (no collector reads the difference).

@@ -67,12 +67,15 @@ struct mcache {
   static constexpr std::uint64_t max_spare_bytes = 256 << 10;  // per span class
   std::uint32_t spares[num_span_classes][max_spares] = {};
   std::uint8_t nspares[num_span_classes] = {};
+  std::uint16_t spare_used[num_span_classes] = {};  // bit k: spares[k] was current since the last trim
   std::byte* tiny = nullptr;
   std::uint32_t tiny_offset = tiny_size;  // full: the empty cache never fits
   std::uint32_t tiny_count = 0;
-  // Trimming (client.cpp, trim_cache): span classes whose slow path ran
-  // since the last trim are active; the others give their spans back.
+  // Trimming (client.cpp, trim_thread_locked): a span class whose slow path
+  // ran, or whose free bits changed, since the last trim is active; the
+  // others give their spans back.
   std::uint64_t active[(num_span_classes + 63) / 64] = {};
+  std::uint64_t free_bits_at_trim[num_span_classes] = {};
   std::uint64_t last_trim_ns = 0;
   std::uint32_t slow_calls = 0;
 };

@@ -300,6 +300,73 @@ TEST_SUITE("libshmalloc") {
     a.check_heap();
   }
 
+  TEST_CASE("a cached large object another process freed again is dropped by the trim, not freed a second time") {
+    attached_daemon a;
+    constexpr std::size_t size = 100000;
+    void* l = shmalloc_alloc(size);
+    REQUIRE(l != nullptr);
+    const std::uint64_t h = shmalloc_handle(l);
+    shmalloc_free(l);  // cached in this process, still ours to the daemon
+    REQUIRE(run_in_child([h] {  // a double free from another process: the daemon frees it
+      shmalloc_free(shmalloc_pointer(h));
+      shmalloc_detach();
+      return 0;
+    }) == 0);
+    // Another process gets the same pages and keeps the object while this
+    // process trims; then it frees it, which aborts if the trim freed it.
+    int ready[2], go[2];
+    REQUIRE(pipe(ready) == 0);
+    REQUIRE(pipe(go) == 0);
+    const pid_t owner = fork();
+    if (owner == 0) {
+      void* m = shmalloc_alloc(size);
+      const std::uint64_t hm = shmalloc_handle(m);
+      if (write(ready[1], &hm, sizeof hm) != sizeof hm) _exit(2);
+      char byte;
+      if (read(go[0], &byte, 1) != 1) _exit(3);
+      shmalloc_free(m);
+      shmalloc_detach();
+      _exit(0);
+    }
+    std::uint64_t hm = 0;
+    REQUIRE(read(ready[0], &hm, sizeof hm) == sizeof hm);
+    CHECK(hm == h);  // the scenario: the pages came back to another process
+    shmalloc_trim();
+    REQUIRE(write(go[1], "x", 1) == 1);
+    int status = 0;
+    waitpid(owner, &status, 0);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    for (int fd : {ready[0], ready[1], go[0], go[1]}) close(fd);
+    a.check_heap(false);
+  }
+
+  TEST_CASE("zero-byte pointer-free objects are objects of their own, on a new thread and around full tiny blocks") {
+    attached_daemon a;
+    std::vector<std::pair<void*, std::size_t>> objs;
+    std::thread([&objs] {  // no cache yet: the first allocation takes the slow path
+      for (int i = 0; i < 200; ++i) {
+        const std::size_t n = i % 3 == 0 ? 0 : 8;  // two 8-byte objects fill a block
+        void* p = shmalloc_alloc_noscan(n);
+        objs.emplace_back(p, n);
+      }
+    }).join();
+    std::set<std::uint64_t> handles;
+    for (auto& [p, n] : objs) {
+      REQUIRE(p != nullptr);
+      CHECK(shmalloc_handle(p) != 0);
+      CHECK(shmalloc_usable_size(p) >= std::max<std::size_t>(n, 1));
+      handles.insert(shmalloc_handle(p));
+      fill(p, std::max<std::size_t>(n, 1));
+    }
+    CHECK(handles.size() == objs.size());
+    for (auto& [p, n] : objs) {
+      CHECK(intact(p, std::max<std::size_t>(n, 1)));
+      shmalloc_free(p);
+    }
+    a.check_heap();
+  }
+
   TEST_CASE("a bad SHMALLOC_CACHE_DECAY_MS is reported once and the default used") {
     attached_daemon a;
     const child_run r = run_with_decay("soon", [](const std::string&, std::uint64_t* out) {
