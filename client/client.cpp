@@ -846,6 +846,7 @@ SHMALLOC_FAST_PATH bool test_and_clear(std::uint64_t& w, std::uint32_t i) noexce
 // Every free the fast path does not finish: large and tiny objects, remote
 // frees, and bad pointers, each checked in full and reported by name.
 SHMALLOC_SLOW_PATH void free_slow(void* p) noexcept {
+  if (p == nullptr) return;
   if (g_view.committed_pages != nullptr)
     g_committed.store(g_view.committed_pages->load(std::memory_order_relaxed), std::memory_order_relaxed);
   std::uint64_t offset = 0;
@@ -980,9 +981,9 @@ void* shmalloc_alloc_aligned(size_t size, size_t alignment) {
   return c != 0 ? alloc_small(c, false) : client::alloc(max_small_size + 1, false);
 }
 
-void shmalloc_free(void* p) {
-  if (p != nullptr) free_object(p);
-}
+// NULL needs no test of its own: it lies below the arenas, so the fast
+// path's page bound sends it to free_slow, which returns.
+void shmalloc_free(void* p) { free_object(p); }
 
 void shmalloc_trim(void) {
   runtime& r = rt();
