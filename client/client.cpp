@@ -651,7 +651,9 @@ void give_back_locked(runtime& r, mspan& s) {
 // REQUIRES: r.mu held. Gives back the thread's spans of every span class it
 // has not allocated from since its last trim, whether or not objects in them
 // are live (their frees become remote frees), and of the other classes the
-// spares that hold no live object and were not current since the last trim.
+// spares that hold no live object and were not current since the last trim,
+// past the first two. (Giving back every such spare slowed the next steady
+// state of the mixed benchmark by up to two times, for a reason not found.)
 // With `everything`, every span of every class that holds no live object.
 // The tiny class keeps its spans: its current block is counted in a way only
 // its thread can retire.
@@ -670,7 +672,7 @@ void trim_thread_locked(runtime& r, mcache* mc, bool everything) {
       mspan& s = g_view.span(span_id{spares[k]});
       const bool was_current = ((used >> k) & 1) != 0;
       bool goes = idle;
-      if (!goes && (everything || !was_current)) {
+      if (!goes && (everything || (!was_current && k >= mcache::spares_kept_by_trim))) {
         fold(mc, s);
         goes = count_allocated(s) == 0;
       }

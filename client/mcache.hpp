@@ -65,6 +65,7 @@ struct mcache {
   // pool or the daemon (mimalloc's page queues, in small).
   static constexpr std::uint32_t max_spares = 16;
   static constexpr std::uint64_t max_spare_bytes = 256 << 10;  // per span class
+  static constexpr std::uint8_t spares_kept_by_trim = 2;        // the first two stay, used or not
   std::uint32_t spares[num_span_classes][max_spares] = {};
   std::uint8_t nspares[num_span_classes] = {};
   std::uint16_t spare_used[num_span_classes] = {};  // bit k: spares[k] was current since the last trim
