@@ -717,6 +717,14 @@ void trim_process_locked(runtime& r, bool everything) {
   r.trim_epoch.store(epoch + 1, std::memory_order_relaxed);
 }
 
+// REQUIRES: r.mu held. Trims the process's caches if a decay period has
+// passed since they were last trimmed (at time t).
+void trim_process_if_due_locked(runtime& r, std::uint64_t decay, std::uint64_t t) {
+  if (t - r.last_trim_ns < decay) return;
+  trim_process_locked(r, false);
+  r.last_trim_ns = t;
+}
+
 // Trims this thread's cache, and the process's, if a decay period has
 // passed since each was last trimmed.
 void maybe_trim(runtime& r, mcache* mc) {
@@ -728,9 +736,7 @@ void maybe_trim(runtime& r, mcache* mc) {
   if (!r.attached) return;
   trim_thread_locked(r, mc, false);
   mc->last_trim_ns = t;
-  if (t - r.last_trim_ns < decay) return;
-  trim_process_locked(r, false);
-  r.last_trim_ns = t;
+  trim_process_if_due_locked(r, decay, t);
 }
 
 SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
@@ -768,13 +774,8 @@ SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept {
     }
     // A process that only allocates large objects trims from here.
     if (const std::uint64_t decay = g_cache_decay_ns.load(std::memory_order_relaxed);
-        ++r.large_calls % trim_check_every == 0 && decay != never) {
-      const std::uint64_t t = now_ns();
-      if (t - r.last_trim_ns >= decay) {
-        trim_process_locked(r, false);
-        r.last_trim_ns = t;
-      }
-    }
+        ++r.large_calls % trim_check_every == 0 && decay != never)
+      trim_process_if_due_locked(r, decay, now_ns());
   }
   mcache* mc = t_cache;
   if (mc != &empty_cache) {

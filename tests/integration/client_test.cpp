@@ -135,33 +135,29 @@ struct child_run {
   std::string err;
 };
 child_run run_with_decay(const char* decay, void (*body)(const std::string& socket, std::uint64_t* out),
-                       const std::string& socket) {
+                         const std::string& socket) {
   int data[2], err[2];
   REQUIRE(pipe(data) == 0);
   REQUIRE(pipe(err) == 0);
-  const pid_t pid = fork();
-  if (pid == 0) {
+  child_run r;
+  r.status = run_in_child([&] {  // what it writes fits the pipes: read after it exits
     close(data[0]);
     close(err[0]);
     dup2(err[1], 2);
     setenv("SHMALLOC_CACHE_DECAY_MS", decay, 1);
     std::uint64_t out[4] = {};
     body(socket, out);
-    if (write(data[1], out, sizeof out) != static_cast<ssize_t>(sizeof out)) _exit(9);
+    if (write(data[1], out, sizeof out) != static_cast<ssize_t>(sizeof out)) return 9;
     shmalloc_detach();
-    _exit(0);
-  }
+    return 0;
+  });
   close(data[1]);
   close(err[1]);
-  child_run r;
   if (read(data[0], r.out, sizeof r.out) != static_cast<ssize_t>(sizeof r.out)) r.out[0] = ~std::uint64_t{0};
   char buf[1024];
   for (ssize_t n; (n = read(err[0], buf, sizeof buf)) > 0;) r.err.append(buf, static_cast<std::size_t>(n));
   close(data[0]);
   close(err[0]);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   return r;
 }
 

@@ -6,18 +6,8 @@
 set -euo pipefail
 build=$1
 command -v promtool >/dev/null || { echo "FAIL: promtool not found (Debian package prometheus)"; exit 1; }
-dir=$(mktemp -d /tmp/shmalloc-test-metrics-XXXXXX)
-heap=shmalloc-test-metrics-$$-$RANDOM
-daemon=
-cleanup() {
-  [ -n "$daemon" ] && kill -TERM "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null || true
-  rm -rf "$dir"
-  rm -f "/dev/shm/$heap" "/dev/shm/$heap-2"
-}
-trap cleanup EXIT
-fail() { echo "FAIL: $*"; exit 1; }
-
 source "$(dirname "$0")/daemon_lib.sh"
+test_setup metrics
 start_daemon
 
 "$build/tests/metrics/metrics_workload" "$dir/s.sock" 20000

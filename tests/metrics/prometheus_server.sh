@@ -5,19 +5,10 @@
 set -euo pipefail
 build=$1
 command -v prometheus >/dev/null || { echo "FAIL: prometheus not found (Debian package prometheus)"; exit 1; }
-dir=$(mktemp -d /tmp/shmalloc-test-prom-XXXXXX)
-heap=shmalloc-test-prom-$$-$RANDOM
-daemon= prom=
-cleanup() {
-  [ -n "$prom" ] && kill -TERM "$prom" 2>/dev/null && wait "$prom" 2>/dev/null || true
-  [ -n "$daemon" ] && kill -TERM "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null || true
-  rm -rf "$dir"
-  rm -f "/dev/shm/$heap"
-}
-trap cleanup EXIT
-fail() { echo "FAIL: $*"; [ -f "$dir/prom.log" ] && tail -20 "$dir/prom.log"; exit 1; }
-
 source "$(dirname "$0")/daemon_lib.sh"
+test_setup prom
+prom=
+fail() { echo "FAIL: $*"; [ -f "$dir/prom.log" ] && tail -20 "$dir/prom.log"; exit 1; }
 start_daemon
 "$build/tests/metrics/metrics_workload" "$dir/s.sock" 1000
 
@@ -37,14 +28,14 @@ for attempt in 1 2 3 4 5; do
   web=$((20000 + RANDOM % 20000))
   prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
     --web.listen-address="127.0.0.1:$web" > "$dir/prom.log" 2>&1 &
-  prom=$!
+  prom=$! others=$!
   for _ in $(seq 100); do
     curl -fsS "http://127.0.0.1:$web/-/ready" >/dev/null 2>&1 && break 2
     kill -0 "$prom" 2>/dev/null || break
     sleep 0.1
   done
   kill -TERM "$prom" 2>/dev/null && wait "$prom" 2>/dev/null || true
-  prom=
+  prom= others=
 done
 [ -n "$prom" ] || fail "Prometheus did not start"
 

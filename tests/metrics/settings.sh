@@ -4,27 +4,14 @@
 # naming the setting. Usage: settings.sh BUILD_DIR
 set -euo pipefail
 build=$1
-dir=$(mktemp -d /tmp/shmalloc-test-msettings-XXXXXX)
-heap=shmalloc-test-msettings-$$-$RANDOM
-daemon=
-cleanup() {
-  [ -n "$daemon" ] && kill -TERM "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null || true
-  rm -rf "$dir"
-  rm -f "/dev/shm/$heap"
-}
-trap cleanup EXIT
-fail() { echo "FAIL: $*"; exit 1; }
+source "$(dirname "$0")/daemon_lib.sh"
+test_setup msettings
 
 # Starts a daemon with "$@" (and the environment given), prints the metrics
 # port its stats report, stops it by pid.
 port_with() {
-  "$build/service/shmallocd" --heap "$heap" --socket "$dir/s.sock" --capacity 64M --log-level warn "$@" &
-  daemon=$!
-  for _ in $(seq 200); do
-    "$build/service/shmallocctl" ping --socket "$dir/s.sock" >/dev/null 2>&1 && break
-    sleep 0.05
-  done
-  "$build/service/shmallocctl" stats --json --socket "$dir/s.sock" | grep -o '"metrics_port": *[0-9]*' | grep -o '[0-9]*$'
+  launch_daemon --capacity 64M "$@"
+  metrics_port
   kill -TERM "$daemon" && wait "$daemon" || true
   daemon=
 }
