@@ -8,6 +8,7 @@
 // Keeping the optimizer honest: every object is touched, pointers go through
 // a volatile sink, and each repetition does a fixed, seeded amount of work.
 #include <dlfcn.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -292,10 +293,28 @@ shmalloc::proto::stats_msg daemon_stats() {
 // Unix-socket round trip of the same sizes (a forked echo process). The two
 // alternate, so that both see the same moments of a noisy machine. Median
 // microseconds of n round trips each.
+//
+// The echo runs on the CPUs SHMALLOC_BENCH_ECHO_CPUS lists (bench/run.sh
+// gives the daemon's): a round trip to a peer on the client's own CPU costs
+// a different amount than one to a peer on another CPU, so the two peers
+// must be placed alike for the comparison to measure the daemon.
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
+// Pins the calling process to a comma-separated list of CPUs (no list: no pin).
+void pin_to(const char* cpus) {
+  if (cpus == nullptr || *cpus == '\0') return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (const char* p = cpus; *p != '\0';) {
+    CPU_SET(std::atoi(p), &set);
+    p += std::strcspn(p, ",");
+    if (*p == ',') ++p;
+  }
+  if (sched_setaffinity(0, sizeof set, &set) != 0) std::perror("alloc_bench: sched_setaffinity");
+}
+
 std::pair<double, double> round_trips(int n) {
   namespace proto = shmalloc::proto;
   shmalloc::control_client c(shmalloc::default_socket_path());
@@ -318,6 +337,7 @@ std::pair<double, double> round_trips(int n) {
   const pid_t echo = fork();
   if (echo == 0) {
     close(sv[0]);
+    pin_to(std::getenv("SHMALLOC_BENCH_ECHO_CPUS"));
     std::vector<char> in(request.size()), out(reply_bytes);
     for (int i = 0; i < n; ++i) {
       if (recv(sv[1], in.data(), in.size(), MSG_WAITALL) <= 0) break;
@@ -369,8 +389,12 @@ std::string malloc_provider() {
 
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 5;
-  const char* only = argc > 2 ? argv[2] : "";  // a case-name prefix, for profiling one case
-  auto run = [only](const char* name) { return std::strncmp(name, only, std::strlen(only)) == 0; };
+  // A case-name prefix: only the cases it starts (for profiling one case);
+  // with a leading '-', every case but those.
+  const char* only = argc > 2 ? argv[2] : "";
+  const bool except = only[0] == '-';
+  if (except) ++only;
+  auto run = [only, except](const char* name) { return (std::strncmp(name, only, std::strlen(only)) == 0) != except; };
   const std::string provider = malloc_provider();
   std::fprintf(stderr, "%s: malloc is served by %s\n", allocator_name, provider.c_str());
 #ifdef BENCH_SHMALLOC
@@ -472,8 +496,10 @@ int main(int argc, char** argv) {
 #ifdef BENCH_SHMALLOC
     if (run("8.")) {
       const auto [refill, raw] = round_trips(2000);
-      std::printf("8. refill round trip (us),%s,%.2f\n", allocator_name, refill);
-      std::printf("8. raw socket round trip (us),%s,%.2f\n", allocator_name, raw);
+      const char* placement = std::getenv("SHMALLOC_BENCH_PLACEMENT");
+      const std::string where = placement != nullptr ? std::string(" ") + placement : "";
+      std::printf("8. refill round trip%s (us),%s,%.2f\n", where.c_str(), allocator_name, refill);
+      std::printf("8. raw socket round trip%s (us),%s,%.2f\n", where.c_str(), allocator_name, raw);
     }
 #endif
     std::fflush(stdout);

@@ -10,11 +10,11 @@
 // from another system"). Nothing in a client process knows about metrics;
 // libshmalloc never links prometheus-cpp.
 //
-//   civetweb thread (scrape)            daemon thread (io_context)
-//   ------------------------            --------------------------
-//   heap_collector::Collect()           handles requests, sweeps, scavenges:
-//     sample_fn() --- heap lock --->      holds the heap lock while it
-//       read_census(heap)                 changes mheap, mcentral or the
+//   civetweb thread (scrape)            daemon threads (sessions, io_context)
+//   ------------------------            -------------------------------------
+//   heap_collector::Collect()           handle requests, sweep, scavenge:
+//     sample_fn() --- heap lock --->      hold the heap lock while they
+//       read_census(heap)                 change mheap, mcentral or the
 //       control_stats copy                client registry
 //     build families (no lock held)
 //

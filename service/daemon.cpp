@@ -1,15 +1,19 @@
 #include "service/daemon.hpp"
 
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <asio/experimental/as_tuple.hpp>
-#include <asio/experimental/awaitable_operators.hpp>
 #include <cerrno>
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <spdlog/spdlog.h>
+#include <system_error>
+#include <thread>
 
 #include "metrics/process_collector.hpp"
 #include "shm/memstats.hpp"
@@ -19,7 +23,6 @@ namespace shmalloc::service {
 
 using asio::awaitable;
 using asio::use_awaitable;
-using namespace asio::experimental::awaitable_operators;
 using stream = asio::local::stream_protocol;
 using clock_type = std::chrono::steady_clock;
 constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
@@ -31,10 +34,18 @@ constexpr std::uint32_t flagged_sweep_max_spans = 4096;  // 32 MiB of 8 KiB span
 }  // namespace
 
 struct daemon::session {
-  explicit session(stream::socket s) : socket(std::move(s)), timer(socket.get_executor()) {}
-  stream::socket socket;
-  asio::steady_timer timer;
+  explicit session(int f) : fd(f) {}
+  ~session() {
+    if (fd >= 0) ::close(fd);
+  }
+  session(const session&) = delete;
+  session& operator=(const session&) = delete;
+  int fd;  // blocking; closed under sessions_mutex_, so stop() never shuts down a reused fd
+  std::thread thread;
+  bool closed = false;  // under sessions_mutex_: the socket is closed and the thread is ending
   clock_type::time_point deadline = clock_type::time_point::max();
+  std::chrono::nanoseconds recv_timeout{0};  // what SO_RCVTIMEO is set to; 0: none
+  std::chrono::nanoseconds frame_timeout{0};
   client_state client;
 };
 
@@ -136,7 +147,7 @@ error daemon::bind_socket() {
 bool daemon::peer_allowed(session& s) {
   ucred cred{};
   socklen_t len = sizeof cred;
-  if (getsockopt(s.socket.native_handle(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return false;
+  if (getsockopt(s.fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return false;
   s.client.pid = cred.pid;
   s.client.uid = cred.uid;
   if (cred.uid == 0 || cred.uid == geteuid()) return true;
@@ -150,128 +161,176 @@ bool daemon::peer_allowed(session& s) {
 awaitable<void> daemon::accept_loop() {
   while (!stopping_) {
     auto [ec, sock] = co_await acceptor_.async_accept(use_tuple);
-    if (ec) {
-      if (stopping_ || ec == asio::error::operation_aborted) co_return;
-      continue;
-    }
-    auto s = std::make_shared<session>(std::move(sock));
-    sessions_.insert(s);
-    asio::co_spawn(io_, serve(s), asio::detached);
+    if (stopping_ || ec == asio::error::operation_aborted) co_return;
+    reap_sessions(false);
+    if (!ec) start_session(std::move(sock));
   }
 }
 
-awaitable<void> daemon::serve(std::shared_ptr<session> s) {
+// On the io_context's thread: checks the peer, then gives the connection a
+// thread. A refusal is one small frame, sent without blocking.
+//
+// The socket leaves Asio's reactor: registered there, every request and
+// every reply read by the client would wake this thread's epoll_wait for
+// nothing (edge-triggered events nobody waits on), a context switch per
+// event on the session's path.
+void daemon::start_session(stream::socket socket) {
+  std::error_code released;
+  const int fd = socket.release(released);
+  if (released) return;
+  auto owned = std::make_unique<session>(fd);
+  if (const int flags = fcntl(fd, F_GETFL); flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) return;
+  session& s = *owned;
   {
     std::lock_guard lock(heap_mutex_);
     ++control_stats_.connections;
   }
-  if (!peer_allowed(*s)) {
+  auto refuse = [&s](errc code, const std::string& why) {
+    const auto frame = proto::make_reply(proto::msg::welcome, 0, code, why);
+    ::send(s.fd, frame.data(), frame.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+  };
+  if (!peer_allowed(s)) {
     {
       std::lock_guard lock(heap_mutex_);
       ++control_stats_.peers_refused;
     }
-    spdlog::warn("refused connection from pid {} uid {}: not an allowed uid or gid", s->client.pid, s->client.uid);
-    auto frame = proto::make_reply(proto::msg::welcome, 0, errc::permission_denied,
-                                   "uid " + std::to_string(s->client.uid) + " may not use this heap");
-    std::error_code ec;
-    asio::write(s->socket, asio::buffer(frame), ec);
-  } else {
-    s->deadline = clock_type::now() + std::chrono::nanoseconds(settings_.hello_timeout_ns);
-    std::error_code ec;
-    s->socket.non_blocking(true, ec);  // for send_reply; the async reads do not care
-    const auto ended = co_await (read_frames(s) || watchdog(s));
-    if (ended.index() == 1) {  // the watchdog: a deadline passed
-      std::lock_guard lock(heap_mutex_);
-      ++control_stats_.deadline_closes;
-    }
+    spdlog::warn("refused connection from pid {} uid {}: not an allowed uid or gid", s.client.pid, s.client.uid);
+    refuse(errc::permission_denied, "uid " + std::to_string(s.client.uid) + " may not use this heap");
+    return;  // the socket closes with the session
   }
-  if (s->client.id != 0)
-    spdlog::info("client {} (pid {}, {}) disconnected; {} spans taken back", s->client.id, s->client.pid,
-                 s->client.name, s->client.spans.size());
+  s.deadline = clock_type::now() + std::chrono::nanoseconds(settings_.hello_timeout_ns);
+  s.frame_timeout = std::chrono::nanoseconds(settings_.frame_timeout_ns);
+  std::lock_guard lock(sessions_mutex_);
+  try {
+    s.thread = std::thread([this, &s] { serve(s); });
+  } catch (const std::system_error& e) {  // out of threads: this client is refused, the others go on
+    spdlog::error("cannot start a thread for pid {}: {}", s.client.pid, e.what());
+    refuse(errc::unavailable, std::string("shmallocd cannot start a session thread: ") + e.what());
+    return;
+  }
+  sessions_.push_back(std::move(owned));
+}
+
+// On the session's thread, from connection to disconnection.
+void daemon::serve(session& s) {
+  read_frames(s);
+  if (stopping_) {  // stop() shut the reading side down: say why before closing
+    const auto notice = proto::make_reply(proto::msg::shutdown, 0, errc::unavailable, "shmallocd is stopping");
+    ::send(s.fd, notice.data(), notice.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+  }
+  if (s.client.id != 0)
+    spdlog::info("client {} (pid {}, {}) disconnected; {} spans taken back", s.client.id, s.client.pid,
+                 s.client.name, s.client.spans.size());
   {
     std::lock_guard lock(heap_mutex_);
-    handler_->disconnect(s->client);
+    handler_->disconnect(s.client);
 #if SHMALLOC_DEBUG_LEVEL >= 1
     const verify_report r = verify_heap(*heap_);
     SHMALLOC_CHECK(r.ok(), r.summary().c_str());
 #endif
   }
-  std::error_code ec;
-  s->socket.close(ec);
-  sessions_.erase(s);
+  end_session(s);
 }
 
-// Deadlines are checked on a period rather than by re-arming the timer for
-// every frame: a request then costs no timer syscalls, and a deadline is
-// enforced within a quarter of the shorter timeout.
-clock_type::duration daemon::watchdog_period() const {
-  const auto shorter = std::chrono::nanoseconds(std::min(settings_.hello_timeout_ns, settings_.frame_timeout_ns));
-  return std::clamp<clock_type::duration>(shorter / 4, std::chrono::milliseconds(10), std::chrono::seconds(1));
+void daemon::end_session(session& s) {
+  std::lock_guard lock(sessions_mutex_);
+  ::close(s.fd);
+  s.fd = -1;
+  s.closed = true;  // reap_sessions joins the thread and frees the session
+  session_ended_.notify_all();
 }
 
-awaitable<void> daemon::watchdog(std::shared_ptr<session> s) {
-  const auto period = watchdog_period();
-  while (s->deadline > clock_type::now()) {  // returning ends the session: the reader is cancelled
-    s->timer.expires_after(period);
-    co_await s->timer.async_wait(use_tuple);
+// On the io_context's thread: joins the threads of ended sessions (all of
+// them, once stopping: their sockets are shut down, so they end).
+void daemon::reap_sessions(bool all) {
+  std::list<std::unique_ptr<session>> ended;
+  {
+    std::lock_guard lock(sessions_mutex_);
+    for (auto it = sessions_.begin(); it != sessions_.end();) {
+      auto next = std::next(it);
+      if (all || (*it)->closed) ended.splice(ended.end(), sessions_, it);
+      it = next;
+    }
   }
+  for (auto& s : ended) s->thread.join();
+}
+
+// Sets the socket's receive timeout to what is left of the deadline (none
+// when there is no deadline). A system call only when the timeout changes:
+// for a client that has said hello and sends whole frames, never.
+static bool set_recv_timeout(int fd, std::chrono::nanoseconds& current, std::chrono::nanoseconds want) {
+  if (want == current) return true;
+  const auto us = std::chrono::duration_cast<std::chrono::microseconds>(want).count();
+  timeval tv{static_cast<time_t>(us / 1'000'000), static_cast<suseconds_t>(us % 1'000'000)};
+  if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) return false;
+  current = want;
+  return true;
 }
 
 // Reads until in holds at least want bytes, taking whatever has arrived (one
 // read usually brings a whole frame). Bytes of a started frame must all come
-// within the frame timeout. False when the connection ends.
-awaitable<bool> daemon::fill(session& s, std::vector<std::uint8_t>& in, std::size_t want) {
+// within the frame timeout. False when the connection ends or a deadline
+// passes.
+bool daemon::fill(session& s, std::vector<std::uint8_t>& in, std::size_t want) {
+  const int fd = s.fd;
   while (in.size() < want) {
     if (!in.empty())  // a frame (or its header) has started: it must finish in time
-      s.deadline = std::min(s.deadline, clock_type::now() + std::chrono::nanoseconds(settings_.frame_timeout_ns));
+      s.deadline = std::min(s.deadline, clock_type::now() + s.frame_timeout);
+    std::chrono::nanoseconds timeout{0};
+    if (s.deadline != clock_type::time_point::max()) {
+      timeout = std::chrono::ceil<std::chrono::microseconds>(s.deadline - clock_type::now());
+      if (timeout.count() <= 0) {
+        std::lock_guard lock(heap_mutex_);
+        ++control_stats_.deadline_closes;
+        return false;
+      }
+    }
+    if (!set_recv_timeout(fd, s.recv_timeout, timeout)) return false;
     const std::size_t had = in.size();
     in.resize(had + std::max<std::size_t>(want - had, 4096));
-    auto [ec, n] = co_await s.socket.async_read_some(asio::buffer(in.data() + had, in.size() - had), use_tuple);
-    in.resize(had + n);
-    if (ec) co_return false;
+    const ssize_t n = ::recv(fd, in.data() + had, in.size() - had, 0);
+    in.resize(had + static_cast<std::size_t>(std::max<ssize_t>(n, 0)));
+    if (n == 0) return false;  // the peer closed, or stop() shut the socket down
+    if (n < 0 && errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK) return false;
+    // EAGAIN: the timeout ran out, and the loop's deadline check closes.
   }
-  co_return true;
+  return true;
 }
 
-awaitable<void> daemon::read_frames(std::shared_ptr<session> s) {
+void daemon::read_frames(session& s) {
   std::vector<std::uint8_t> in;  // bytes read and not yet handled
   for (;;) {
-    if (!co_await fill(*s, in, proto::header_bytes)) co_return;
+    if (!fill(s, in, proto::header_bytes)) return;
     const proto::frame_header h = proto::decode_header(in.data());
     if (std::string why = proto::check_header(h); !why.empty()) {
       {
         std::lock_guard lock(heap_mutex_);
         control_stats_.record_refused(h.type, errc::protocol_error);
       }
-      auto frame = proto::make_reply(proto::msg::ok, h.request_id, errc::protocol_error, why);
-      co_await send_reply(*s, frame);
-      co_return;  // the framing is broken: nothing after this can be trusted
+      send_reply(s, proto::make_reply(proto::msg::ok, h.request_id, errc::protocol_error, why));
+      return;  // the framing is broken: nothing after this can be trusted
     }
     const std::size_t frame_bytes = proto::header_bytes + h.length;
-    if (!co_await fill(*s, in, frame_bytes)) co_return;
-    reply r = handle(*s, h, std::span<const std::uint8_t>(in).subspan(proto::header_bytes, h.length));
+    if (!fill(s, in, frame_bytes)) return;
+    reply r = handle(s, h, std::span<const std::uint8_t>(in).subspan(proto::header_bytes, h.length));
     in.erase(in.begin(), in.begin() + static_cast<std::ptrdiff_t>(frame_bytes));
     // A client that has said hello may idle; one that has not keeps its deadline.
-    s->deadline = s->client.id == 0 ? s->deadline : clock_type::time_point::max();
-    if (const std::error_code ec = co_await send_reply(*s, r.frame); ec || r.close) co_return;
+    s.deadline = s.client.id == 0 ? s.deadline : clock_type::time_point::max();
+    if (!send_reply(s, r.frame) || r.close) return;
   }
 }
 
-// Replies are small, so the socket (non-blocking since the session began)
-// almost always takes one whole: the reply then costs one send and no trip
-// through the reactor, where async_write would post its completion and cost
-// the loop another epoll_wait per request. What it does not take goes by
-// async_write, so a client that stops reading blocks only itself.
-awaitable<std::error_code> daemon::send_reply(session& s, const std::vector<std::uint8_t>& frame) {
-  std::error_code ec;
-  std::size_t sent = s.socket.write_some(asio::buffer(frame), ec);
-  if (ec == asio::error::would_block || ec == asio::error::try_again) {
-    ec.clear();
-    sent = 0;
+// One blocking send, which takes a small reply whole; a client that stops
+// reading blocks only this session's thread until it reads again or the
+// daemon stops.
+bool daemon::send_reply(session& s, const std::vector<std::uint8_t>& frame) {
+  for (std::size_t at = 0; at < frame.size();) {
+    const ssize_t n = ::send(s.fd, frame.data() + at, frame.size() - at, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    at += static_cast<std::size_t>(n);
   }
-  if (ec || sent == frame.size()) co_return ec;
-  auto [rest_ec, n] = co_await asio::async_write(s.socket, asio::buffer(frame.data() + sent, frame.size() - sent), use_tuple);
-  co_return rest_ec;
+  return true;
 }
 
 reply daemon::handle(session& s, const proto::frame_header& h, std::span<const std::uint8_t> payload) {
@@ -294,6 +353,7 @@ awaitable<void> daemon::housekeeping() {
     housekeeping_timer_.expires_after(housekeeping_tick);
     auto [ec] = co_await housekeeping_timer_.async_wait(use_tuple);
     if (ec || stopping_) co_return;
+    reap_sessions(false);
     std::lock_guard lock(heap_mutex_);
     const bool full = tick % ticks_per_full_pass == 0;
     for (std::uint32_t c = 2; c < num_span_classes; ++c) {
@@ -322,11 +382,28 @@ void daemon::stop() {
   signals_.cancel(ec);
   hangup_.cancel(ec);
   housekeeping_timer_.cancel();
-  const auto notice = proto::make_reply(proto::msg::shutdown, 0, errc::unavailable, "shmallocd is stopping");
-  for (const auto& s : sessions_) {
-    ::send(s->socket.native_handle(), notice.data(), notice.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
-    s->socket.close(ec);  // the session's coroutine ends and reclaims
+  // Each session's thread wakes from its recv, sends the notice, reclaims
+  // and closes; run() waits for them (end_all_sessions).
+  std::lock_guard lock(sessions_mutex_);
+  for (const auto& s : sessions_)
+    if (!s->closed) ::shutdown(s->fd, SHUT_RD);
+}
+
+// After stop(): waits a moment for every session to end on its own, then
+// shuts down whole the sockets of sessions still blocked sending to a
+// client that does not read (their send fails), and joins every thread.
+void daemon::end_all_sessions() {
+  constexpr auto grace = std::chrono::seconds(1);
+  {
+    std::unique_lock lock(sessions_mutex_);
+    const bool all_ended = session_ended_.wait_for(lock, grace, [this] {
+      return std::all_of(sessions_.begin(), sessions_.end(), [](const auto& s) { return s->closed; });
+    });
+    if (!all_ended)
+      for (const auto& s : sessions_)
+        if (!s->closed) ::shutdown(s->fd, SHUT_RDWR);
   }
+  reap_sessions(true);
 }
 
 void daemon::await_hangup() {
@@ -384,6 +461,7 @@ void daemon::run() {
   asio::co_spawn(io_, accept_loop(), asio::detached);
   asio::co_spawn(io_, housekeeping(), asio::detached);
   io_.run();
+  end_all_sessions();  // before the heap goes: each thread takes its client's spans back
   finish();
 }
 

@@ -3,9 +3,10 @@
 // shape of Asio's HTTP server example). One small function per message type.
 //
 // It owns the client registry: which spans and large objects each client
-// holds. mheap and mcentral are used only from the thread that runs the
-// daemon's io_context, so nothing here takes a lock; the daemon calls it
-// holding heap_mutex_, so that a metrics scrape never reads mid-change.
+// holds. Nothing here takes a lock: the daemon calls it only holding
+// heap_mutex_ (from a session's thread, or from the io_context's thread for
+// housekeeping), so requests change mheap, mcentral and the registry one at
+// a time, and a metrics scrape never reads mid-change.
 #pragma once
 
 #include <sys/types.h>

@@ -465,6 +465,30 @@ TEST_SUITE("shmallocd security and deadlines") {
     CHECK(whole == requests);
   }
 
+  TEST_CASE("a daemon stops within seconds even while a client blocks its replies, and the others get the notice") {
+    daemon_process d;
+    REQUIRE(d.started());
+    raw_client greedy(d.socket);
+    REQUIRE(greedy.hello());
+    std::vector<std::uint8_t> all;  // as above: far more reply bytes than the socket buffers hold
+    for (int i = 0; i < 4000; ++i) {
+      const auto one = proto::make_request(msg::classes, static_cast<std::uint32_t>(i));
+      all.insert(all.end(), one.begin(), one.end());
+    }
+    REQUIRE(greedy.send_bytes(all));
+    raw_client idle(d.socket);
+    REQUIRE(idle.hello());
+    REQUIRE(refill(idle, span_class::make(3, true).value, 1).size() == 1);
+    usleep(200000);  // the greedy session is now blocked in its send
+    const auto t0 = std::chrono::steady_clock::now();
+    CHECK(d.stop(SIGTERM) == 0);
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
+    auto notice = idle.read_frame();
+    REQUIRE(notice);
+    CHECK(notice->header.type == static_cast<std::uint16_t>(msg::shutdown));
+    CHECK_FALSE(segment::exists(d.heap));
+  }
+
   TEST_CASE("other protocol and layout versions are refused with their numbers") {
     daemon_process d;
     REQUIRE(d.started());

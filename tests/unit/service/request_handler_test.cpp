@@ -419,15 +419,26 @@ TEST_SUITE("request_handler reports") {
   }
 }
 
+namespace {
+// Settings for a daemon run inside the test: a unique heap, a socket in a
+// fresh temp dir (returned in dir, for the test to remove).
+daemon_settings inproc_settings(const char* name, const char* metrics, std::string& dir) {
+  daemon_settings s;
+  s.heap.name = test::unique_heap_name(name);
+  s.heap.capacity = 64ULL << 20;
+  char tmpl[] = "/tmp/shmalloc-test-XXXXXX";
+  dir = mkdtemp(tmpl);
+  s.socket_path = dir + "/d.sock";
+  s.metrics = metrics;
+  return s;
+}
+}  // namespace
+
 TEST_SUITE("daemon in process") {
   TEST_CASE("the daemon runs on a thread of the test, serves, and stops cleanly") {
-    daemon_settings s;
-    s.heap.name = test::unique_heap_name("inproc");
-    s.heap.capacity = 64ULL << 20;
-    char tmpl[] = "/tmp/shmalloc-test-XXXXXX";
-    const std::string dir = mkdtemp(tmpl);
-    s.socket_path = dir + "/d.sock";
-    s.metrics = "127.0.0.1:0";  // tests run in parallel: never the default port
+    std::string dir;
+    // Tests run in parallel: never the default port.
+    const daemon_settings s = inproc_settings("inproc", "127.0.0.1:0", dir);
     auto d = daemon::open(s);
     REQUIRE(d);
     CHECK(d.value()->metrics_port() != 0);
@@ -451,6 +462,53 @@ TEST_SUITE("daemon in process") {
     runner.join();
     CHECK_FALSE(segment::exists(s.heap.name));
     CHECK_FALSE(std::filesystem::exists(s.socket_path));
+    std::filesystem::remove_all(dir);
+  }
+
+  // Each connection has its own thread in the daemon; under TSan this is
+  // the check that every one of them changes the heap only under its lock.
+  TEST_CASE("four clients refill and release at once, each served by its own thread") {
+    std::string dir;
+    const daemon_settings s = inproc_settings("inproc4", "off", dir);
+    auto d = daemon::open(s);
+    REQUIRE(d);
+    std::thread runner([&d] { d.value()->run(); });
+    std::atomic<int> round_trips{0}, failures{0};
+    std::vector<std::thread> clients;
+    for (int t = 0; t < 4; ++t)
+      clients.emplace_back([&, t] {
+        control_client c(s.socket_path);
+        if (!c.connected() || !c.hello("inproc" + std::to_string(t))) {
+          ++failures;
+          return;
+        }
+        const auto cls = span_class::make(static_cast<std::uint8_t>(1 + t), t % 2 == 0).value;
+        for (int i = 0; i < 200; ++i) {
+          auto got = c.request(msg::refill, proto::encode(proto::refill_msg{cls, 2}));
+          auto list = got ? proto::decode_span_list(got.value(), proto::max_refill) : std::nullopt;
+          if (!list || list->span_ids.size() != 2 || !c.request(msg::release, proto::encode(*list))) {
+            ++failures;
+            return;
+          }
+          round_trips += 2;
+        }
+      });
+    for (auto& c : clients) c.join();
+    CHECK(failures == 0);
+    CHECK(round_trips == 4 * 200 * 2);
+    {
+      control_client c(s.socket_path);
+      REQUIRE(c.hello("check"));
+      auto body = c.request(msg::stats);
+      REQUIRE(body);
+      auto stats = proto::decode_stats(body.value());
+      REQUIRE(stats);
+      CHECK(stats->control_requests_total >= 4 * (1 + 200 * 2));  // each client's hello, refills and releases
+      CHECK(stats->heap_objects == 0);
+    }
+    d.value()->request_stop();
+    runner.join();
+    CHECK_FALSE(segment::exists(s.heap.name));
     std::filesystem::remove_all(dir);
   }
 }
