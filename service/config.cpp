@@ -136,6 +136,12 @@ void apply(const layered& in, daemon_settings& s) {
     s.frame_timeout_ns = need(parse_duration(*v), "frame-timeout", "a duration such as 5s or 500ms, above 0", *v);
   if (s.hello_timeout_ns == 0 || s.frame_timeout_ns == 0)
     throw invalid{"shmallocd: invalid --hello-timeout or --frame-timeout: must be above 0"};
+  if (auto v = in.get("max-connections")) {
+    const auto n = parse_uint(*v);
+    if (!n || *n == 0 || *n > 65536)
+      throw invalid{"shmallocd: invalid --max-connections '" + *v + "': a count from 1 to 65536"};
+    s.max_connections = static_cast<std::uint32_t>(*n);
+  }
   if (auto v = in.get("reattach-grace"))
     s.reattach_grace_ns = need(parse_duration(*v), "reattach-grace", "a duration such as 30s or 0", *v);
   if (auto v = in.get("metrics")) {
@@ -172,6 +178,7 @@ std::optional<daemon_settings> parse_settings(int argc, char** argv, int* exit_c
       {"scavenge-delay", "return pages idle this long to the OS (default 300s)"},
       {"hello-timeout", "close connections that do not say hello within this (default 10s)"},
       {"frame-timeout", "close connections that leave a frame incomplete this long (default 5s)"},
+      {"max-connections", "connections served at once, each by a thread of its own; more are refused (default 1024)"},
       {"reattach-grace", "after adopting a heap, how long clients of the old daemon have to reattach (default 30s)"},
       {"metrics", "ADDR:PORT to serve Prometheus /metrics on, or off (default 127.0.0.1:9464, loopback only; port 0 picks a free port)"},
       {"log-level", "trace, debug, info, warn, error, critical or off"}};

@@ -25,6 +25,7 @@ struct daemon_settings {
   std::uint64_t scavenge_delay_ns = 300'000'000'000ULL;  // 5 minutes, Go's scavenger spirit
   std::uint64_t hello_timeout_ns = 10'000'000'000ULL;  // a connection must say hello within this
   std::uint64_t frame_timeout_ns = 5'000'000'000ULL;   // and finish any frame it starts within this
+  std::uint32_t max_connections = 1024;  // each has a thread in the daemon; more are refused
   std::uint64_t reattach_grace_ns = 30'000'000'000ULL;  // after a restart, orphans wait this long
   std::string metrics = "127.0.0.1:9464";  // Prometheus /metrics: ADDR:PORT, or "off"
   std::string log_level = "info";

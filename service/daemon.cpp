@@ -45,13 +45,23 @@ struct daemon::session {
   bool closed = false;  // under sessions_mutex_: the socket is closed and the thread is ending
   clock_type::time_point deadline = clock_type::time_point::max();
   std::chrono::nanoseconds recv_timeout{0};  // what SO_RCVTIMEO is set to; 0: none
+  std::chrono::nanoseconds send_timeout{0};  // what SO_SNDTIMEO is set to; 0: none
   std::chrono::nanoseconds frame_timeout{0};
   client_state client;
 };
 
 daemon::daemon(const daemon_settings& settings) : settings_(settings) {}
 
-daemon::~daemon() = default;
+// Normally run() has ended every session. If it threw, the threads still
+// run: end them here, before the heap they use goes with the members.
+daemon::~daemon() {
+  {
+    std::lock_guard lock(sessions_mutex_);
+    for (const auto& s : sessions_)
+      if (!s->closed) ::shutdown(s->fd, SHUT_RDWR);
+  }
+  reap_sessions(true);
+}
 
 result<std::unique_ptr<daemon>> daemon::open(const daemon_settings& settings) {
   std::unique_ptr<daemon> d(new daemon(settings));
@@ -179,16 +189,24 @@ void daemon::start_session(stream::socket socket) {
   const int fd = socket.release(released);
   if (released) return;
   auto owned = std::make_unique<session>(fd);
-  if (const int flags = fcntl(fd, F_GETFL); flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) return;
   session& s = *owned;
   {
     std::lock_guard lock(heap_mutex_);
     ++control_stats_.connections;
   }
-  auto refuse = [&s](errc code, const std::string& why) {
+  auto refuse = [this, &s](errc code, const std::string& why) {
+    {
+      std::lock_guard lock(heap_mutex_);
+      ++control_stats_.connections_refused;
+    }
     const auto frame = proto::make_reply(proto::msg::welcome, 0, code, why);
     ::send(s.fd, frame.data(), frame.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
   };
+  if (const int flags = fcntl(fd, F_GETFL); flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    spdlog::error("cannot make a connection's socket blocking: {}", std::strerror(errno));
+    refuse(errc::os_error, "shmallocd cannot serve this connection");
+    return;
+  }
   if (!peer_allowed(s)) {
     {
       std::lock_guard lock(heap_mutex_);
@@ -201,6 +219,13 @@ void daemon::start_session(stream::socket socket) {
   s.deadline = clock_type::now() + std::chrono::nanoseconds(settings_.hello_timeout_ns);
   s.frame_timeout = std::chrono::nanoseconds(settings_.frame_timeout_ns);
   std::lock_guard lock(sessions_mutex_);
+  const auto open = std::count_if(sessions_.begin(), sessions_.end(), [](const auto& o) { return !o->closed; });
+  if (open >= settings_.max_connections) {
+    spdlog::warn("refused connection from pid {}: {} connections open (max-connections)", s.client.pid, open);
+    refuse(errc::unavailable, "shmallocd serves at most " + std::to_string(settings_.max_connections) +
+                                  " connections (max-connections)");
+    return;
+  }
   try {
     s.thread = std::thread([this, &s] { serve(s); });
   } catch (const std::system_error& e) {  // out of threads: this client is refused, the others go on
@@ -255,16 +280,28 @@ void daemon::reap_sessions(bool all) {
   for (auto& s : ended) s->thread.join();
 }
 
-// Sets the socket's receive timeout to what is left of the deadline (none
-// when there is no deadline). A system call only when the timeout changes:
-// for a client that has said hello and sends whole frames, never.
-static bool set_recv_timeout(int fd, std::chrono::nanoseconds& current, std::chrono::nanoseconds want) {
+// Sets a socket timeout (SO_RCVTIMEO or SO_SNDTIMEO) to want (0: none),
+// with a system call only when it changes: never for a client that has said
+// hello and sends whole frames; before hello, or with a frame left
+// incomplete, once per recv or send, as what is left of the deadline shrinks.
+static bool set_timeout(int fd, int option, std::chrono::nanoseconds& current, std::chrono::nanoseconds want) {
   if (want == current) return true;
   const auto us = std::chrono::duration_cast<std::chrono::microseconds>(want).count();
   timeval tv{static_cast<time_t>(us / 1'000'000), static_cast<suseconds_t>(us % 1'000'000)};
-  if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0) return false;
+  if (setsockopt(fd, SOL_SOCKET, option, &tv, sizeof tv) != 0) return false;
   current = want;
   return true;
+}
+
+// What is left of the session's deadline, rounded up to a microsecond (0:
+// no deadline); nullopt, counted as a deadline close, once it has passed.
+std::optional<std::chrono::nanoseconds> daemon::time_left(session& s) {
+  if (s.deadline == clock_type::time_point::max()) return std::chrono::nanoseconds{0};
+  const auto left = std::chrono::ceil<std::chrono::microseconds>(s.deadline - clock_type::now());
+  if (left.count() > 0) return left;
+  std::lock_guard lock(heap_mutex_);
+  ++control_stats_.deadline_closes;
+  return std::nullopt;
 }
 
 // Reads until in holds at least want bytes, taking whatever has arrived (one
@@ -276,16 +313,8 @@ bool daemon::fill(session& s, std::vector<std::uint8_t>& in, std::size_t want) {
   while (in.size() < want) {
     if (!in.empty())  // a frame (or its header) has started: it must finish in time
       s.deadline = std::min(s.deadline, clock_type::now() + s.frame_timeout);
-    std::chrono::nanoseconds timeout{0};
-    if (s.deadline != clock_type::time_point::max()) {
-      timeout = std::chrono::ceil<std::chrono::microseconds>(s.deadline - clock_type::now());
-      if (timeout.count() <= 0) {
-        std::lock_guard lock(heap_mutex_);
-        ++control_stats_.deadline_closes;
-        return false;
-      }
-    }
-    if (!set_recv_timeout(fd, s.recv_timeout, timeout)) return false;
+    const auto timeout = time_left(s);
+    if (!timeout || !set_timeout(fd, SO_RCVTIMEO, s.recv_timeout, *timeout)) return false;
     const std::size_t had = in.size();
     in.resize(had + std::max<std::size_t>(want - had, 4096));
     const ssize_t n = ::recv(fd, in.data() + had, in.size() - had, 0);
@@ -316,17 +345,22 @@ void daemon::read_frames(session& s) {
     in.erase(in.begin(), in.begin() + static_cast<std::ptrdiff_t>(frame_bytes));
     // A client that has said hello may idle; one that has not keeps its deadline.
     s.deadline = s.client.id == 0 ? s.deadline : clock_type::time_point::max();
-    if (!send_reply(s, r.frame) || r.close) return;
+    // Once stopping, the requests still queued go unanswered: stop() shut
+    // the reading side down, and serve() sends the notice next.
+    if (!send_reply(s, r.frame) || r.close || stopping_) return;
   }
 }
 
-// One blocking send, which takes a small reply whole; a client that stops
-// reading blocks only this session's thread until it reads again or the
-// daemon stops.
+// One blocking send, which takes a small reply whole. A client that has said
+// hello and stops reading blocks only this session's thread, until it reads
+// again or the daemon stops; one that has not said hello (it may ask for
+// stats and tables) must read its replies within its hello deadline.
 bool daemon::send_reply(session& s, const std::vector<std::uint8_t>& frame) {
   for (std::size_t at = 0; at < frame.size();) {
+    const auto timeout = time_left(s);
+    if (!timeout || !set_timeout(s.fd, SO_SNDTIMEO, s.send_timeout, *timeout)) return false;
     const ssize_t n = ::send(s.fd, frame.data() + at, frame.size() - at, MSG_NOSIGNAL);
-    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;  // time_left decides
     if (n <= 0) return false;
     at += static_cast<std::size_t>(n);
   }
@@ -437,6 +471,7 @@ void daemon::reload() {
   settings_.reattach_grace_ns = next->reattach_grace_ns;
   settings_.allow_uids = next->allow_uids;
   settings_.allow_gids = next->allow_gids;
+  settings_.max_connections = next->max_connections;
   spdlog::set_level(spdlog::level::from_str(settings_.log_level));
   {
     std::lock_guard lock(heap_mutex_);

@@ -3,29 +3,35 @@
 // Threads. The io_context's thread accepts connections, runs housekeeping
 // (sweeps, orphans, the scavenger) and handles signals. Each accepted
 // connection is a session with a thread of its own (one per client process,
-// plus shmallocctl's), which reads length-prefixed frames with a blocking
-// recv and answers each with one send: two system calls per request, as
-// few as a bare echo server makes. Sessions ran on the event loop before;
-// that cost an epoll_wait and often Asio's speculative read per request,
-// and in bench case 8 (all on one CPU) a refill round trip took about 34 us
-// against a bare echo's 28; on threads it takes 29. Every change to mheap,
-// mcentral, control statistics or the client registry is made under
-// heap_mutex_, by whichever thread makes it, so requests are still handled
-// one at a time and a metrics scrape sees one consistent heap. A session's
-// thread blocks only on its own socket: a client that stops reading holds
-// up only itself.
+// plus shmallocctl's; at most max-connections, the rest are refused), which
+// reads length-prefixed frames with a blocking recv and answers each with
+// one send: two system calls per request, as few as a bare echo server
+// makes. Sessions ran on the event loop before; that cost an epoll_wait and
+// often Asio's speculative read per request, and in bench case 8 (all on
+// one CPU) a refill round trip took about 1.26 times a bare echo's against
+// about 1.03 now. Every change to mheap, mcentral, control statistics or
+// the client registry is made under heap_mutex_, by whichever thread makes
+// it, so requests are still handled one at a time and a metrics scrape sees
+// one consistent heap. Besides that lock, a session's thread waits only on
+// its own socket: a client that stops reading holds up only itself.
 //
 // Deadlines: before hello, and while a started frame is incomplete, the
-// session's receive timeout (SO_RCVTIMEO) is what is left of its deadline,
-// so a stalled peer is closed on time without a timer; a client that has
-// said hello may idle. When a connection ends for any reason its thread
-// takes back the client's spans. Stopping shuts the reading side of every
-// session's socket down: its thread wakes, finishes what it was sending,
-// sends the shutdown notice (only a session's own thread writes to its
-// socket, so a notice never splits a reply), takes the spans back and ends.
-// The threads are joined before the heap goes.
-// SIGHUP re-reads the config file and environment and applies what can
-// change live: log level, quota, scavenger delay.
+// session's socket timeouts (SO_RCVTIMEO, and before hello SO_SNDTIMEO too)
+// are what is left of its deadline, so a peer that stalls, or asks for
+// tables without hello and never reads them, is closed on time without a
+// timer. A client that has said hello may idle, and may be slow to read.
+// When a connection ends for any reason its thread takes back the client's
+// spans.
+//
+// Stopping shuts the reading side of every session's socket down: its
+// thread finishes the reply it is on, leaves any requests still queued
+// unanswered, sends the shutdown notice (only a session's own thread writes
+// to its socket, so a notice never splits a reply), takes the spans back
+// and ends. A thread still blocked after a second, sending to a client that
+// does not read, has its socket shut down whole. The threads are joined
+// before the heap goes. SIGHUP re-reads the config file and environment and
+// applies what can change live: log level, quota, scavenger delay, allowed
+// uids and gids, max-connections.
 //
 // Metrics: prometheus-cpp serves /metrics from its own (civetweb) threads.
 // A scrape samples the heap under heap_mutex_ (metrics/collector.hpp).
@@ -39,6 +45,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 
 #include "metrics/collector.hpp"
 #include "metrics/server.hpp"
@@ -57,13 +64,12 @@ class daemon {
   // Serves until SIGTERM or SIGINT (or stop()); then tells clients, closes
   // them, removes the socket and, unless keep_heap, the heap.
   void run();
-  // From the daemon's own thread (signal handlers, tests driving it).
+  // From the io_context's thread (signal handlers, tests driving it).
   void stop();
-  // From any thread: asks the daemon's thread to stop.
+  // From any thread: asks the io_context's thread to stop.
   void request_stop() { asio::post(io_, [this] { stop(); }); }
 
   const std::string& socket_path() const noexcept { return settings_.socket_path; }
-  request_handler& handler() noexcept { return *handler_; }
   // The port /metrics is served on (0 when metrics are off).
   std::uint16_t metrics_port() const noexcept { return metrics_ ? metrics_->port() : 0; }
 
@@ -79,6 +85,7 @@ class daemon {
   bool send_reply(session& s, const std::vector<std::uint8_t>& frame);
   reply handle(session& s, const proto::frame_header& h, std::span<const std::uint8_t> payload);
   void end_session(session& s);
+  std::optional<std::chrono::nanoseconds> time_left(session& s);
   void reap_sessions(bool all);
   void end_all_sessions();
   asio::awaitable<void> housekeeping();

@@ -9,7 +9,8 @@
 // cache_span hands a span with free slots to a client (Go's cacheSpan):
 // partial first, then full spans with pending remote frees (at most
 // sweep_budget of them, as Go's spanBudget), then a fresh span from mheap.
-// uncache_span takes one back. Both run on the daemon's thread only.
+// uncache_span takes one back. Both run in the daemon only, under its heap
+// lock (service/daemon.hpp), one call at a time.
 #pragma once
 
 #include <cstdint>

@@ -26,10 +26,9 @@
 // object of size class 2 until the block's last object is freed.
 //
 // Who may call: the page and span-pool fields read here are written by the
-// daemon's thread without atomics, so read_memstats, read_census and
-// read_page_census run on the daemon's thread (or under the lock the daemon
-// holds while it changes the heap; see service/daemon.hpp), or on a heap no
-// daemon is changing. Statistics blocks are relaxed atomics written by their
+// daemon without atomics, always under its heap lock (service/daemon.hpp),
+// so read_memstats, read_census and read_page_census run under that lock,
+// or on a heap no daemon is changing. Statistics blocks are relaxed atomics written by their
 // client threads at any time: totals read while clients run are a moment's
 // view, not a consistent cut, so live counts are clamped at zero.
 #pragma once

@@ -9,7 +9,8 @@
 // All of its state lives in the segment (mheap_state and the regions named in
 // layout.hpp), so a daemon that restarts on an existing heap finds it intact.
 // This object only holds process-local pointers to it. It is not thread-safe:
-// the daemon calls it from the one thread that runs its io_context.
+// the daemon calls it only under its heap lock (service/daemon.hpp), from
+// whichever of its threads (sessions, housekeeping) holds that lock.
 #pragma once
 
 #include <cstdint>

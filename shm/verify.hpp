@@ -3,8 +3,8 @@
 // MemStats identities included. Tests run it after every scenario; the
 // daemon runs it after reclaiming a dead client's spans in debug builds.
 //
-// It reads only committed memory, and it must run on the daemon's thread
-// (or with the heap quiescent): it reads daemon-only state.
+// It reads only committed memory, and it must run under the daemon's heap
+// lock (or with the heap quiescent): it reads daemon-only state.
 #pragma once
 
 #include <string>

@@ -433,6 +433,55 @@ TEST_SUITE("shmallocd security and deadlines") {
     CHECK(fine.hello());
   }
 
+  TEST_CASE("a client that has not said hello must read its replies within its hello deadline") {
+    daemon_process d({"--hello-timeout", "500ms"});
+    REQUIRE(d.started());
+    raw_client greedy(d.socket);
+    std::vector<std::uint8_t> all;  // tables may be asked for without hello; far more reply bytes than fit
+    for (int i = 0; i < 4000; ++i) {
+      const auto one = proto::make_request(msg::classes, static_cast<std::uint32_t>(i));
+      all.insert(all.end(), one.begin(), one.end());
+    }
+    REQUIRE(greedy.send_bytes(all));
+    usleep(1500000);  // well past the deadline, reading nothing
+    std::size_t replies = 0;
+    while (greedy.read_frame()) ++replies;  // what was sent before the close, then the end
+    CHECK(replies < 4000);
+    CHECK(greedy.eof(1000));
+    raw_client c(d.socket);
+    REQUIRE(c.hello());
+    auto stats = c.call(msg::stats);
+    REQUIRE(stats);
+    auto parts = proto::split_reply(stats->payload);
+    REQUIRE(parts);
+    CHECK(proto::decode_stats(parts->body).has_value());
+  }
+
+  TEST_CASE("connections past --max-connections are refused with a reason, and served once one closes") {
+    daemon_process d({"--max-connections", "2"});
+    REQUIRE(d.started());
+    auto a = std::make_unique<raw_client>(d.socket);
+    REQUIRE(a->hello());
+    raw_client b(d.socket);
+    REQUIRE(b.hello());
+    raw_client third(d.socket);
+    auto refused = third.read_frame();
+    REQUIRE(refused);
+    CHECK(refused->status() == errc::unavailable);
+    auto parts = proto::split_reply(refused->payload);
+    REQUIRE(parts);
+    CHECK(parts->message.find("at most 2 connections") != std::string::npos);
+    CHECK(third.eof(1000));
+    a.reset();  // its session ends; a new connection is served
+    bool served = false;
+    for (int i = 0; i < 50 && !served; ++i) {
+      raw_client next(d.socket);
+      served = next.hello().has_value();
+      if (!served) usleep(20000);
+    }
+    CHECK(served);
+  }
+
   TEST_CASE("a client that stops reading its replies holds up only itself, and gets every reply whole later") {
     daemon_process d;
     REQUIRE(d.started());

@@ -225,6 +225,7 @@ TEST_SUITE("metrics") {
     s.control.record_refused(refill, errc::protocol_error);
     s.control.connections = 7;
     s.control.peers_refused = 2;
+    s.control.connections_refused = 3;
     s.control.deadline_closes = 1;
     const scrape m(render(heap_families(s, build)));
     CHECK(m.at(R"(shmalloc_control_requests_total{op="refill"})") == 2);
@@ -233,6 +234,7 @@ TEST_SUITE("metrics") {
     CHECK(m.at(R"(shmalloc_control_request_duration_seconds_count{op="refill"})") == 1);
     CHECK(m.at("shmalloc_control_connections_total") == 7);
     CHECK(m.at("shmalloc_control_peers_refused_total") == 2);
+    CHECK(m.at("shmalloc_control_connections_refused_total") == 3);
     CHECK(m.at("shmalloc_control_deadline_closes_total") == 1);
   }
 
