@@ -6,6 +6,7 @@
 // waiting to be given back in a batch. The fast paths are in mcache.hpp
 // (allocation) and free_object() below (free).
 #include <pthread.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -64,14 +65,47 @@ std::uint64_t now_ns() {
   return static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
 }
 
+// The pool's next links, one per span id the heap may ever have. Mapped,
+// not allocated: a process pays only for the pages of the ids it pools.
+// (new[] zeroed every link at attach: 2 MiB for a 4 GiB heap, 512 MiB for
+// a 1 TiB one.)
+class span_links {
+ public:
+  span_links() = default;
+  span_links(const span_links&) = delete;
+  span_links& operator=(const span_links&) = delete;
+  ~span_links() { unmap(); }
+  bool map(std::uint32_t count) noexcept {
+    unmap();
+    const std::size_t bytes = std::size_t{count} * sizeof(std::uint32_t);
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return false;
+    links_ = static_cast<std::uint32_t*>(p);
+    bytes_ = bytes;
+    return true;
+  }
+  std::atomic_ref<std::uint32_t> operator[](std::uint32_t id) const noexcept {
+    return std::atomic_ref<std::uint32_t>(links_[id]);
+  }
+
+ private:
+  void unmap() noexcept {
+    if (links_ != nullptr) munmap(links_, bytes_);
+    links_ = nullptr;
+    bytes_ = 0;
+  }
+  std::uint32_t* links_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
 // Per span class, a lock-free stack of spans this process holds but no
 // thread caches (Treiber stack; the upper 32 bits of the head are a tag
 // that changes on every operation, so a stale head never wins a CAS).
 class span_pool {
  public:
-  void reset(std::uint32_t max_spans) {
-    next_.reset(new std::atomic<std::uint32_t>[max_spans]);
+  bool reset(std::uint32_t max_spans) noexcept {
     clear();
+    return next_.map(max_spans);
   }
   // Spans in the pool for spc (approximate under concurrency: a bound, not
   // an invariant).
@@ -104,7 +138,7 @@ class span_pool {
   }
 
  private:
-  std::unique_ptr<std::atomic<std::uint32_t>[]> next_;
+  span_links next_;
   std::atomic<std::uint64_t> head_[num_span_classes] = {};
   std::atomic<std::uint32_t> size_[num_span_classes] = {};
 };
@@ -205,7 +239,10 @@ int attach_locked(runtime& r, const char* socket_path) {
     auto att = segment::attach(w->heap_name);
     if (!att) return fail(att.code());
     r.seg = std::move(att.value());
-    r.pool.reset(r.seg->header().max_spans);
+    if (!r.pool.reset(r.seg->header().max_spans)) {  // out of address space in this process
+      r.seg.reset();
+      return fail(errc::os_error);
+    }
   }
   r.conn = std::move(conn);
   r.socket = path;

@@ -216,6 +216,32 @@ int four_threads_exchange() {
 }  // namespace
 
 TEST_SUITE("libshmalloc") {
+  // The per-process span pool has a link per span id the heap may have
+  // (2^27 for a 1 TiB heap); they must cost the pages used, not all of them.
+  TEST_CASE("attaching to a 1 TiB heap costs the process little memory") {
+    daemon_process d({"--capacity", "1T"});
+    REQUIRE(d.started());
+    const std::string socket = d.socket;
+    CHECK(run_in_child([&socket] {
+      auto resident_bytes = [] {
+        long pages = 0, resident = 0;
+        FILE* f = std::fopen("/proc/self/statm", "r");
+        if (f == nullptr || std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = -1;
+        if (f != nullptr) std::fclose(f);
+        return resident * sysconf(_SC_PAGESIZE);
+      };
+      const long before = resident_bytes();
+      if (shmalloc_attach(socket.c_str()) != 0) return 2;
+      void* p = shmalloc_alloc(64);  // a thread cache and a span too
+      if (p == nullptr) return 3;
+      shmalloc_free(p);
+      const long grown = resident_bytes() - before;
+      std::fprintf(stderr, "attach and one object: %ld KiB resident\n", grown >> 10);
+      shmalloc_detach();
+      return before > 0 && grown < (32L << 20) ? 0 : 1;
+    }) == 0);
+  }
+
   TEST_CASE("alloc, usable size, handles and free through the C API") {
     attached_daemon a;
     for (std::size_t n : {1u, 8u, 15u, 16u, 24u, 100u, 1024u, 4000u, 32768u, 32769u, 1u << 20}) {

@@ -71,9 +71,13 @@ daemon_process::daemon_process(std::vector<std::string> extra, const std::string
   char tmpl[] = "/tmp/shmalloc-test-XXXXXX";
   dir = mkdtemp(tmpl);
   socket = dir + "/shmallocd.sock";
-  for (const auto& a : extra) keep_heap_ = keep_heap_ || a == "--keep-heap";
-  std::vector<std::string> args{"--heap", heap, "--socket", socket, "--capacity", "256M", "--metrics", "off",
-                                "--log-level", "warn"};
+  bool capacity_given = false;
+  for (const auto& a : extra) {
+    keep_heap_ = keep_heap_ || a == "--keep-heap";
+    capacity_given = capacity_given || a == "--capacity";
+  }
+  std::vector<std::string> args{"--heap", heap, "--socket", socket, "--metrics", "off", "--log-level", "warn"};
+  if (!capacity_given) args.insert(args.end(), {"--capacity", "256M"});  // a flag may be given once
   args.insert(args.end(), extra.begin(), extra.end());
   pid_ = spawn_daemon(args, socket);
 }
