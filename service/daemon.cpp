@@ -31,6 +31,14 @@ namespace {
 constexpr auto housekeeping_tick = std::chrono::milliseconds(100);
 constexpr std::uint64_t ticks_per_full_pass = 10;  // once a second
 constexpr std::uint32_t flagged_sweep_max_spans = 4096;  // 32 MiB of 8 KiB spans
+// The backstop looks at a fiftieth of the span table per tick (a pass every
+// 5 s: it is for frees that lost their flag, which are rare), and at most
+// 16,384 spans, about a third of a millisecond under the heap lock; past
+// 800,000 spans (6.5 GB of 8 KiB spans) a pass takes longer. A pass over
+// every list at once held the lock 4 ms per 200,000 spans, so a 100 GB heap
+// would stall every request for a quarter of a second, every second.
+constexpr std::uint32_t backstop_ticks_per_pass = 50;
+constexpr std::uint32_t backstop_max_spans_per_tick = 16384;
 }  // namespace
 
 struct daemon::session {
@@ -378,10 +386,11 @@ reply daemon::handle(session& s, const proto::frame_header& h, std::span<const s
 }
 
 // Every tick, sweeps the span classes whose sweep_wanted flag a freer set
-// (remote frees into spans the daemon holds come back within a tick); once a
-// second, the slower work: a sweep of every span with pending remote frees
-// (the backstop for a flag set while the daemon cleared it), orphans whose
-// grace ran out, and the scavenger.
+// (remote frees into spans the daemon holds come back within a tick), and
+// the next stretch of span ids for pending remote frees (the backstop, for
+// a flag set while the daemon cleared it, and for classes whose lists are
+// too long to walk on a flag); once a second, the slower work: orphans
+// whose grace ran out, and the scavenger.
 awaitable<void> daemon::housekeeping() {
   for (std::uint64_t tick = 1; !stopping_; ++tick) {
     housekeeping_timer_.expires_after(housekeeping_tick);
@@ -394,17 +403,32 @@ awaitable<void> daemon::housekeeping() {
       auto& flag = heap_->state().sweep_wanted[c];
       const bool wanted = flag.load(std::memory_order_relaxed) != 0 && flag.exchange(0, std::memory_order_acquire) != 0;
       mcentral central = heap_->central(span_class{static_cast<std::uint8_t>(c)});
-      // A sweep walks the class's lists: on a tick, only short ones, so a
-      // steady stream of remote frees into a huge class costs one walk a
-      // second, as before the flags, not ten.
+      // A sweep walks the class's lists: on a flag, only short ones; the
+      // backstop reaches the spans of long ones.
       const bool short_lists = central.state().partial_count + central.state().full_count <= flagged_sweep_max_spans;
-      if ((wanted && short_lists) || full) central.sweep(~0u);
+      if (wanted && short_lists) central.sweep(~0u);
     }
+    sweep_backstop_stretch();
     if (!full) continue;
     if (std::size_t n = handler_->expire_orphans(settings_.reattach_grace_ns))
       spdlog::info("{} client(s) of the previous daemon did not reattach; their spans were taken back", n);
     if (std::uint64_t released = heap_->scavenge(settings_.scavenge_delay_ns))
       spdlog::debug("scavenger returned {} bytes to the OS", released);
+  }
+}
+
+// REQUIRES: heap_mutex_ held. The backstop's next stretch of span ids,
+// wrapping at the table's high water.
+void daemon::sweep_backstop_stretch() {
+  const std::uint32_t high_water = heap_->state().span_pool.high_water;
+  const std::uint32_t stretch =
+      std::clamp(high_water / backstop_ticks_per_pass, std::min(high_water, 1u), backstop_max_spans_per_tick);
+  for (std::uint32_t n = 0; n < stretch; ++n) {
+    if (backstop_cursor_ >= high_water) backstop_cursor_ = 0;
+    const span_id id{backstop_cursor_++};
+    const mspan& s = heap_->span(id);
+    if (s.state.load(std::memory_order_relaxed) == mspan_state::central)
+      heap_->central(span_class{s.span_class}).sweep_span(id);
   }
 }
 

@@ -89,6 +89,7 @@ class daemon {
   void reap_sessions(bool all);
   void end_all_sessions();
   asio::awaitable<void> housekeeping();
+  void sweep_backstop_stretch();
   bool peer_allowed(session& s);
   void finish();
   void await_hangup();
@@ -111,6 +112,7 @@ class daemon {
   std::atomic<bool> stopping_{false};  // set by stop(); read by session threads for the notice
   bool adopted_ = false;
   std::mutex heap_mutex_;  // see the comment at the top
+  std::uint32_t backstop_cursor_ = 0;  // the next span id the backstop sweep looks at (heap_mutex_)
   metrics::control_stats control_stats_;
   std::vector<std::shared_ptr<prometheus::Collectable>> collectors_;  // the server holds weak_ptrs
   // Last, so it is destroyed first: no scrape runs once the heap goes.

@@ -109,6 +109,16 @@ error mcentral::uncache_span(span_id id) {
   return problem;
 }
 
+bool mcentral::sweep_span(span_id id) {
+  mspan& s = heap_->span(id);
+  if (s.state.load(std::memory_order_relaxed) != mspan_state::central || s.span_class != spc_.value ||
+      !remote_pending(s))
+    return false;
+  // settle pushed it on the list its count chose; nothing has folded since.
+  unlink(s.alloc_count < s.nelems ? list::partial : list::full, id);
+  return settle(id, nullptr);
+}
+
 std::uint32_t mcentral::sweep(std::uint32_t budget) {
   std::uint32_t freed = 0;
   for (list l : {list::full, list::partial}) {

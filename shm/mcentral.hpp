@@ -36,6 +36,11 @@ class mcentral {
   // Folds remote frees into up to budget spans this class holds. Returns
   // the number of spans returned to mheap.
   std::uint32_t sweep(std::uint32_t budget = sweep_budget);
+  // Folds the remote frees pending in one span of this class on its lists
+  // (state central; any other span is left alone). True if the span went
+  // back to mheap. The daemon's backstop walks span ids with it, a bounded
+  // stretch per tick, instead of walking every list at once.
+  bool sweep_span(span_id id);
 
   mcentral_state& state() const noexcept { return *state_; }
 

@@ -523,7 +523,7 @@ TEST_SUITE("libshmalloc") {
     });
     REQUIRE(freer == 0);
     // The freer flagged the class; the daemon's next 100 ms tick sweeps it
-    // (its sweep of every span comes only once a second).
+    // (its backstop, for frees without a flag, takes 5 s over every span).
     const auto t0 = std::chrono::steady_clock::now();
     while (inuse() > full / 4 && std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(450))
       std::this_thread::sleep_for(std::chrono::milliseconds(10));

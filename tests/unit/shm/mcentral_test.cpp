@@ -104,6 +104,48 @@ TEST_SUITE("mcentral") {
     require_healthy(h);
   }
 
+  TEST_CASE("sweep_span folds one span's remote frees from whichever list holds it, and leaves others alone") {
+    test_heap t;
+    mheap& h = *t.heap;
+    const auto spc = span_class::make(1, true);  // 8-byte objects, 1024 per span
+    mcentral c = h.central(spc);
+    auto full = *c.cache_span(1);
+    auto part = *c.cache_span(1);
+    auto held = *c.cache_span(1);
+    fill(h.span(full));
+    for (int i = 0; i < 10; ++i) span_alloc_object(h.span(part));
+    fill(h.span(held));
+    REQUIRE(!c.uncache_span(full).message.size());
+    REQUIRE(!c.uncache_span(part).message.size());
+    REQUIRE(c.state().full_count == 1);
+    REQUIRE(c.state().partial_count == 1);
+
+    // Nothing pending: nothing moves.
+    CHECK_FALSE(c.sweep_span(full));
+    CHECK(c.state().full_count == 1);
+    // A full span with a remote free moves to the partial list.
+    span_push_remote(h.view(), h.span(full), 7);
+    CHECK_FALSE(c.sweep_span(full));
+    CHECK(c.state().full_count == 0);
+    CHECK(c.state().partial_count == 2);
+    CHECK(h.span(full).alloc_count == 1023);
+    require_healthy(h);
+    // A partial span whose every object was freed remotely goes back to mheap.
+    for (std::uint32_t i = 0; i < 10; ++i) span_push_remote(h.view(), h.span(part), i);
+    CHECK(c.sweep_span(part));
+    CHECK(c.state().partial_count == 1);
+    require_healthy(h);
+    // A span a client holds is the client's to fold, and another class's
+    // span is not this mcentral's.
+    span_push_remote(h.view(), h.span(held), 3);
+    CHECK_FALSE(c.sweep_span(held));
+    CHECK(count_remote_pending(h.view(), h.span(held)) == 1);
+    span_push_remote(h.view(), h.span(full), 8);
+    CHECK_FALSE(h.central(span_class::make(2, true)).sweep_span(full));
+    CHECK(count_remote_pending(h.view(), h.span(full)) == 1);
+    require_healthy(h);
+  }
+
   TEST_CASE("cache_span takes a full span with pending remote frees before carving a new one") {
     test_heap t;
     mheap& h = *t.heap;
