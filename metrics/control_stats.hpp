@@ -4,7 +4,8 @@
 //
 // Written by the daemon's threads (sessions and the io_context's) only under
 // the daemon's heap lock, and copied out under the same lock by the scrape
-// (see collector.hpp), so it needs no atomics. Bounded: one row per known request type plus "unknown".
+// (see collector.hpp), so it needs no atomics. Bounded: one row per known
+// request type plus "unknown".
 #pragma once
 
 #include <array>
@@ -52,7 +53,7 @@ class control_stats {
 
   std::uint64_t connections = 0;         // accepted
   std::uint64_t peers_refused = 0;       // peer credentials not allowed
-  std::uint64_t connections_refused = 0; // over max_connections, or no thread to serve them
+  std::uint64_t connections_refused = 0; // no room: over max_connections, or no thread to serve them
   std::uint64_t deadline_closes = 0;     // hello or frame deadline passed
 
  private:

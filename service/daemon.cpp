@@ -65,8 +65,7 @@ daemon::daemon(const daemon_settings& settings) : settings_(settings) {}
 daemon::~daemon() {
   {
     std::lock_guard lock(sessions_mutex_);
-    for (const auto& s : sessions_)
-      if (!s->closed) ::shutdown(s->fd, SHUT_RDWR);
+    shutdown_sessions_locked(SHUT_RDWR);
   }
   reap_sessions(true);
 }
@@ -202,17 +201,21 @@ void daemon::start_session(stream::socket socket) {
     std::lock_guard lock(heap_mutex_);
     ++control_stats_.connections;
   }
-  auto refuse = [this, &s](errc code, const std::string& why) {
+  auto refuse = [&s](errc code, const std::string& why) {
+    const auto frame = proto::make_reply(proto::msg::welcome, 0, code, why);
+    ::send(s.fd, frame.data(), frame.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+  };
+  // Refused for want of room: over max-connections, or no thread.
+  auto turn_away = [this, &refuse](errc code, const std::string& why) {
     {
       std::lock_guard lock(heap_mutex_);
       ++control_stats_.connections_refused;
     }
-    const auto frame = proto::make_reply(proto::msg::welcome, 0, code, why);
-    ::send(s.fd, frame.data(), frame.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    refuse(code, why);
   };
   if (const int flags = fcntl(fd, F_GETFL); flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
     spdlog::error("cannot make a connection's socket blocking: {}", std::strerror(errno));
-    refuse(errc::os_error, "shmallocd cannot serve this connection");
+    turn_away(errc::os_error, "shmallocd cannot serve this connection");
     return;
   }
   if (!peer_allowed(s)) {
@@ -230,7 +233,7 @@ void daemon::start_session(stream::socket socket) {
   const auto open = std::count_if(sessions_.begin(), sessions_.end(), [](const auto& o) { return !o->closed; });
   if (open >= settings_.max_connections) {
     spdlog::warn("refused connection from pid {}: {} connections open (max-connections)", s.client.pid, open);
-    refuse(errc::unavailable, "shmallocd serves at most " + std::to_string(settings_.max_connections) +
+    turn_away(errc::unavailable, "shmallocd serves at most " + std::to_string(settings_.max_connections) +
                                   " connections (max-connections)");
     return;
   }
@@ -238,7 +241,7 @@ void daemon::start_session(stream::socket socket) {
     s.thread = std::thread([this, &s] { serve(s); });
   } catch (const std::system_error& e) {  // out of threads: this client is refused, the others go on
     spdlog::error("cannot start a thread for pid {}: {}", s.client.pid, e.what());
-    refuse(errc::unavailable, std::string("shmallocd cannot start a session thread: ") + e.what());
+    turn_away(errc::unavailable, std::string("shmallocd cannot start a session thread: ") + e.what());
     return;
   }
   sessions_.push_back(std::move(owned));
@@ -443,8 +446,15 @@ void daemon::stop() {
   // Each session's thread wakes from its recv, sends the notice, reclaims
   // and closes; run() waits for them (end_all_sessions).
   std::lock_guard lock(sessions_mutex_);
+  shutdown_sessions_locked(SHUT_RD);
+}
+
+// REQUIRES: sessions_mutex_ held, so that no fd shut down here has been
+// closed (and reused) by its session. how: SHUT_RD wakes a thread in recv;
+// SHUT_RDWR also one blocked in send.
+void daemon::shutdown_sessions_locked(int how) {
   for (const auto& s : sessions_)
-    if (!s->closed) ::shutdown(s->fd, SHUT_RD);
+    if (!s->closed) ::shutdown(s->fd, how);
 }
 
 // After stop(): waits a moment for every session to end on its own, then
@@ -454,12 +464,10 @@ void daemon::end_all_sessions() {
   constexpr auto grace = std::chrono::seconds(1);
   {
     std::unique_lock lock(sessions_mutex_);
-    const bool all_ended = session_ended_.wait_for(lock, grace, [this] {
+    session_ended_.wait_for(lock, grace, [this] {
       return std::all_of(sessions_.begin(), sessions_.end(), [](const auto& s) { return s->closed; });
     });
-    if (!all_ended)
-      for (const auto& s : sessions_)
-        if (!s->closed) ::shutdown(s->fd, SHUT_RDWR);
+    shutdown_sessions_locked(SHUT_RDWR);  // those still open are stuck sending
   }
   reap_sessions(true);
 }

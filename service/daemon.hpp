@@ -88,6 +88,7 @@ class daemon {
   std::optional<std::chrono::nanoseconds> time_left(session& s);
   void reap_sessions(bool all);
   void end_all_sessions();
+  void shutdown_sessions_locked(int how);
   asio::awaitable<void> housekeeping();
   void sweep_backstop_stretch();
   bool peer_allowed(session& s);

@@ -1,6 +1,7 @@
 // The request handler without sockets (frames in, frames out), and the whole
 // daemon in this process on a temp socket.
 #include <doctest/doctest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -462,6 +463,42 @@ TEST_SUITE("daemon in process") {
     runner.join();
     CHECK_FALSE(segment::exists(s.heap.name));
     CHECK_FALSE(std::filesystem::exists(s.socket_path));
+    std::filesystem::remove_all(dir);
+  }
+
+  TEST_CASE("a connection past max-connections is counted as refused for room, a refused peer as a peer") {
+    std::string dir;
+    daemon_settings s = inproc_settings("inproc-max", "127.0.0.1:0", dir);
+    s.max_connections = 1;
+    s.socket_mode = 0666;
+    auto d = daemon::open(s);
+    REQUIRE(d);
+    std::thread runner([&d] { d.value()->run(); });
+    const bool root = geteuid() == 0;
+    if (root) {  // a peer of another uid, refused for its credentials
+      chmod(dir.c_str(), 0755);
+      const int rc = test::run_in_child([&s] {
+        if (setgid(65534) != 0 || setuid(65534) != 0) return 3;
+        control_client c(s.socket_path);
+        auto f = c.read_frame();
+        return f && f->status() == errc::permission_denied ? 0 : 1;
+      });
+      CHECK(rc == 0);
+    }
+    {
+      control_client first(s.socket_path);
+      REQUIRE(first.hello("first"));
+      control_client second(s.socket_path);
+      auto refused = second.read_frame();
+      REQUIRE(refused);
+      CHECK(refused->status() == errc::unavailable);
+      const std::string scrape = test::http_get(d.value()->metrics_port());
+      CHECK(scrape.find("\nshmalloc_control_connections_refused_total 1\n") != std::string::npos);
+      CHECK(scrape.find(std::string("\nshmalloc_control_peers_refused_total ") + (root ? "1" : "0") + "\n") !=
+            std::string::npos);
+    }
+    d.value()->request_stop();
+    runner.join();
     std::filesystem::remove_all(dir);
   }
 
