@@ -34,6 +34,19 @@ std::vector<std::uint32_t> refill(raw_client& c, std::uint8_t spc, std::uint16_t
 
 proto::stats_msg stats(raw_client& c) { return daemon_stats(c); }
 
+// n class-table requests in one buffer, ids first_id onward: 64 KB for 4,000,
+// which a socket takes at once, and their replies (a class table each, 16 MB
+// in all) far more than the socket buffers hold, so the daemon's sends come
+// up short and wait.
+std::vector<std::uint8_t> pipelined_class_tables(int n, std::uint32_t first_id) {
+  std::vector<std::uint8_t> all;
+  for (int i = 0; i < n; ++i) {
+    const auto one = proto::make_request(msg::classes, first_id + static_cast<std::uint32_t>(i));
+    all.insert(all.end(), one.begin(), one.end());
+  }
+  return all;
+}
+
 // Stops the daemon keeping its heap, then checks the heap it left.
 void check_heap_after(daemon_process& d) {
   REQUIRE(d.stop(SIGTERM) == 0);
@@ -477,12 +490,7 @@ TEST_SUITE("shmallocd security and deadlines") {
     daemon_process d({"--hello-timeout", "500ms"});
     REQUIRE(d.started());
     raw_client greedy(d.socket);
-    std::vector<std::uint8_t> all;  // tables may be asked for without hello; far more reply bytes than fit
-    for (int i = 0; i < 4000; ++i) {
-      const auto one = proto::make_request(msg::classes, static_cast<std::uint32_t>(i));
-      all.insert(all.end(), one.begin(), one.end());
-    }
-    REQUIRE(greedy.send_bytes(all));
+    REQUIRE(greedy.send_bytes(pipelined_class_tables(4000, 0)));  // tables may be asked for without hello
     usleep(1500000);  // well past the deadline, reading nothing
     std::size_t replies = 0;
     while (greedy.read_frame()) ++replies;  // what was sent before the close, then the end
@@ -527,16 +535,8 @@ TEST_SUITE("shmallocd security and deadlines") {
     REQUIRE(d.started());
     raw_client greedy(d.socket);
     REQUIRE(greedy.hello());
-    // 4,000 requests in one write (64 KB, which the socket takes at once);
-    // their replies (a class table each, 16 MB in all) are far more than the
-    // socket buffers hold, so the daemon's sends come up short and wait.
-    constexpr int requests = 4000;
-    std::vector<std::uint8_t> all;
-    for (int i = 0; i < requests; ++i) {
-      const auto one = proto::make_request(msg::classes, static_cast<std::uint32_t>(1000 + i));
-      all.insert(all.end(), one.begin(), one.end());
-    }
-    REQUIRE(greedy.send_bytes(all));
+    constexpr int requests = 4000;  // 16 MB of replies
+    REQUIRE(greedy.send_bytes(pipelined_class_tables(requests, 1000)));
     usleep(200000);
     raw_client other(d.socket);
     const auto t0 = std::chrono::steady_clock::now();
@@ -559,12 +559,7 @@ TEST_SUITE("shmallocd security and deadlines") {
     REQUIRE(d.started());
     raw_client greedy(d.socket);
     REQUIRE(greedy.hello());
-    std::vector<std::uint8_t> all;  // as above: far more reply bytes than the socket buffers hold
-    for (int i = 0; i < 4000; ++i) {
-      const auto one = proto::make_request(msg::classes, static_cast<std::uint32_t>(i));
-      all.insert(all.end(), one.begin(), one.end());
-    }
-    REQUIRE(greedy.send_bytes(all));
+    REQUIRE(greedy.send_bytes(pipelined_class_tables(4000, 0)));
     raw_client idle(d.socket);
     REQUIRE(idle.hello());
     REQUIRE(refill(idle, span_class::make(3, true).value, 1).size() == 1);
