@@ -908,9 +908,9 @@ SHMALLOC_SLOW_PATH void free_slow(void* p) noexcept {
 namespace {
 
 // An object of a span this thread does not hold, whose index the fast path
-// found: a remote free, without finding the span again. Large objects (no
-// cache holds them; their index 0 passes) and steps into a span's tail go to
-// free_slow.
+// found: a remote free, without finding the span again. Steps into a span's
+// tail, and any span without a size class (large spans never get here: their
+// magic is 0), go to free_slow.
 SHMALLOC_SLOW_PATH void free_other(void* p, mspan& s, std::uint32_t i) noexcept {
   if (s.elem_size == 0 || i >= s.nelems) return free_slow(p);
   free_remote(s, i, span_class{s.span_class}.size_class(), p);
@@ -922,9 +922,8 @@ SHMALLOC_SLOW_PATH void free_other(void* p, mspan& s, std::uint32_t i) noexcept 
 // Anything else takes free_slow, which checks again and says what is wrong.
 // Three things make the checks here cheap: a page without a span maps to
 // entry 0, which wraps past max_spans; a large object's span has class 0,
-// whose magic gives index 0, and no cache ever holds it (owner_cache 0); and
-// bits at or past nelems are never set, so a slot in a span's tail reads as
-// free. The index stays inside the bitmap: a span of c's class holds at most
+// whose magic 0 no offset passes; and bits at or past nelems are never set,
+// so a slot in a span's tail reads as free. The index stays inside the bitmap: a span of c's class holds at most
 // bitmap_words * 64 objects, and offset < span bytes.
 SHMALLOC_FAST_PATH void free_object(void* p) noexcept {
   const heap_view& v = g_view;
@@ -937,10 +936,12 @@ SHMALLOC_FAST_PATH void free_object(void* p) noexcept {
   __builtin_prefetch(&s.alloc_bits[2], 1);
   if (SHMALLOC_UNLIKELY(s.span_class == tiny_span_class)) return free_slow(p);
   const std::uint64_t offset = off - std::uint64_t{s.start.value} * page_size;
-  // object_index, with the magic the span carries: no table lookup after
-  // the span's line arrives.
-  const auto i = static_cast<std::uint32_t>((std::uint64_t{static_cast<std::uint32_t>(offset)} * s.div_magic) >> 32);
-  if (SHMALLOC_UNLIKELY(std::uint64_t{i} * s.elem_size != offset)) return free_slow(p);
+  // object_index and is_object_start, with the magic the span carries: one
+  // multiply, and no table lookup after the span's line arrives.
+  const std::uint32_t magic = s.div_magic;
+  const std::uint64_t product = std::uint64_t{static_cast<std::uint32_t>(offset)} * magic;
+  if (SHMALLOC_UNLIKELY(static_cast<std::uint32_t>(product) >= magic)) return free_slow(p);
+  const auto i = static_cast<std::uint32_t>(product >> 32);
   const std::uint8_t size_class = span_class{s.span_class}.size_class();
   mcache* mc = t_cache;
   if (SHMALLOC_UNLIKELY(s.owner_cache.load(std::memory_order_relaxed) != mc->token)) return free_other(p, s, i);

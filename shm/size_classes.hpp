@@ -321,6 +321,36 @@ constexpr bool object_index_exact() {
 
 static_assert(detail::object_index_exact(), "div magic must be exact for every class");
 
+// Whether offset_in_span is the start of an object of class c, from the same
+// product as object_index: its low half is below the magic exactly when the
+// size divides the offset (Lemire, Kaser and Kurz, "Faster remainder by
+// direct computation", 2019). One multiply gives the index and the check,
+// where index * size == offset needs a second, dependent one. Class 0's magic
+// is 0, so no offset passes: a large span's objects take the slow path.
+//
+// Why it is exact: with magic = (2^32 + e) / size, 0 <= e < size, an offset
+// q * size + r has low half q * e + r * magic, which cannot wrap (that is
+// object_index's exactness). For r >= 1 it is at least the magic; for r = 0
+// it is q * e, below the magic when objects * e is (checked below).
+constexpr bool is_object_start(std::uint32_t offset_in_span, std::uint8_t c) {
+  return static_cast<std::uint32_t>(std::uint64_t{offset_in_span} * class_div_magic(c)) < class_div_magic(c);
+}
+
+namespace detail {
+
+constexpr bool object_start_exact() {
+  for (std::size_t c = 1; c < num_size_classes; ++c) {
+    const std::uint64_t magic = div_magic_table[c];
+    const std::uint64_t e = magic * size_class_table[c].size - (std::uint64_t{1} << 32);
+    if ((size_class_table[c].objects + std::uint64_t{1}) * e >= magic) return false;  // to the span's end
+  }
+  return true;
+}
+
+}  // namespace detail
+
+static_assert(detail::object_start_exact(), "the div magic's start-of-object test must be exact for every class");
+
 // ---- Span classes -----------------------------------------------------------
 
 // size_class << 1 | noscan, as in Go: 136 values; span classes 0 and 1 tag

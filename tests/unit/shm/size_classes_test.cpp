@@ -220,6 +220,25 @@ TEST_CASE("object_index is exact for every byte of every span of every class") {
   CHECK(failures == 0);
 }
 
+TEST_CASE("is_object_start agrees with offset % size == 0 for every byte of every span of every class") {
+  std::size_t failures = 0;
+  for (std::uint8_t c = 1; c < num_size_classes && failures < 10; ++c) {
+    const std::uint32_t size = class_to_size(c);
+    const auto span = static_cast<std::uint32_t>(class_span_bytes(c));
+    for (std::uint32_t offset = 0; offset <= span; ++offset) {
+      if (is_object_start(offset, c) != (offset % size == 0)) {
+        ++failures;
+        FAIL_CHECK("class " << int{c} << " offset " << offset << " -> " << is_object_start(offset, c));
+        break;
+      }
+    }
+  }
+  CHECK(failures == 0);
+  // Class 0 (large spans) has magic 0: nothing passes, not even offset 0.
+  CHECK_FALSE(is_object_start(0, 0));
+  CHECK_FALSE(is_object_start(8192, 0));
+}
+
 TEST_CASE("Span classes round-trip for all 136 values") {
   CHECK(num_span_classes == 136);
   std::set<std::uint8_t> seen;
