@@ -427,17 +427,27 @@ bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
 // The current span ran dry: switch to a spare that has a free slot (after
 // folding its remote frees), or keep the dry one as a spare, dropping the
 // oldest spare if there are too many. True if e now has a free slot.
+//
+// The spares are a queue, oldest first: the dry span goes to the back, and
+// the search starts at the span that went dry longest ago, which has had the
+// most time to get its objects back. When a class's working set cycles
+// through its spans, the first spare looked at has room; taking the spare
+// in place (as this did) kept the dry spans at the front and looked at each
+// of them again on every switch, a cycle through k spans costing k^2 / 2.
 bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
   mcache_entry& e = mc->alloc[spc];
   std::uint32_t* spares = mc->spares[spc];
   std::uint8_t& n = mc->nspares[spc];
+  std::uint16_t& used = mc->spare_used[spc];
   const std::uint32_t current = g_view.span_id_of(*e.span()).value;
   for (std::uint8_t k = 0; k < n; ++k) {
     mspan& s = g_view.span(span_id{spares[k]});
     fold(mc, s);
     if (!has_free_slot(s)) continue;
-    spares[k] = current;
-    mc->spare_used[spc] |= static_cast<std::uint16_t>(1u << k);
+    std::copy(spares + k + 1, spares + n, spares + k);
+    spares[n - 1] = current;
+    const unsigned below_k = used & ((1u << k) - 1);
+    used = static_cast<std::uint16_t>(below_k | ((used >> (k + 1)) << k) | (1u << (n - 1)));
     return install(e, s);
   }
   // Keep at most max_spares spans, and max_spare_bytes, per class.
@@ -445,10 +455,10 @@ bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
   while (n > 0 && (n == mcache::max_spares || (n + 1) * span_bytes > mcache::max_spare_bytes)) {
     drop_span(r, spc, g_view.span(span_id{spares[0]}));
     std::copy(spares + 1, spares + n, spares);
-    mc->spare_used[spc] = static_cast<std::uint16_t>(mc->spare_used[spc] >> 1);
+    used = static_cast<std::uint16_t>(used >> 1);
     --n;
   }
-  mc->spare_used[spc] |= static_cast<std::uint16_t>(1u << n);
+  used = static_cast<std::uint16_t>(used | (1u << n));
   spares[n++] = current;
   e = mcache_entry{};
   return false;

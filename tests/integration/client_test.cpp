@@ -508,6 +508,47 @@ TEST_SUITE("libshmalloc") {
     a.check_heap();
   }
 
+  TEST_CASE("a working set of several spans of one class cycles through its spares without new spans") {
+    // 1,024-byte objects, eight to a span. A window of 40 live objects (five
+    // spans' worth) slides: each step frees one at random and allocates one,
+    // so the thread's spares are dry, partly free and wholly free in every
+    // order, and shmalloc_trim now and then reorders what it keeps.
+    attached_daemon a;
+    constexpr std::size_t size = 1024, window = 40;
+    std::mt19937 rng(7);
+    std::vector<void*> live;
+    const auto step = [&] {
+      if (live.size() == window) {
+        const std::size_t k = rng() % live.size();
+        CHECK(intact(live[k], size));
+        shmalloc_free(live[k]);
+        live[k] = live.back();
+        live.pop_back();
+      }
+      void* p = shmalloc_alloc(size);
+      REQUIRE(p != nullptr);
+      fill(p, size);
+      live.push_back(p);
+    };
+    for (int i = 0; i < 2000; ++i) step();
+    raw_client observer(a.d.socket);
+    const auto inuse_before = daemon_stats(observer).heap_inuse_bytes;
+    for (int i = 0; i < 100000; ++i) {
+      step();
+      if (i % 20000 == 0) shmalloc_trim();
+    }
+    // The trim gives back spans with no live object; the window refills the
+    // classes' spares from what the thread already holds or the pool.
+    CHECK(daemon_stats(observer).heap_inuse_bytes <= inuse_before + 16 * 8192);
+    std::set<void*> distinct(live.begin(), live.end());
+    CHECK(distinct.size() == live.size());
+    for (void* p : live) {
+      CHECK(intact(p, size));
+      shmalloc_free(p);
+    }
+    a.check_heap();
+  }
+
   TEST_CASE("memory another process frees into spans the daemon holds returns to the heap within a tick") {
     attached_daemon a;
     raw_client observer(a.d.socket);
