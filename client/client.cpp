@@ -436,9 +436,10 @@ bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
 // of them again on every switch, a cycle through k spans costing k^2 / 2.
 bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
   mcache_entry& e = mc->alloc[spc];
-  std::uint32_t* spares = mc->spares[spc];
-  std::uint8_t& n = mc->nspares[spc];
-  std::uint16_t& used = mc->spare_used[spc];
+  spare_queue& q = mc->spares[spc];
+  std::uint32_t* const spares = q.ids;
+  std::uint8_t& n = q.n;
+  std::uint16_t& used = q.used;
   const std::uint32_t current = g_view.span_id_of(*e.span()).value;
   for (std::uint8_t k = 0; k < n; ++k) {
     mspan& s = g_view.span(span_id{spares[k]});
@@ -450,9 +451,9 @@ bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
     used = static_cast<std::uint16_t>(below_k | ((used >> (k + 1)) << k) | (1u << (n - 1)));
     return install(e, s);
   }
-  // Keep at most max_spares spans, and max_spare_bytes, per class.
+  // Keep at most a queue's capacity, and max_spare_bytes, per class.
   const std::uint64_t span_bytes = class_span_bytes(span_class{spc}.size_class());
-  while (n > 0 && (n == mcache::max_spares || (n + 1) * span_bytes > mcache::max_spare_bytes)) {
+  while (n > 0 && (n == spare_queue::capacity || (n + 1) * span_bytes > mcache::max_spare_bytes)) {
     drop_span(r, spc, g_view.span(span_id{spares[0]}));
     std::copy(spares + 1, spares + n, spares);
     used = static_cast<std::uint16_t>(used >> 1);
@@ -547,7 +548,7 @@ void release_thread_cache() noexcept {
   for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
     const auto c = static_cast<std::uint8_t>(spc);
     if (mspan* s = mc->alloc[spc].span(); s != nullptr) drop_span(r, c, *s);
-    for (std::uint8_t k = 0; k < mc->nspares[spc]; ++k) drop_span(r, c, g_view.span(span_id{mc->spares[spc][k]}));
+    for (std::uint8_t k = 0; k < mc->spares[spc].n; ++k) drop_span(r, c, g_view.span(span_id{mc->spares[spc].ids[k]}));
   }
   t_cache = &empty_cache;
   std::lock_guard lock(r.mu);
@@ -711,9 +712,10 @@ void trim_thread_locked(runtime& r, mcache* mc, bool everything) {
     // Active: its slow path ran (the bit), or its fast path took a slot.
     const bool active = ((mc->active[spc / 64] >> (spc % 64)) & 1) != 0 || e.free_bits != mc->free_bits_at_trim[spc];
     const bool idle = !everything && !active;
-    std::uint32_t* spares = mc->spares[spc];
-    std::uint8_t& n = mc->nspares[spc];
-    std::uint16_t& used = mc->spare_used[spc];
+    spare_queue& q = mc->spares[spc];
+    std::uint32_t* const spares = q.ids;
+    std::uint8_t& n = q.n;
+    std::uint16_t& used = q.used;
     std::uint8_t kept = 0;
     for (std::uint8_t k = 0; k < n; ++k) {
       mspan& s = g_view.span(span_id{spares[k]});

@@ -50,7 +50,19 @@ struct mcache_entry {
 };
 static_assert(sizeof(mcache_entry) == 32);
 
-struct mcache {
+// A span class's spares, oldest first (see mcache::spares): one cache line,
+// since a span switch reads the count, the ids and the used bits together.
+struct spare_queue {
+  static constexpr std::uint8_t capacity = 15;
+  std::uint32_t ids[capacity] = {};
+  std::uint8_t n = 0;
+  std::uint16_t used = 0;  // bit k: ids[k] was current since the last trim
+};
+static_assert(sizeof(spare_queue) == 64);
+
+// 64-byte aligned: alloc is 68 whole lines, and the line after it holds
+// everything else the fast paths and every slow path read.
+struct alignas(64) mcache {
   mcache_entry alloc[num_span_classes];
   std::uint32_t token = ~0u;     // slot + 1, stored in mspan::owner_cache; ~0u never matches
   std::uint32_t slot = 0;
@@ -59,16 +71,6 @@ struct mcache {
   // a tiny span, how far it is used, and how many objects it holds. The
   // block's shared count carries a bias of tiny_bias while it is current, so
   // frees from anywhere cannot bring it to zero under us.
-  // Spans this thread filled, still held (owner_cache is its token, so frees
-  // into them stay local): a span class's working set can exceed one span.
-  // When the current span runs dry the thread looks here before asking the
-  // pool or the daemon (mimalloc's page queues, in small).
-  static constexpr std::uint32_t max_spares = 16;
-  static constexpr std::uint64_t max_spare_bytes = 256 << 10;  // per span class
-  static constexpr std::uint8_t spares_kept_by_trim = 2;        // the first two stay, used or not
-  std::uint32_t spares[num_span_classes][max_spares] = {};
-  std::uint8_t nspares[num_span_classes] = {};
-  std::uint16_t spare_used[num_span_classes] = {};  // bit k: spares[k] was current since the last trim
   std::byte* tiny = nullptr;
   std::uint32_t tiny_offset = tiny_size;  // full: the empty cache never fits
   std::uint32_t tiny_count = 0;
@@ -76,10 +78,19 @@ struct mcache {
   // ran, or whose free bits changed, since the last trim is active; the
   // others give their spans back.
   std::uint64_t active[(num_span_classes + 63) / 64] = {};
+  std::uint32_t slow_calls = 0;
+  // Spans this thread filled, still held (owner_cache is its token, so frees
+  // into them stay local): a span class's working set can exceed one span.
+  // When the current span runs dry the thread looks here before asking the
+  // pool or the daemon (mimalloc's page queues, in small).
+  static constexpr std::uint64_t max_spare_bytes = 256 << 10;  // per span class
+  static constexpr std::uint8_t spares_kept_by_trim = 2;        // the first two stay, used or not
+  spare_queue spares[num_span_classes] = {};
   std::uint64_t free_bits_at_trim[num_span_classes] = {};
   std::uint64_t last_trim_ns = 0;
-  std::uint32_t slow_calls = 0;
 };
+static_assert(offsetof(mcache, slow_calls) / 64 == offsetof(mcache, token) / 64,
+              "the fields every slow path reads share the free fast path's line");
 
 inline constexpr std::int8_t tiny_bias = 64;  // more than a block's 16 objects
 
