@@ -52,7 +52,7 @@ static_assert(sizeof(mcache_entry) == 32);
 
 // A span class's spares, oldest first (see mcache::spares): one cache line,
 // since a span switch reads the count, the ids and the used bits together.
-struct spare_queue {
+struct alignas(64) spare_queue {
   static constexpr std::uint8_t capacity = 15;
   std::uint32_t ids[capacity] = {};
   std::uint8_t n = 0;
@@ -91,6 +91,7 @@ struct alignas(64) mcache {
 };
 static_assert(offsetof(mcache, slow_calls) / 64 == offsetof(mcache, token) / 64,
               "the fields every slow path reads share the free fast path's line");
+static_assert(offsetof(mcache, spares) % 64 == 0, "each spare_queue is one line");
 
 inline constexpr std::int8_t tiny_bias = 64;  // more than a block's 16 objects
 
