@@ -428,12 +428,14 @@ bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
 // folding its remote frees), or keep the dry one as a spare, dropping the
 // oldest spare if there are too many. True if e now has a free slot.
 //
-// The spares are a queue, oldest first: the dry span goes to the back, and
-// the search starts at the span that went dry longest ago, which has had the
-// most time to get its objects back. When a class's working set cycles
-// through its spans, the first spare looked at has room; taking the spare
-// in place (as this did) kept the dry spans at the front and looked at each
-// of them again on every switch, a cycle through k spans costing k^2 / 2.
+// The spares are a queue, oldest first. The search takes spans from the
+// front, and every span it finds dry, the current one included, goes to the
+// back: the front is always the span that went dry longest ago, which has
+// had the most time to get its objects back. When a class's working set
+// cycles through its spans, the first spare looked at has room, and spans
+// held full by long-lived objects drift behind those that cycle. (Taking a
+// spare in place, as this once did, left the dry spans at the front to be
+// looked at again on every switch: a cycle through k spans cost k^2 / 2.)
 bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
   mcache_entry& e = mc->alloc[spc];
   spare_queue& q = mc->spares[spc];
@@ -441,16 +443,23 @@ bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
   std::uint8_t& n = q.n;
   std::uint16_t& used = q.used;
   const std::uint32_t current = g_view.span_id_of(*e.span()).value;
-  for (std::uint8_t k = 0; k < n; ++k) {
-    mspan& s = g_view.span(span_id{spares[k]});
+  for (std::uint8_t looked = 0; looked < n; ++looked) {
+    const std::uint32_t front = spares[0];
+    const unsigned front_used = used & 1u;
+    mspan& s = g_view.span(span_id{front});
     fold(mc, s);
-    if (!has_free_slot(s)) continue;
-    std::copy(spares + k + 1, spares + n, spares + k);
-    spares[n - 1] = current;
-    const unsigned below_k = used & ((1u << k) - 1);
-    used = static_cast<std::uint16_t>(below_k | ((used >> (k + 1)) << k) | (1u << (n - 1)));
-    return install(e, s);
+    const bool room = has_free_slot(s);
+    std::copy(spares + 1, spares + n, spares);
+    used = static_cast<std::uint16_t>(used >> 1);
+    if (room) {  // front becomes current; the dry current goes to the back
+      spares[n - 1] = current;
+      used = static_cast<std::uint16_t>(used | (1u << (n - 1)));
+      return install(e, s);
+    }
+    spares[n - 1] = front;  // dry: to the back
+    used = static_cast<std::uint16_t>(used | (front_used << (n - 1)));
   }
+  // Every spare was dry (and the queue is back in its order).
   // Keep at most a queue's capacity, and max_spare_bytes, per class.
   const std::uint64_t span_bytes = class_span_bytes(span_class{spc}.size_class());
   while (n > 0 && (n == spare_queue::capacity || (n + 1) * span_bytes > mcache::max_spare_bytes)) {

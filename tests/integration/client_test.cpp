@@ -509,13 +509,20 @@ TEST_SUITE("libshmalloc") {
   }
 
   TEST_CASE("a working set of several spans of one class cycles through its spares without new spans") {
-    // 1,024-byte objects, eight to a span. A window of 40 live objects (five
-    // spans' worth) slides: each step frees one at random and allocates one,
-    // so the thread's spares are dry, partly free and wholly free in every
-    // order, and shmalloc_trim now and then reorders what it keeps.
+    // 1,024-byte objects, eight to a span. Three spans' worth stay live
+    // throughout (full spares), and a window of 40 live objects (five spans'
+    // worth) slides: each step frees one at random and allocates one, so the
+    // thread's spares are dry, partly free and wholly free in every order,
+    // and shmalloc_trim now and then reorders what it keeps.
     attached_daemon a;
     constexpr std::size_t size = 1024, window = 40;
     std::mt19937 rng(7);
+    std::vector<void*> long_lived;
+    for (int i = 0; i < 24; ++i) {
+      long_lived.push_back(shmalloc_alloc(size));
+      REQUIRE(long_lived.back() != nullptr);
+      fill(long_lived.back(), size);
+    }
     std::vector<void*> live;
     const auto step = [&] {
       if (live.size() == window) {
@@ -540,6 +547,7 @@ TEST_SUITE("libshmalloc") {
     // The trim gives back spans with no live object; the window refills the
     // classes' spares from what the thread already holds or the pool.
     CHECK(daemon_stats(observer).heap_inuse_bytes <= inuse_before + 16 * 8192);
+    live.insert(live.end(), long_lived.begin(), long_lived.end());
     std::set<void*> distinct(live.begin(), live.end());
     CHECK(distinct.size() == live.size());
     for (void* p : live) {
