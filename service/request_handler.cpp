@@ -128,11 +128,21 @@ reply request_handler::on_release(client_state& c, const proto::frame_header& h,
       return error_reply(msg::ok, h, errc::bad_handle,
                          "span " + std::to_string(id) + " is not held by this client (double release?)");
   }
+  // A span named twice passes the check above twice, and would come off the
+  // client's bytes twice: the whole request is refused, nothing released.
+  std::vector<std::uint32_t> sorted = m->span_ids;
+  std::sort(sorted.begin(), sorted.end());
+  if (auto twice = std::adjacent_find(sorted.begin(), sorted.end()); twice != sorted.end())
+    return error_reply(msg::ok, h, errc::bad_handle, "span " + std::to_string(*twice) + " is named twice in one release");
+  // Each span is now a cached span of this client's, so uncache_span takes
+  // it; what settling it may find wrong (a remote double free folded in) is
+  // counted in remote_free_errors and is no fault of this request: the
+  // client hears ok, and forgets the spans.
   for (std::uint32_t id : m->span_ids) {
     const mspan& s = heap_->span(span_id{id});
     c.bytes_held -= span_bytes(id);
     c.spans.erase(id);
-    heap_->central(span_class{s.span_class}).uncache_span(span_id{id});
+    (void)heap_->central(span_class{s.span_class}).uncache_span(span_id{id});
   }
   return ok_reply(msg::ok, h);
 }

@@ -249,6 +249,27 @@ TEST_SUITE("request_handler") {
     CHECK_MESSAGE(r.ok(), r.summary());
   }
 
+  TEST_CASE("a release that names a span twice is refused whole, and the client's bytes stay right") {
+    test::test_heap t;
+    request_handler rh(*t.heap, {});
+    client_state a;
+    say_hello(rh, a);
+    const auto ids = refill(rh, a, span_class::make(7, false).value, 3);
+    REQUIRE(ids.size() == 3);
+    const std::uint64_t held = a.bytes_held;
+    auto twice = ask(rh, a, msg::release, proto::encode(proto::span_list_msg{{ids[0], ids[1], ids[0]}}));
+    CHECK(twice.status == errc::bad_handle);
+    CHECK(twice.message.find("twice") != std::string::npos);
+    CHECK(a.bytes_held == held);  // nothing released: not even ids[1]
+    CHECK(a.spans.size() == 3);
+    CHECK(ask(rh, a, msg::release, proto::encode(proto::span_list_msg{{ids[0], ids[1]}})).status == errc::ok);
+    CHECK(a.bytes_held == held - 2 * class_span_bytes(7));
+    CHECK(a.spans.size() == 1);
+    rh.disconnect(a);
+    const verify_report r = verify_heap(*t.heap);
+    CHECK_MESSAGE(r.ok(), r.summary());
+  }
+
   TEST_CASE("a refill cut short by the quota hands over what it carved") {
     test::test_heap t;
     request_handler rh(*t.heap, {3 * page_size});
