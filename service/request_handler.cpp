@@ -176,6 +176,11 @@ reply request_handler::on_free_large(client_state& c, const proto::frame_header&
   if (auto it = by_id_.find(s.owner_client); it != by_id_.end()) {
     it->second->large.erase(ref.span.value);
     it->second->bytes_held -= span_bytes(ref.span.value);
+  } else if (auto o = orphans_.find(s.owner_client); o != orphans_.end()) {
+    // Held by a client of the previous daemon: its group must forget the
+    // span, whose descriptor the next allocation may reuse for someone else.
+    o->second.large.erase(ref.span.value);
+    if (o->second.spans.empty() && o->second.large.empty() && o->second.slots.empty()) orphans_.erase(o);
   }
   heap_->free_span(ref.span);
   return ok_reply(msg::ok, h);
@@ -347,14 +352,21 @@ proto::page_table_msg request_handler::page_table() const {
   return t;
 }
 
-void request_handler::reclaim(const std::set<std::uint32_t>& spans, const std::set<std::uint32_t>& large,
-                              const std::vector<std::uint32_t>& slots) {
+bool request_handler::holds(std::uint32_t owner, std::uint32_t id, mspan_state state) const noexcept {
+  const mspan& s = heap_->span(span_id{id});
+  return s.owner_client == owner && s.state.load(std::memory_order_relaxed) == state;
+}
+
+void request_handler::reclaim(std::uint32_t owner, const std::set<std::uint32_t>& spans,
+                              const std::set<std::uint32_t>& large, const std::vector<std::uint32_t>& slots) {
   std::uint64_t reclaimed = 0;
   for (std::uint32_t id : spans) {
+    if (!holds(owner, id, mspan_state::cached)) continue;
     reclaimed += span_bytes(id);
     heap_->central(span_class{heap_->span(span_id{id}).span_class}).uncache_span(span_id{id});
   }
-  for (std::uint32_t id : large) heap_->span(span_id{id}).owner_client = 0;  // stays allocated
+  for (std::uint32_t id : large)
+    if (holds(owner, id, mspan_state::large)) heap_->span(span_id{id}).owner_client = 0;  // stays allocated
   for (std::uint32_t slot : slots) heap_->retire_cache(slot);
   bump(heap_->accounts().reclaimed_bytes_total, reclaimed);
 }
@@ -363,7 +375,7 @@ void request_handler::disconnect(client_state& c) {
   if (c.id == 0) return;
   std::vector<std::uint32_t> slots = c.extra_slots;
   slots.push_back(c.cache_slot);
-  reclaim(c.spans, c.large, slots);
+  reclaim(c.id, c.spans, c.large, slots);
   by_id_.erase(c.id);
   --clients_;
   c.spans.clear();
@@ -402,7 +414,7 @@ std::size_t request_handler::expire_orphans(std::uint64_t grace_ns) {
       ++it;
       continue;
     }
-    reclaim(it->second.spans, it->second.large, it->second.slots);
+    reclaim(it->first, it->second.spans, it->second.large, it->second.slots);
     it = orphans_.erase(it);
     ++expired;
   }
@@ -422,6 +434,7 @@ reply request_handler::on_reattach(client_state& c, const proto::frame_header& h
     std::set<std::uint32_t>* from = g.spans.count(id) ? &g.spans : g.large.count(id) ? &g.large : nullptr;
     if (from == nullptr) continue;  // not that client's: left alone
     from->erase(id);
+    if (!holds(m->old_client_id, id, from == &g.spans ? mspan_state::cached : mspan_state::large)) continue;
     (from == &g.spans ? c.spans : c.large).insert(id);
     heap_->span(span_id{id}).owner_client = c.id;
     c.bytes_held += span_bytes(id);

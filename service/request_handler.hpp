@@ -105,10 +105,13 @@ class request_handler {
   std::uint64_t objects_held(const client_state& c) const noexcept;
   bool over_quota(const client_state& c, std::uint64_t more) const noexcept;
   std::uint64_t span_bytes(std::uint32_t span) const noexcept;
-  // Takes back small spans (their free slots return to mcentral), lets large
-  // objects stay allocated with no holder, and retires cache slots.
-  void reclaim(const std::set<std::uint32_t>& spans, const std::set<std::uint32_t>& large,
+  // Takes back owner's small spans (their free slots return to mcentral),
+  // lets its large objects stay allocated with no holder, and retires cache
+  // slots. A span whose descriptor no longer says owner held it (the heap is
+  // shared with processes the daemon does not trust) is left alone.
+  void reclaim(std::uint32_t owner, const std::set<std::uint32_t>& spans, const std::set<std::uint32_t>& large,
                const std::vector<std::uint32_t>& slots);
+  bool holds(std::uint32_t owner, std::uint32_t id, mspan_state state) const noexcept;
 
   struct orphan_group {
     std::set<std::uint32_t> spans;

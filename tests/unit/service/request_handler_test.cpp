@@ -270,6 +270,49 @@ TEST_SUITE("request_handler") {
     CHECK_MESSAGE(r.ok(), r.summary());
   }
 
+  TEST_CASE("an orphaned large object freed after a restart leaves its group, and its reused span stays with its new holder") {
+    test::test_heap t;
+    std::uint32_t old_id = 0;
+    proto::large_msg orphan{};
+    {
+      request_handler before(*t.heap, {});  // the daemon that dies with a client holding a large object
+      client_state x;
+      say_hello(before, x);
+      old_id = x.id;
+      auto got = ask(before, x, msg::alloc_large, proto::encode(proto::alloc_large_msg{100'000, false}));
+      REQUIRE(got.status == errc::ok);
+      orphan = *proto::decode_large(got.body);
+    }
+    request_handler rh(*t.heap, {});  // the next daemon
+    rh.adopt_orphans();
+    CHECK(rh.orphan_groups() == 1);
+    client_state y, x2;
+    say_hello(rh, y);
+    REQUIRE(ask(rh, y, msg::free_large, proto::encode(proto::free_large_msg{orphan.handle})).status == errc::ok);
+    CHECK(rh.orphan_groups() == 1);  // its cache slot still waits for the client
+    // The descriptor is reused for y's next large object.
+    auto again = ask(rh, y, msg::alloc_large, proto::encode(proto::alloc_large_msg{100'000, false}));
+    REQUIRE(again.status == errc::ok);
+    const proto::large_msg mine = *proto::decode_large(again.body);
+    const std::uint64_t held = y.bytes_held;
+    // The old client comes back and claims what it held: nothing is left.
+    say_hello(rh, x2);
+    auto claim = ask(rh, x2, msg::reattach, proto::encode(proto::reattach_msg{old_id, {orphan.span_id}}));
+    CHECK(claim.status != errc::ok);
+    CHECK(x2.large.empty());
+    CHECK(x2.bytes_held == 0);
+    CHECK(t.heap->span(span_id{mine.span_id}).owner_client == y.id);
+    rh.expire_orphans(0);
+    CHECK(t.heap->span(span_id{mine.span_id}).owner_client == y.id);
+    CHECK(y.bytes_held == held);
+    REQUIRE(ask(rh, y, msg::free_large, proto::encode(proto::free_large_msg{mine.handle})).status == errc::ok);
+    CHECK(y.bytes_held == held - 100'000 / page_size * page_size - page_size);
+    rh.disconnect(y);
+    rh.disconnect(x2);
+    const verify_report r = verify_heap(*t.heap);
+    CHECK_MESSAGE(r.ok(), r.summary());
+  }
+
   TEST_CASE("a refill cut short by the quota hands over what it carved") {
     test::test_heap t;
     request_handler rh(*t.heap, {3 * page_size});
