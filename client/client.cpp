@@ -535,7 +535,15 @@ mcache* ensure_cache() {
     r.main_slot_free = false;
   } else {
     auto body = request_locked(r, proto::msg::cache_open, {});
-    if (!body) return nullptr;
+    if (!body) {
+      // Each allocation of this thread asks again (a slot may have come
+      // free), but says why only once per process.
+      static std::atomic<bool> said{false};
+      if (!said.exchange(true, std::memory_order_relaxed))
+        std::fprintf(stderr, "shmalloc: a thread gets no cache, so its allocations fail: %s\n", body.err().message.c_str());
+      errno = ENOMEM;
+      return nullptr;
+    }
     auto opened = proto::decode_slot(body.value());
     if (!opened) return nullptr;
     slot = opened->slot;

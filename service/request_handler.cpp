@@ -188,6 +188,10 @@ reply request_handler::on_free_large(client_state& c, const proto::frame_header&
 
 reply request_handler::on_cache_open(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
   if (!p.empty()) return error_reply(msg::cache_slot, h, errc::protocol_error, "cache_open takes no body");
+  const std::size_t held = 1 + c.extra_slots.size();  // the connection's own slot and the threads'
+  if (settings_.max_caches_per_client != 0 && held >= settings_.max_caches_per_client)
+    return error_reply(msg::cache_slot, h, errc::quota_exceeded,
+                       "client holds " + std::to_string(held) + " cache slots, the most one client may (max-caches-per-client)");
   auto slot = heap_->assign_cache(c.id);
   if (!slot) return error_reply(msg::cache_slot, h, slot.code(), slot.err().message);
   c.extra_slots.push_back(*slot);

@@ -39,6 +39,10 @@ struct client_state {
 
 struct handler_settings {
   std::uint64_t quota_bytes = 0;  // per client; 0 = none
+  // Cache slots one client may hold (its connection's and one per thread
+  // that allocates); 0 = none. The heap has max_caches in all: without a
+  // cap, one process's threads could leave no slot for anyone's hello.
+  std::uint32_t max_caches_per_client = 0;
 };
 
 struct reply {

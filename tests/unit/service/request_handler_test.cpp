@@ -313,6 +313,31 @@ TEST_SUITE("request_handler") {
     CHECK_MESSAGE(r.ok(), r.summary());
   }
 
+  TEST_CASE("a client holds at most max-caches-per-client cache slots, and others still get theirs") {
+    test::test_heap t;
+    handler_settings settings;
+    settings.max_caches_per_client = 3;
+    request_handler rh(*t.heap, settings);
+    client_state greedy, other;
+    say_hello(rh, greedy);
+    CHECK(ask(rh, greedy, msg::cache_open).status == errc::ok);
+    auto second = ask(rh, greedy, msg::cache_open);
+    REQUIRE(second.status == errc::ok);
+    auto refused = ask(rh, greedy, msg::cache_open);  // its connection's slot and two threads'
+    CHECK(refused.status == errc::quota_exceeded);
+    CHECK(refused.message.find("max-caches-per-client") != std::string::npos);
+    CHECK(greedy.extra_slots.size() == 2);
+    say_hello(rh, other);
+    CHECK(ask(rh, other, msg::cache_open).status == errc::ok);
+    // A slot given back makes room again.
+    const auto slot = proto::decode_slot(second.body);
+    REQUIRE(slot);
+    REQUIRE(ask(rh, greedy, msg::cache_close, proto::encode(*slot)).status == errc::ok);
+    CHECK(ask(rh, greedy, msg::cache_open).status == errc::ok);
+    rh.disconnect(greedy);
+    rh.disconnect(other);
+  }
+
   TEST_CASE("a refill cut short by the quota hands over what it carved") {
     test::test_heap t;
     request_handler rh(*t.heap, {3 * page_size});
