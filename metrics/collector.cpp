@@ -196,7 +196,7 @@ void add_control(family_list& out, const control_stats& cs) {
   out.counter("shmalloc_control_peers_refused_total",
               "Connections refused because the peer's uid and gid are not allowed.", d(cs.peers_refused));
   out.counter("shmalloc_control_connections_refused_total",
-              "Connections refused because max-connections were open, or no thread could serve them.",
+              "Connections refused because max-connections were open, or no thread or file descriptor could serve them.",
               d(cs.connections_refused));
   out.counter("shmalloc_control_deadline_closes_total",
               "Connections closed because hello, or a started frame, did not arrive in time.",

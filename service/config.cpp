@@ -128,6 +128,13 @@ void apply(const layered& in, daemon_settings& s) {
   if (auto v = in.get("allow-uid")) s.allow_uids = parse_id_list<uid_t>(*v, "allow-uid");
   if (auto v = in.get("allow-gid")) s.allow_gids = parse_id_list<gid_t>(*v, "allow-gid");
   if (auto v = in.get("quota")) s.quota_bytes = need(parse_bytes(*v), "quota", "bytes with an optional K, M, G suffix (0 = none)", *v);
+  if (auto v = in.get("max-caches-per-client")) {
+    const auto n = parse_uint(*v);
+    if (!n || *n == 0 || *n > default_max_caches)
+      throw invalid{"shmallocd: invalid --max-caches-per-client '" + *v + "': a count from 1 to " +
+                    std::to_string(default_max_caches)};
+    s.max_caches_per_client = static_cast<std::uint32_t>(*n);
+  }
   if (auto v = in.get("scavenge-delay"))
     s.scavenge_delay_ns = need(parse_duration(*v), "scavenge-delay", "a duration such as 300s, 5m or 0", *v);
   if (auto v = in.get("hello-timeout"))
@@ -175,6 +182,7 @@ std::optional<daemon_settings> parse_settings(int argc, char** argv, int* exit_c
       {"allow-uid", "uids allowed to connect, comma-separated (besides ours and root)"},
       {"allow-gid", "gids allowed to connect, comma-separated"},
       {"quota", "per-client byte quota (default none)"},
+      {"max-caches-per-client", "cache slots one client may hold: its connection's and one per allocating thread (default 256 of the heap's 1024)"},
       {"scavenge-delay", "return pages idle this long to the OS (default 300s)"},
       {"hello-timeout", "close connections that do not say hello within this (default 10s)"},
       {"frame-timeout", "close connections that leave a frame incomplete this long (default 5s)"},

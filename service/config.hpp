@@ -22,6 +22,7 @@ struct daemon_settings {
   std::vector<uid_t> allow_uids;  // besides the daemon's own uid and root
   std::vector<gid_t> allow_gids;
   std::uint64_t quota_bytes = 0;  // per client, 0 = none
+  std::uint32_t max_caches_per_client = default_max_caches / 4;  // cache slots one client may hold
   std::uint64_t scavenge_delay_ns = 300'000'000'000ULL;  // 5 minutes, Go's scavenger spirit
   std::uint64_t hello_timeout_ns = 10'000'000'000ULL;  // a connection must say hello within this
   std::uint64_t frame_timeout_ns = 5'000'000'000ULL;   // and finish any frame it starts within this

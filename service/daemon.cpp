@@ -1,6 +1,7 @@
 #include "service/daemon.hpp"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -39,6 +40,48 @@ constexpr std::uint32_t flagged_sweep_max_spans = 4096;  // 32 MiB of 8 KiB span
 // would stall every request for a quarter of a second, every second.
 constexpr std::uint32_t backstop_ticks_per_pass = 50;
 constexpr std::uint32_t backstop_max_spans_per_tick = 16384;
+// Descriptors the daemon keeps besides its connections: the heap, the
+// socket, epoll, signals, the spare, the metrics server's.
+constexpr rlim_t fd_headroom = 64;
+// After an accept error the spare descriptor could not answer: long enough
+// not to burn a CPU, short enough that a freed descriptor is soon used.
+constexpr auto accept_backoff = std::chrono::milliseconds(100);
+constexpr auto accept_warning_interval = std::chrono::seconds(1);
+
+// Every connection holds a descriptor, and the usual soft limit (1,024) is
+// no more than the default max-connections: take what the hard limit allows.
+void raise_fd_limit() {
+  rlimit lim{};
+  if (getrlimit(RLIMIT_NOFILE, &lim) != 0) return;
+  if (lim.rlim_cur >= lim.rlim_max) {
+    spdlog::debug("file descriptor limit {} (the hard limit)", lim.rlim_cur);
+    return;
+  }
+  const rlim_t was = lim.rlim_cur;
+  lim.rlim_cur = lim.rlim_max;
+  if (setrlimit(RLIMIT_NOFILE, &lim) != 0)
+    spdlog::warn("cannot raise the file descriptor limit from {} to {}: {}", was, lim.rlim_max, std::strerror(errno));
+  else
+    spdlog::info("file descriptor limit raised from {} to {}", was, lim.rlim_max);
+}
+
+// Past the limit, clients are refused by the accept loop (out of file
+// descriptors) before max-connections is reached: say so once, up front.
+void warn_if_fd_limit_low(std::uint32_t max_connections) {
+  rlimit lim{};
+  if (getrlimit(RLIMIT_NOFILE, &lim) != 0 || lim.rlim_cur == RLIM_INFINITY) return;
+  if (max_connections + fd_headroom <= lim.rlim_cur) return;
+  spdlog::warn("max-connections is {} but the file descriptor limit is {}: connections past about {} will be refused",
+               max_connections, lim.rlim_cur, lim.rlim_cur > fd_headroom ? lim.rlim_cur - fd_headroom : 0);
+}
+
+int open_spare_fd() { return ::open("/dev/null", O_RDONLY | O_CLOEXEC); }
+
+// A refusal is one small frame, sent without blocking; the caller closes.
+void send_refusal(int fd, errc code, const std::string& why) {
+  const auto frame = proto::make_reply(proto::msg::welcome, 0, code, why);
+  ::send(fd, frame.data(), frame.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+}
 }  // namespace
 
 struct daemon::session {
@@ -68,10 +111,14 @@ daemon::~daemon() {
     shutdown_sessions_locked(SHUT_RDWR);
   }
   reap_sessions(true);
+  if (spare_fd_ >= 0) ::close(spare_fd_);
 }
 
 result<std::unique_ptr<daemon>> daemon::open(const daemon_settings& settings) {
+  raise_fd_limit();
+  warn_if_fd_limit_low(settings.max_connections);
   std::unique_ptr<daemon> d(new daemon(settings));
+  d->spare_fd_ = open_spare_fd();  // before the connections can take every descriptor
   const std::string& name = settings.heap.name;
   if (settings.fresh && segment::exists(name)) {
     // Only if no daemon holds it: attach and try its lock first.
@@ -94,7 +141,7 @@ result<std::unique_ptr<daemon>> daemon::open(const daemon_settings& settings) {
     const verify_report r = verify_heap(*d->heap_);
     if (!r.ok()) return error{errc::corrupt, "heap '" + name + "' left by an earlier daemon fails its check: " + r.summary()};
   }
-  d->handler_ = std::make_unique<request_handler>(*d->heap_, handler_settings{settings.quota_bytes});
+  d->handler_ = std::make_unique<request_handler>(*d->heap_, handler_settings{settings.quota_bytes, settings.max_caches_per_client});
   if (d->adopted_) d->handler_->adopt_orphans();
   if (error e = d->start_metrics(); e.code != errc::ok) {
     if (!d->adopted_ && !settings.keep_heap) segment::remove(name);
@@ -155,6 +202,7 @@ error daemon::bind_socket() {
   acceptor_.open(stream(), ec);
   if (!ec) acceptor_.bind(stream::endpoint(path), ec);
   if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+  if (!ec) acceptor_.native_non_blocking(true, ec);  // refuse_with_spare's accept must not block
   if (ec) return {errc::os_error, "cannot listen on " + path + ": " + ec.message()};
   if (chmod(path.c_str(), settings_.socket_mode) != 0)
     return {errc::os_error, "cannot set the mode of " + path + ": " + std::strerror(errno)};
@@ -181,7 +229,72 @@ awaitable<void> daemon::accept_loop() {
     if (stopping_ || ec == asio::error::operation_aborted) co_return;
     reap_sessions(false);
     if (!ec) start_session(std::move(sock));
+    else co_await accept_failed(ec);
   }
+}
+
+// Asio's next accept tries again at once, and out of descriptors it fails
+// at once, whether or not a client waits: never return without having
+// taken a connection or waited.
+awaitable<void> daemon::accept_failed(const std::error_code& ec) {
+  // Asio's own category does not compare equal to std::errc: name the errnos.
+  const bool out_of_fds = ec == asio::error::no_descriptors ||  // EMFILE
+                          ec == std::error_code(ENFILE, asio::error::get_system_category());
+  if (out_of_fds) {
+    const spare_result r = refuse_with_spare();
+    if (r == spare_result::refused) co_return;  // that client was answered; the next may wait already
+    if (r == spare_result::none_pending) {  // the failure was speculative: wait for a client
+      auto [e] = co_await acceptor_.async_wait(stream::acceptor::wait_read, use_tuple);
+      if (!e || e == asio::error::operation_aborted) co_return;
+    }
+  }
+  warn_accept_error("accept failed: " + ec.message());
+  accept_backoff_.expires_after(accept_backoff);
+  co_await accept_backoff_.async_wait(use_tuple);  // cancelled by stop()
+}
+
+// The classic trick: the spare descriptor is given up for a moment so the
+// waiting client can be accepted and told why, instead of hanging in the
+// backlog until someone else disconnects.
+daemon::spare_result daemon::refuse_with_spare() {
+  if (spare_fd_ < 0) spare_fd_ = open_spare_fd();  // lost to a race the last time
+  if (spare_fd_ < 0) return spare_result::failed;
+  ::close(spare_fd_);
+  const int fd = ::accept4(acceptor_.native_handle(), nullptr, nullptr, SOCK_CLOEXEC);
+  const int accept_errno = errno;
+  if (fd >= 0) {
+    {
+      std::lock_guard lock(heap_mutex_);
+      ++control_stats_.connections;
+    }
+    turn_away(fd, errc::unavailable, "shmallocd is out of file descriptors");
+    ::close(fd);
+  }
+  spare_fd_ = open_spare_fd();  // the number just freed, unless another thread took it: then the next call retries
+  if (fd >= 0) {
+    warn_accept_error("out of file descriptors: refusing new connections");
+    return spare_result::refused;
+  }
+  return accept_errno == EAGAIN || accept_errno == EWOULDBLOCK ? spare_result::none_pending : spare_result::failed;
+}
+
+// At most one warning a second: a client retrying in a loop must not flood the log.
+void daemon::warn_accept_error(const std::string& what) {
+  ++accept_errors_unreported_;
+  const auto now = clock_type::now();
+  if (last_accept_warning_ && now - *last_accept_warning_ < accept_warning_interval) return;
+  spdlog::warn("{} ({} time(s) since the last such warning)", what, accept_errors_unreported_);
+  last_accept_warning_ = now;
+  accept_errors_unreported_ = 0;
+}
+
+// Refused for want of room: over max-connections, no thread, no descriptor.
+void daemon::turn_away(int fd, errc code, const std::string& why) {
+  {
+    std::lock_guard lock(heap_mutex_);
+    ++control_stats_.connections_refused;
+  }
+  send_refusal(fd, code, why);
 }
 
 // On the io_context's thread: checks the peer, then gives the connection a
@@ -201,21 +314,9 @@ void daemon::start_session(stream::socket socket) {
     std::lock_guard lock(heap_mutex_);
     ++control_stats_.connections;
   }
-  auto refuse = [&s](errc code, const std::string& why) {
-    const auto frame = proto::make_reply(proto::msg::welcome, 0, code, why);
-    ::send(s.fd, frame.data(), frame.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
-  };
-  // Refused for want of room: over max-connections, or no thread.
-  auto turn_away = [this, &refuse](errc code, const std::string& why) {
-    {
-      std::lock_guard lock(heap_mutex_);
-      ++control_stats_.connections_refused;
-    }
-    refuse(code, why);
-  };
   if (const int flags = fcntl(fd, F_GETFL); flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
     spdlog::error("cannot make a connection's socket blocking: {}", std::strerror(errno));
-    turn_away(errc::os_error, "shmallocd cannot serve this connection");
+    turn_away(fd, errc::os_error, "shmallocd cannot serve this connection");
     return;
   }
   if (!peer_allowed(s)) {
@@ -224,7 +325,7 @@ void daemon::start_session(stream::socket socket) {
       ++control_stats_.peers_refused;
     }
     spdlog::warn("refused connection from pid {} uid {}: not an allowed uid or gid", s.client.pid, s.client.uid);
-    refuse(errc::permission_denied, "uid " + std::to_string(s.client.uid) + " may not use this heap");
+    send_refusal(fd, errc::permission_denied, "uid " + std::to_string(s.client.uid) + " may not use this heap");
     return;  // the socket closes with the session
   }
   s.deadline = clock_type::now() + std::chrono::nanoseconds(settings_.hello_timeout_ns);
@@ -233,15 +334,15 @@ void daemon::start_session(stream::socket socket) {
   const auto open = std::count_if(sessions_.begin(), sessions_.end(), [](const auto& o) { return !o->closed; });
   if (open >= settings_.max_connections) {
     spdlog::warn("refused connection from pid {}: {} connections open (max-connections)", s.client.pid, open);
-    turn_away(errc::unavailable, "shmallocd serves at most " + std::to_string(settings_.max_connections) +
-                                  " connections (max-connections)");
+    turn_away(fd, errc::unavailable, "shmallocd serves at most " + std::to_string(settings_.max_connections) +
+                                         " connections (max-connections)");
     return;
   }
   try {
     s.thread = std::thread([this, &s] { serve(s); });
   } catch (const std::system_error& e) {  // out of threads: this client is refused, the others go on
     spdlog::error("cannot start a thread for pid {}: {}", s.client.pid, e.what());
-    turn_away(errc::unavailable, std::string("shmallocd cannot start a session thread: ") + e.what());
+    turn_away(fd, errc::unavailable, std::string("shmallocd cannot start a session thread: ") + e.what());
     return;
   }
   sessions_.push_back(std::move(owned));
@@ -443,6 +544,7 @@ void daemon::stop() {
   signals_.cancel(ec);
   hangup_.cancel(ec);
   housekeeping_timer_.cancel();
+  accept_backoff_.cancel();
   // Each session's thread wakes from its recv, sends the notice, reclaims
   // and closes; run() waits for them (end_all_sessions).
   std::lock_guard lock(sessions_mutex_);
@@ -499,15 +601,17 @@ void daemon::reload() {
   restart_needed("metrics", next->metrics != settings_.metrics);
   settings_.log_level = next->log_level;
   settings_.quota_bytes = next->quota_bytes;
+  settings_.max_caches_per_client = next->max_caches_per_client;
   settings_.scavenge_delay_ns = next->scavenge_delay_ns;
   settings_.reattach_grace_ns = next->reattach_grace_ns;
   settings_.allow_uids = next->allow_uids;
   settings_.allow_gids = next->allow_gids;
+  if (next->max_connections != settings_.max_connections) warn_if_fd_limit_low(next->max_connections);
   settings_.max_connections = next->max_connections;
   spdlog::set_level(spdlog::level::from_str(settings_.log_level));
   {
     std::lock_guard lock(heap_mutex_);
-    handler_->set_settings(handler_settings{settings_.quota_bytes});
+    handler_->set_settings(handler_settings{settings_.quota_bytes, settings_.max_caches_per_client});
   }
   spdlog::info("SIGHUP: reloaded (log level {}, quota {} bytes, scavenge delay {} ns)", settings_.log_level,
                settings_.quota_bytes, settings_.scavenge_delay_ns);

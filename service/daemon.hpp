@@ -30,8 +30,14 @@
 // and ends. A thread still blocked after a second, sending to a client that
 // does not read, has its socket shut down whole. The threads are joined
 // before the heap goes. SIGHUP re-reads the config file and environment and
-// applies what can change live: log level, quota, scavenger delay, allowed
-// uids and gids, max-connections.
+// applies what can change live: log level, quota, max-caches-per-client,
+// scavenger delay, allowed uids and gids, max-connections.
+//
+// Descriptors: at start the soft RLIMIT_NOFILE is raised to the hard limit.
+// If accept still fails for want of one (EMFILE, ENFILE), a spare descriptor
+// held since start is given up for a moment so the waiting client can be
+// accepted, told why, and closed; the accept loop never retries at once,
+// which would spin while the client waited in the backlog unanswered.
 //
 // Metrics: prometheus-cpp serves /metrics from its own (civetweb) threads.
 // A scrape samples the heap under heap_mutex_ (metrics/collector.hpp).
@@ -78,7 +84,12 @@ class daemon {
   explicit daemon(const daemon_settings& settings);
   error bind_socket();
   asio::awaitable<void> accept_loop();
+  asio::awaitable<void> accept_failed(const std::error_code& ec);
+  enum class spare_result { refused, none_pending, failed };
+  spare_result refuse_with_spare();
+  void warn_accept_error(const std::string& what);
   void start_session(asio::local::stream_protocol::socket socket);
+  void turn_away(int fd, errc code, const std::string& why);
   void serve(session& s);
   void read_frames(session& s);
   bool fill(session& s, std::vector<std::uint8_t>& in, std::size_t want);
@@ -104,6 +115,10 @@ class daemon {
   asio::signal_set signals_{io_};
   asio::signal_set hangup_{io_};
   asio::steady_timer housekeeping_timer_{io_};
+  asio::steady_timer accept_backoff_{io_};  // after an accept error the spare could not answer
+  int spare_fd_ = -1;  // /dev/null, given up to accept a connection when out of descriptors
+  std::optional<std::chrono::steady_clock::time_point> last_accept_warning_;  // io_context's thread
+  std::uint64_t accept_errors_unreported_ = 0;  // since the last warning
   std::unique_ptr<segment> seg_;
   std::unique_ptr<mheap> heap_;
   std::unique_ptr<request_handler> handler_;

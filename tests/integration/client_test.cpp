@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -239,6 +240,53 @@ TEST_SUITE("libshmalloc") {
       std::fprintf(stderr, "attach and one object: %ld KiB resident\n", grown >> 10);
       shmalloc_detach();
       return before > 0 && grown < (32L << 20) ? 0 : 1;
+    }) == 0);
+  }
+
+  TEST_CASE("past --max-caches-per-client a thread's allocations fail with ENOMEM, and a slot given back serves the next") {
+    daemon_process d({"--max-caches-per-client", "2"});
+    REQUIRE(d.started());
+    const std::string socket = d.socket;
+    CHECK(run_in_child([&socket] {
+      if (shmalloc_attach(socket.c_str()) != 0) return 2;
+      void* mine = shmalloc_alloc(64);  // the connection's slot
+      if (mine == nullptr) return 3;
+      std::mutex mu;
+      std::condition_variable cv;
+      bool held = false, done = false;
+      std::thread holder([&] {  // the second slot, held until told
+        void* p = shmalloc_alloc(64);
+        std::unique_lock lock(mu);
+        held = p != nullptr;
+        cv.notify_all();
+        cv.wait(lock, [&] { return done; });
+        shmalloc_free(p);
+      });
+      {
+        std::unique_lock lock(mu);
+        cv.wait(lock, [&] { return held; });
+      }
+      int refused_errno = 0;
+      void* third = nullptr;
+      std::thread([&] {
+        errno = 0;
+        third = shmalloc_alloc(64);
+        refused_errno = errno;
+      }).join();
+      {
+        std::lock_guard lock(mu);
+        done = true;
+      }
+      cv.notify_all();
+      holder.join();  // its slot goes back to the daemon
+      void* later = nullptr;
+      std::thread([&] {
+        later = shmalloc_alloc(64);
+        shmalloc_free(later);
+      }).join();
+      shmalloc_free(mine);
+      shmalloc_detach();
+      return third == nullptr && refused_errno == ENOMEM && later != nullptr ? 0 : 1;
     }) == 0);
   }
 

@@ -2,6 +2,7 @@
 // bad bytes, and the daemon's own lifecycle.
 #include <doctest/doctest.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <fcntl.h>
@@ -9,7 +10,13 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <fstream>
+#include <iterator>
+#include <memory>
+#include <optional>
 #include <random>
+#include <sstream>
+#include <thread>
 
 #include "shm/mheap.hpp"
 #include "shm/segment.hpp"
@@ -45,6 +52,28 @@ std::vector<std::uint8_t> pipelined_class_tables(int n, std::uint32_t first_id) 
     all.insert(all.end(), one.begin(), one.end());
   }
   return all;
+}
+
+// A process's CPU time so far, user and system, from /proc/<pid>/stat.
+double cpu_seconds(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  const std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const auto name_end = stat.rfind(')');  // the command name may hold spaces
+  REQUIRE(name_end != std::string::npos);
+  std::istringstream rest(stat.substr(name_end + 1));
+  std::vector<std::string> fields;  // from field 3 (state) on
+  for (std::string field; rest >> field;) fields.push_back(field);
+  REQUIRE(fields.size() > 12);
+  return (std::stod(fields[14 - 3]) + std::stod(fields[15 - 3])) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// hello as raw frames, since control_client::hello hides a refusal's reason:
+// the welcome or the refusal within 3 s; nullopt if the daemon left the
+// client hanging. A refused client's send may fail (the daemon has closed
+// already): the refusal is still there to read.
+std::optional<raw_client::frame> greet(raw_client& c) {
+  c.send_bytes(proto::make_request(msg::hello, 1, proto::encode(proto::hello_msg{layout_version, 1, "fd-test"})));
+  return c.read_frame(3000);
 }
 
 // Stops the daemon keeping its heap, then checks the heap it left.
@@ -281,14 +310,21 @@ TEST_SUITE("shmallocd") {
     const std::string sock = "/tmp/shmalloc-test-nosock-" + std::to_string(getpid());
     CHECK(spawn_daemon({"--capacity", "lots", "--socket", sock}, sock) == -1);
     // spawn_daemon only says it did not come up; run it directly for the code.
-    const pid_t pid = fork();
-    if (pid == 0) {
-      execl(SHMALLOC_DAEMON_PATH, "shmallocd", "--capacity", "lots", static_cast<char*>(nullptr));
-      _exit(127);
+    const std::vector<std::pair<const char*, const char*>> bad{
+        {"--capacity", "lots"}, {"--max-caches-per-client", "0"}, {"--max-caches-per-client", "1025"}};
+    for (const auto& [flag, value] : bad) {
+      CAPTURE(flag);
+      CAPTURE(value);
+      const pid_t pid = fork();
+      if (pid == 0) {
+        execl(SHMALLOC_DAEMON_PATH, "shmallocd", flag, value, "--socket", sock.c_str(), static_cast<char*>(nullptr));
+        _exit(127);
+      }
+      int status = 0;
+      waitpid(pid, &status, 0);
+      CHECK(WIFEXITED(status));
+      CHECK(WEXITSTATUS(status) == 2);
     }
-    int status = 0;
-    waitpid(pid, &status, 0);
-    CHECK(WEXITSTATUS(status) == 2);
   }
 
   TEST_CASE("100,000 random and mutated frames do not crash the daemon or corrupt the heap") {
@@ -528,6 +564,71 @@ TEST_SUITE("shmallocd security and deadlines") {
       if (!served) usleep(20000);
     }
     CHECK(served);
+  }
+
+  // Out of descriptors, accept failed at once on every try: the daemon spun
+  // on a CPU and the client waited unanswered until another one left.
+  TEST_CASE("out of file descriptors, a client is refused with the cause, the daemon idles, and serves once some close") {
+    daemon_process d({}, "nofile", rlimit{48, 48});  // below max-connections: descriptors run out first
+    REQUIRE(d.started());
+    std::vector<std::unique_ptr<raw_client>> served;
+    std::optional<raw_client::frame> refused;
+    while (!refused && served.size() < 100) {
+      auto c = std::make_unique<raw_client>(d.socket);
+      REQUIRE(c->connected());
+      auto reply = greet(*c);
+      REQUIRE_MESSAGE(reply, "no reply after ", served.size(), " connections: the client was left hanging");
+      if (reply->status() == errc::ok) served.push_back(std::move(c));
+      else refused = std::move(reply);
+    }
+    REQUIRE(refused);
+    CHECK(refused->status() == errc::unavailable);
+    auto parts = proto::split_reply(refused->payload);
+    REQUIRE(parts);
+    CHECK(parts->message.find("out of file descriptors") != std::string::npos);
+    CHECK(served.size() > 10);  // 48 descriptors, less the daemon's own
+
+    // Still out of descriptors: clients that come are refused at once, and
+    // in between the daemon waits rather than retrying.
+    const auto t0 = std::chrono::steady_clock::now();
+    const double cpu0 = cpu_seconds(d.pid());
+    for (int i = 0; i < 3; ++i) {
+      raw_client again(d.socket);
+      auto r = greet(again);
+      REQUIRE(r);
+      CHECK(r->status() == errc::unavailable);
+      std::this_thread::sleep_for(std::chrono::milliseconds(350));
+    }
+    const double cpu = cpu_seconds(d.pid()) - cpu0;
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    CHECK_MESSAGE(cpu < 0.3 * wall, "the daemon used ", cpu, " s of CPU in ", wall, " s");
+
+    served.resize(served.size() - 4);  // their sessions end and give their descriptors back
+    bool ok = false;
+    for (int i = 0; i < 50 && !ok; ++i) {
+      raw_client next(d.socket);
+      auto r = greet(next);
+      ok = r && r->status() == errc::ok && next.call(msg::stats).has_value();
+      if (!ok) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    CHECK(ok);
+    served.clear();
+    CHECK(d.stop(SIGTERM) == 0);
+    CHECK_FALSE(segment::exists(d.heap));
+  }
+
+  TEST_CASE("the daemon raises its soft descriptor limit to the hard limit") {
+    rlimit mine{};
+    REQUIRE(getrlimit(RLIMIT_NOFILE, &mine) == 0);
+    if (mine.rlim_max <= 64) {
+      MESSAGE("skipped: the hard descriptor limit is too low to start below it");
+      return;
+    }
+    daemon_process d({}, "nofile-raise", rlimit{64, mine.rlim_max});
+    REQUIRE(d.started());
+    rlimit got{};
+    REQUIRE(prlimit(d.pid(), RLIMIT_NOFILE, nullptr, &got) == 0);
+    CHECK(got.rlim_cur == mine.rlim_max);
   }
 
   TEST_CASE("a client that stops reading its replies holds up only itself, and gets every reply whole later") {

@@ -26,13 +26,15 @@
 
 namespace shmalloc::test {
 
-pid_t spawn_daemon(const std::vector<std::string>& args, const std::string& socket, int* stderr_fd) {
+pid_t spawn_daemon(const std::vector<std::string>& args, const std::string& socket, int* stderr_fd,
+                   const rlimit* nofile) {
   const pid_t pid = fork();
   if (pid == 0) {
     // The daemon dies with the test (a crashed test must not leave it
     // running), and never holds the test's output pipe open: ctest waits
     // for that pipe to close.
     prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (nofile && setrlimit(RLIMIT_NOFILE, nofile) != 0) _exit(126);
     const int devnull = open("/dev/null", O_RDWR);
     if (devnull >= 0) {
       dup2(devnull, STDIN_FILENO);
@@ -66,7 +68,7 @@ pid_t spawn_daemon(const std::vector<std::string>& args, const std::string& sock
   return -1;
 }
 
-daemon_process::daemon_process(std::vector<std::string> extra, const std::string& what)
+daemon_process::daemon_process(std::vector<std::string> extra, const std::string& what, std::optional<rlimit> nofile)
     : heap(unique_heap_name(what)) {
   char tmpl[] = "/tmp/shmalloc-test-XXXXXX";
   dir = mkdtemp(tmpl);
@@ -79,7 +81,7 @@ daemon_process::daemon_process(std::vector<std::string> extra, const std::string
   std::vector<std::string> args{"--heap", heap, "--socket", socket, "--metrics", "off", "--log-level", "warn"};
   if (!capacity_given) args.insert(args.end(), {"--capacity", "256M"});  // a flag may be given once
   args.insert(args.end(), extra.begin(), extra.end());
-  pid_ = spawn_daemon(args, socket);
+  pid_ = spawn_daemon(args, socket, nullptr, nofile ? &*nofile : nullptr);
 }
 
 int daemon_process::stop(int sig) {

@@ -2,6 +2,7 @@
 // name and a temp socket; stopped by pid (never by name) and cleaned up.
 #pragma once
 
+#include <sys/resource.h>
 #include <sys/types.h>
 
 #include <csignal>
@@ -18,7 +19,9 @@ namespace shmalloc::test {
 
 class daemon_process {
  public:
-  explicit daemon_process(std::vector<std::string> extra_args = {}, const std::string& what = "daemon");
+  // nofile: the daemon's RLIMIT_NOFILE, set in the child before exec.
+  explicit daemon_process(std::vector<std::string> extra_args = {}, const std::string& what = "daemon",
+                          std::optional<rlimit> nofile = std::nullopt);
   ~daemon_process();
   daemon_process(const daemon_process&) = delete;
   daemon_process& operator=(const daemon_process&) = delete;
@@ -37,8 +40,10 @@ class daemon_process {
   bool keep_heap_ = false;
 };
 
-// Starts shmallocd with args and waits for its socket; returns pid or -1.
-pid_t spawn_daemon(const std::vector<std::string>& args, const std::string& socket, int* stderr_fd = nullptr);
+// Starts shmallocd with args (and nofile as its RLIMIT_NOFILE, if given)
+// and waits for its socket; returns pid or -1.
+pid_t spawn_daemon(const std::vector<std::string>& args, const std::string& socket, int* stderr_fd = nullptr,
+                   const rlimit* nofile = nullptr);
 
 // The tests speak raw frames through the same client shmallocctl uses.
 using raw_client = control_client;
