@@ -59,6 +59,9 @@ constexpr std::uint64_t large_cache_max_bytes = 64ULL << 20;
 constexpr std::uint64_t default_cache_decay_ns = 500'000'000;
 constexpr std::uint64_t never = ~std::uint64_t{0};
 constexpr std::uint32_t trim_check_every = 64;
+// Slots of ended threads a process keeps for new ones (runtime::spare_slots);
+// they count against the daemon's --max-caches-per-client (default 256).
+constexpr std::size_t max_spare_slots = 16;
 std::atomic<std::uint64_t> g_cache_decay_ns{default_cache_decay_ns};  // SHMALLOC_CACHE_DECAY_MS, read at attach
 
 std::uint64_t now_ns() {
@@ -151,12 +154,16 @@ struct runtime {
   std::uint32_t client_id = 0;
   std::uint32_t main_slot = 0;
   bool main_slot_free = false;  // the slot hello gave serves the first thread that needs one
+  // Cache slots of threads that ended, kept for the next threads on this
+  // connection: a thread that starts then costs no cache_open round trip,
+  // and one that ends no cache_close. The daemon retires them at bye.
+  std::vector<std::uint32_t> spare_slots;
   bool attached = false;
   bool atfork_registered = false;
   span_pool pool;
   std::vector<std::uint32_t> full;  // spans to give back, in batches
   std::set<std::uint32_t> held;     // every span and large object the daemon records as ours
-  bool lost_heap = false;
+  bool lost_heap = false;  // the daemon came back with another heap: nothing can be recovered
   // Large objects this process freed, kept (still held from the daemon's
   // point of view) so that repeated large allocations skip the round trip.
   struct cached_large {
@@ -166,7 +173,7 @@ struct runtime {
     std::uint32_t epoch;  // trim_epoch when it was freed
   };
   std::vector<cached_large> large_cache;
-  std::uint64_t large_cache_bytes = 0;           // the daemon came back with another heap: nothing can be recovered
+  std::uint64_t large_cache_bytes = 0;
   std::uint16_t batch[num_span_classes] = {};
   std::uint64_t last_refill_ns[num_span_classes] = {};
   // Trimming: a process-wide trim bumps the epoch; what was last used two
@@ -252,6 +259,7 @@ int attach_locked(runtime& r, const char* socket_path) {
   r.client_id = w->client_id;
   r.main_slot = w->cache_slot;
   r.main_slot_free = true;
+  r.spare_slots.clear();
   g_view = heap_view::of(*r.seg);
   g_size = r.seg->size();
   g_committed.store(0, std::memory_order_relaxed);  // raised by the first free
@@ -296,6 +304,7 @@ bool reconnect_locked(runtime& r) {
   r.conn = std::move(conn);
   r.client_id = w->client_id;
   r.attached = true;
+  r.spare_slots.clear();  // the old connection's: passed on by reattach, or reclaimed
   return true;
 }
 
@@ -325,6 +334,7 @@ void after_fork_in_child() noexcept {
   // allocator calls between fork and the child's own use.
   if (r.conn) r.conn.release()->close_inherited();
   r.pool.clear();
+  r.spare_slots.clear();
   r.full.clear();
   r.held.clear();
   r.large_cache.clear();
@@ -533,6 +543,9 @@ mcache* ensure_cache() {
   std::uint32_t slot = r.main_slot;
   if (r.main_slot_free) {
     r.main_slot_free = false;
+  } else if (!r.spare_slots.empty()) {
+    slot = r.spare_slots.back();
+    r.spare_slots.pop_back();
   } else {
     auto body = request_locked(r, proto::msg::cache_open, {});
     if (!body) {
@@ -570,6 +583,7 @@ void release_thread_cache() noexcept {
   t_cache = &empty_cache;
   std::lock_guard lock(r.mu);
   if (r.attached && mc->slot == r.main_slot) r.main_slot_free = true;  // retired with the connection
+  else if (r.attached && r.spare_slots.size() < max_spare_slots) r.spare_slots.push_back(mc->slot);
   else if (r.attached) request_locked(r, proto::msg::cache_close, proto::encode(proto::slot_msg{mc->slot}));
   delete mc;
 }
@@ -1024,8 +1038,9 @@ void shmalloc_detach(void) {
   for (std::uint32_t spc = 0; spc < num_span_classes; ++spc)
     for (std::int64_t id; (id = r.pool.pop(static_cast<std::uint8_t>(spc))) >= 0;) r.full.push_back(static_cast<std::uint32_t>(id));
   release_full_locked(r);
-  if (r.conn) r.conn->request(proto::msg::bye);
+  if (r.conn) r.conn->request(proto::msg::bye);  // the daemon retires every slot of ours
   r.conn.reset();
+  r.spare_slots.clear();
   r.attached = false;
   r.client_id = 0;
   g_committed.store(0, std::memory_order_relaxed);

@@ -290,6 +290,28 @@ TEST_SUITE("libshmalloc") {
     }) == 0);
   }
 
+  TEST_CASE("threads that come and go reuse the process's cache slots, without a round trip each") {
+    attached_daemon a;
+    raw_client observer(a.d.socket);
+    const auto one_thread = [] {
+      std::thread([] {
+        void* p = shmalloc_alloc(64);
+        REQUIRE(p != nullptr);
+        fill(p, 64);
+        CHECK(intact(p, 64));
+        shmalloc_free(p);
+      }).join();
+    };
+    shmalloc_free(shmalloc_alloc(64));  // the main thread takes the connection's slot
+    one_thread();                       // one cache_open; its slot is kept at the thread's end
+    const auto before = daemon_stats(observer).control_requests_total;
+    for (int i = 0; i < 50; ++i) one_thread();
+    // Each thread would open and close a slot (100 requests); one stats
+    // request is the observer's own, a few may be spans going back.
+    CHECK(daemon_stats(observer).control_requests_total - before < 10);
+    a.check_heap();
+  }
+
   TEST_CASE("alloc, usable size, handles and free through the C API") {
     attached_daemon a;
     for (std::size_t n : {1u, 8u, 15u, 16u, 24u, 100u, 1024u, 4000u, 32768u, 32769u, 1u << 20}) {
