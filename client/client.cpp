@@ -259,7 +259,7 @@ int attach_locked(runtime& r, const char* socket_path) {
   r.client_id = w->client_id;
   r.main_slot = w->cache_slot;
   r.main_slot_free = true;
-  r.spare_slots.clear();
+  r.spare_slots.clear();  // a detached or forked process's, retired with its connection
   g_view = heap_view::of(*r.seg);
   g_size = r.seg->size();
   g_committed.store(0, std::memory_order_relaxed);  // raised by the first free
@@ -334,7 +334,6 @@ void after_fork_in_child() noexcept {
   // allocator calls between fork and the child's own use.
   if (r.conn) r.conn.release()->close_inherited();
   r.pool.clear();
-  r.spare_slots.clear();
   r.full.clear();
   r.held.clear();
   r.large_cache.clear();
@@ -449,37 +448,23 @@ bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
 bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
   mcache_entry& e = mc->alloc[spc];
   spare_queue& q = mc->spares[spc];
-  std::uint32_t* const spares = q.ids;
-  std::uint8_t& n = q.n;
-  std::uint16_t& used = q.used;
   const std::uint32_t current = g_view.span_id_of(*e.span()).value;
-  for (std::uint8_t looked = 0; looked < n; ++looked) {
-    const std::uint32_t front = spares[0];
-    const unsigned front_used = used & 1u;
-    mspan& s = g_view.span(span_id{front});
+  for (std::uint8_t looked = 0, n = q.n; looked < n; ++looked) {
+    const spare_queue::entry front = q.pop_front();
+    mspan& s = g_view.span(span_id{front.id});
     fold(mc, s);
-    const bool room = has_free_slot(s);
-    std::copy(spares + 1, spares + n, spares);
-    used = static_cast<std::uint16_t>(used >> 1);
-    if (room) {  // front becomes current; the dry current goes to the back
-      spares[n - 1] = current;
-      used = static_cast<std::uint16_t>(used | (1u << (n - 1)));
+    if (has_free_slot(s)) {  // front becomes current; the dry current goes to the back
+      q.push_back({current, true});
       return install(e, s);
     }
-    spares[n - 1] = front;  // dry: to the back
-    used = static_cast<std::uint16_t>(used | (front_used << (n - 1)));
+    q.push_back(front);  // dry: to the back
   }
-  // Every spare was dry (and the queue is back in its order).
-  // Keep at most a queue's capacity, and max_spare_bytes, per class.
+  // Every spare was dry (and the queue is back in its order). Keep at most
+  // a queue's capacity, and max_spare_bytes, per class.
   const std::uint64_t span_bytes = class_span_bytes(span_class{spc}.size_class());
-  while (n > 0 && (n == spare_queue::capacity || (n + 1) * span_bytes > mcache::max_spare_bytes)) {
-    drop_span(r, spc, g_view.span(span_id{spares[0]}));
-    std::copy(spares + 1, spares + n, spares);
-    used = static_cast<std::uint16_t>(used >> 1);
-    --n;
-  }
-  used = static_cast<std::uint16_t>(used | (1u << n));
-  spares[n++] = current;
+  while (q.n > 0 && (q.n == spare_queue::capacity || (q.n + 1) * span_bytes > mcache::max_spare_bytes))
+    drop_span(r, spc, g_view.span(span_id{q.pop_front().id}));
+  q.push_back({current, true});
   e = mcache_entry{};
   return false;
 }
@@ -941,9 +926,9 @@ SHMALLOC_SLOW_PATH void free_slow(void* p) noexcept {
   if (s.span_class == tiny_span_class) return free_tiny(s, offset, p);
   // Go's division-free object index: a multiply by the class's magic.
   const std::uint8_t size_class = span_class{s.span_class}.size_class();
-  const std::uint32_t i = object_index(static_cast<std::uint32_t>(offset), size_class);
-  if (std::uint64_t{i} * s.elem_size != offset || i >= s.nelems) bad_free(p, "not the start of an object");
-  free_slot_inline(s, i, size_class, p);
+  const object_position at = object_position_of(static_cast<std::uint32_t>(offset), class_div_magic(size_class));
+  if (!at.start || at.index >= s.nelems) bad_free(p, "not the start of an object");
+  free_slot_inline(s, at.index, size_class, p);
 }
 
 }  // namespace
@@ -966,8 +951,9 @@ SHMALLOC_SLOW_PATH void free_other(void* p, mspan& s, std::uint32_t i) noexcept 
 // Three things make the checks here cheap: a page without a span maps to
 // entry 0, which wraps past max_spans; a large object's span has class 0,
 // whose magic 0 no offset passes; and bits at or past nelems are never set,
-// so a slot in a span's tail reads as free. The index stays inside the bitmap: a span of c's class holds at most
-// bitmap_words * 64 objects, and offset < span bytes.
+// so a slot in a span's tail reads as free. The index stays inside the
+// bitmap: a span of c's class holds at most bitmap_words * 64 objects, and
+// offset < span bytes.
 SHMALLOC_FAST_PATH void free_object(void* p) noexcept {
   const heap_view& v = g_view;
   const auto off = static_cast<std::uint64_t>(static_cast<const std::byte*>(p) - v.arenas);
@@ -979,12 +965,11 @@ SHMALLOC_FAST_PATH void free_object(void* p) noexcept {
   __builtin_prefetch(&s.alloc_bits[2], 1);
   if (SHMALLOC_UNLIKELY(s.span_class == tiny_span_class)) return free_slow(p);
   const std::uint64_t offset = off - std::uint64_t{s.start.value} * page_size;
-  // object_index and is_object_start, with the magic the span carries: one
-  // multiply, and no table lookup after the span's line arrives.
-  const std::uint32_t magic = s.div_magic;
-  const std::uint64_t product = std::uint64_t{static_cast<std::uint32_t>(offset)} * magic;
-  if (SHMALLOC_UNLIKELY(static_cast<std::uint32_t>(product) >= magic)) return free_slow(p);
-  const auto i = static_cast<std::uint32_t>(product >> 32);
+  // With the magic the span carries: no table lookup after the span's line
+  // arrives.
+  const object_position at = object_position_of(static_cast<std::uint32_t>(offset), s.div_magic);
+  if (SHMALLOC_UNLIKELY(!at.start)) return free_slow(p);
+  const std::uint32_t i = at.index;
   const std::uint8_t size_class = span_class{s.span_class}.size_class();
   mcache* mc = t_cache;
   if (SHMALLOC_UNLIKELY(s.owner_cache.load(std::memory_order_relaxed) != mc->token)) return free_other(p, s, i);
@@ -1040,7 +1025,6 @@ void shmalloc_detach(void) {
   release_full_locked(r);
   if (r.conn) r.conn->request(proto::msg::bye);  // the daemon retires every slot of ours
   r.conn.reset();
-  r.spare_slots.clear();
   r.attached = false;
   r.client_id = 0;
   g_committed.store(0, std::memory_order_relaxed);

@@ -21,6 +21,7 @@
 // pointers point at.
 #pragma once
 
+#include <algorithm>
 #include <bit>
 #include <cstddef>
 #include <cstdint>
@@ -57,6 +58,25 @@ struct alignas(64) spare_queue {
   std::uint32_t ids[capacity] = {};
   std::uint8_t n = 0;
   std::uint16_t used = 0;  // bit k: ids[k] was current since the last trim
+
+  struct entry {
+    std::uint32_t id;
+    bool used;
+  };
+  // REQUIRES: n > 0.
+  entry pop_front() noexcept {
+    const entry front{ids[0], (used & 1u) != 0};
+    std::copy(ids + 1, ids + n, ids);
+    used = static_cast<std::uint16_t>(used >> 1);
+    --n;
+    return front;
+  }
+  // REQUIRES: n < capacity.
+  void push_back(entry e) noexcept {
+    ids[n] = e.id;
+    used = static_cast<std::uint16_t>(used | (unsigned{e.used} << n));
+    ++n;
+  }
 };
 static_assert(sizeof(spare_queue) == 64);
 

@@ -292,10 +292,26 @@ constexpr std::uint32_t class_div_magic(std::uint8_t c) {
   return detail::div_magic_table[c];
 }
 
-// offset_in_span / class_to_size(c), without a division. Exact for every
-// offset in [0, span bytes] of every small class (checked below).
+// Where an offset falls in a span of the class whose magic is given: the
+// object's index (offset / size, without a division), and whether the offset
+// is that object's start. Both come from one multiply: the high half is the
+// index, and the low half is below the magic exactly when the size divides
+// the offset (Lemire, Kaser and Kurz, "Faster remainder by direct
+// computation", 2019); index * size == offset would need a second,
+// dependent multiply. Class 0's magic is 0: index 0, and no offset a start.
+// Exact for every offset in [0, span bytes] of every small class (checked
+// below). The free fast path calls it with the magic the span carries.
+struct object_position {
+  std::uint32_t index;
+  bool start;
+};
+constexpr object_position object_position_of(std::uint32_t offset_in_span, std::uint32_t magic) {
+  const std::uint64_t product = std::uint64_t{offset_in_span} * magic;
+  return {static_cast<std::uint32_t>(product >> 32), static_cast<std::uint32_t>(product) < magic};
+}
+
 constexpr std::uint32_t object_index(std::uint32_t offset_in_span, std::uint8_t c) {
-  return static_cast<std::uint32_t>((std::uint64_t{offset_in_span} * class_div_magic(c)) >> 32);
+  return object_position_of(offset_in_span, class_div_magic(c)).index;
 }
 
 namespace detail {
@@ -321,19 +337,12 @@ constexpr bool object_index_exact() {
 
 static_assert(detail::object_index_exact(), "div magic must be exact for every class");
 
-// Whether offset_in_span is the start of an object of class c, from the same
-// product as object_index: its low half is below the magic exactly when the
-// size divides the offset (Lemire, Kaser and Kurz, "Faster remainder by
-// direct computation", 2019). One multiply gives the index and the check,
-// where index * size == offset needs a second, dependent one. Class 0's magic
-// is 0, so no offset passes: a large span's objects take the slow path.
-//
-// Why it is exact: with magic = (2^32 + e) / size, 0 <= e < size, an offset
-// q * size + r has low half q * e + r * magic, which cannot wrap (that is
-// object_index's exactness). For r >= 1 it is at least the magic; for r = 0
-// it is q * e, below the magic when objects * e is (checked below).
+// Why the start test is exact: with magic = (2^32 + e) / size, 0 <= e <
+// size, an offset q * size + r has low half q * e + r * magic, which cannot
+// wrap (that is the index's exactness). For r >= 1 it is at least the magic;
+// for r = 0 it is q * e, below the magic when objects * e is (checked below).
 constexpr bool is_object_start(std::uint32_t offset_in_span, std::uint8_t c) {
-  return static_cast<std::uint32_t>(std::uint64_t{offset_in_span} * class_div_magic(c)) < class_div_magic(c);
+  return object_position_of(offset_in_span, class_div_magic(c)).start;
 }
 
 namespace detail {
