@@ -123,17 +123,16 @@ reply request_handler::on_refill(client_state& c, const proto::frame_header& h, 
 reply request_handler::on_release(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
   auto m = proto::decode_span_list(p, proto::max_release);
   if (!m) return error_reply(msg::ok, h, errc::protocol_error, "malformed release");
+  // Checked whole before anything is released. A span named twice would
+  // pass the ownership check twice and come off the client's bytes twice.
+  std::set<std::uint32_t> named;
   for (std::uint32_t id : m->span_ids) {
     if (c.spans.count(id) == 0)
       return error_reply(msg::ok, h, errc::bad_handle,
                          "span " + std::to_string(id) + " is not held by this client (double release?)");
+    if (!named.insert(id).second)
+      return error_reply(msg::ok, h, errc::bad_handle, "span " + std::to_string(id) + " is named twice in one release");
   }
-  // A span named twice passes the check above twice, and would come off the
-  // client's bytes twice: the whole request is refused, nothing released.
-  std::vector<std::uint32_t> sorted = m->span_ids;
-  std::sort(sorted.begin(), sorted.end());
-  if (auto twice = std::adjacent_find(sorted.begin(), sorted.end()); twice != sorted.end())
-    return error_reply(msg::ok, h, errc::bad_handle, "span " + std::to_string(*twice) + " is named twice in one release");
   // Each span is now a cached span of this client's, so uncache_span takes
   // it; what settling it may find wrong (a remote double free folded in) is
   // counted in remote_free_errors and is no fault of this request: the
