@@ -804,22 +804,26 @@ void maybe_trim(runtime& r, mcache* mc) {
   trim_process_if_due_locked(r, decay, t);
 }
 
-SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
+SHMALLOC_SLOW_PATH void* take_large(std::size_t size, bool noscan) noexcept {
   runtime& r = rt();
   std::lock_guard lock(r.mu);
   if (!r.attached && attach_locked(r, nullptr) != 0) return nullptr;
-  void* p = take_cached_large(r, size);
-  if (p == nullptr) {
-    auto body = request_locked(r, proto::msg::alloc_large, proto::encode(proto::alloc_large_msg{size, noscan}));
-    if (!body) return nullptr;
-    auto large = proto::decode_large(body.value());
-    if (!large) return nullptr;
-    tsan_acquire_cross_process();  // as for a refill: its pages may have held pushed objects
-    r.held.insert(large->span_id);
-    p = g_view.pointer(large->handle);
-  }
-  mcache* mc = t_cache;  // counted where this thread counts, if it has a cache yet
-  if (mc != &empty_cache) {
+  if (void* p = take_cached_large(r, size)) return p;
+  auto body = request_locked(r, proto::msg::alloc_large, proto::encode(proto::alloc_large_msg{size, noscan}));
+  if (!body) return nullptr;
+  auto large = proto::decode_large(body.value());
+  if (!large) return nullptr;
+  tsan_acquire_cross_process();  // as for a refill: its pages may have held pushed objects
+  r.held.insert(large->span_id);
+  return g_view.pointer(large->handle);
+}
+
+SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
+  void* p = take_large(size, noscan);
+  if (p == nullptr) return nullptr;
+  // Counted in this thread's block, which a thread whose first object is
+  // large must open (else a free counted elsewhere would leave it one short).
+  if (mcache* mc = ensure_cache(); mc != nullptr) {
     bump(mc->stats->large_allocs, std::uint64_t{1});
     bump(mc->stats->large_alloc_bytes, (size + page_size - 1) / page_size * page_size);
   }
@@ -842,8 +846,7 @@ SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept {
         ++r.large_calls % trim_check_every == 0 && decay != never)
       trim_process_if_due_locked(r, decay, now_ns());
   }
-  mcache* mc = t_cache;
-  if (mc != &empty_cache) {
+  if (mcache* mc = ensure_cache(); mc != nullptr) {
     bump(mc->stats->large_frees, std::uint64_t{1});
     bump(mc->stats->large_free_bytes, bytes);
   }

@@ -966,3 +966,29 @@ TEST_SUITE("libshmalloc") {
     shmalloc_detach();
   }
 }
+
+// A process whose thread has no cache yet (its first object is large, or it
+// only frees one) still counts the object: before, such a free went
+// uncounted and heap_objects drifted one short per object.
+TEST_CASE("large objects are counted by threads that have no cache yet") {
+  daemon_process d;
+  REQUIRE(d.started());
+  REQUIRE(shmalloc_attach(d.socket.c_str()) == 0);
+  auto live = [&] {
+    raw_client c(d.socket);
+    return daemon_stats(c).heap_objects;
+  };
+  const std::uint64_t base = live();
+  void* p = shmalloc_alloc(40000);
+  CHECK(live() == base + 1);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    shmalloc_free(p);  // the child's first call into the heap
+    _exit(0);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CHECK(WIFEXITED(status));
+  CHECK(live() == base);
+  shmalloc_detach();
+}
