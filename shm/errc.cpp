@@ -19,6 +19,8 @@ const char* to_string(errc e) noexcept {
     case errc::protocol_error: return "protocol error";
     case errc::permission_denied: return "permission denied";
     case errc::unavailable: return "daemon unavailable";
+    case errc::too_large: return "key or value too large for the cache";
+    case errc::too_small: return "buffer too small for the value";
   }
   return "unknown error";
 }

@@ -24,6 +24,8 @@ enum class errc : int {
   protocol_error = 12,   // malformed or unexpected control message
   permission_denied = 13,// peer credentials or file modes refuse access
   unavailable = 14,      // the daemon is not there or is shutting down
+  too_large = 15,        // a key or value larger than the cache takes (cache/)
+  too_small = 16,        // the caller's buffer cannot hold the value (cache/)
 };
 
 const std::error_category& shmalloc_category() noexcept;

@@ -61,6 +61,7 @@ struct shared_atomic {
   void store(T v, std::memory_order order = std::memory_order_seq_cst) noexcept { ref().store(v, order); }
   T exchange(T v, std::memory_order order = std::memory_order_seq_cst) noexcept { return ref().exchange(v, order); }
   T fetch_or(T v, std::memory_order order = std::memory_order_seq_cst) noexcept { return ref().fetch_or(v, order); }
+  T fetch_add(T v, std::memory_order order = std::memory_order_seq_cst) noexcept { return ref().fetch_add(v, order); }
   bool compare_exchange_weak(T& expected, T desired, std::memory_order success,
                              std::memory_order failure) noexcept {
     return ref().compare_exchange_weak(expected, desired, success, failure);
