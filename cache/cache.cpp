@@ -199,6 +199,9 @@ inline void leave(binding& b) noexcept {
 
 const cache_entry* find(const shmalloc_cache* c, std::uint64_t h, const void* key, std::size_t len) noexcept {
   const cache_shard& s = c->header->shards[shard_index(h)];
+  // An entry may have been built by another process in memory a thread of
+  // this one used before: order that for TSan as the writer's link does.
+  tsan_acquire_cross_process();
   for (handle_t e = buckets_of(c, s)[bucket_index(c->header, h)].load(acquire); e != null_handle;) {
     const cache_entry* ent = entry_at(c, e);
     if (matches(ent, h, key, len)) return ent;
@@ -356,6 +359,7 @@ void retire(shmalloc_cache* c, cache_shard& s, shared_atomic<handle_t>* link, ha
 
 void link_entry(shmalloc_cache* c, cache_shard& s, handle_t h) {
   cache_entry* e = entry_at(c, h);
+  tsan_release_cross_process();  // no code outside TSan builds
   shared_atomic<handle_t>* link = &buckets_of(c, s)[bucket_index(c->header, e->hash)];
   for (handle_t cur = link->load(relaxed); cur != null_handle; cur = link->load(relaxed)) {
     cache_entry* old = entry_at(c, cur);

@@ -3,7 +3,8 @@
 # ASan+UBSan debug build (which also turns on the expensive assertions);
 # then, under TSan, the stress suite (the lock-free remote-free bitmaps from
 # threads and processes), libshmalloc's multi-thread tests (the span pool),
-# and the daemon serving while its metrics endpoint scrapes the heap.
+# the shared cache's lock-free reads beside its writers, and the daemon
+# serving while its metrics endpoint scrapes the heap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
@@ -24,9 +25,10 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
   run_suite build-asan -DCMAKE_BUILD_TYPE=Debug -DSHMALLOC_SANITIZE=address,undefined
 echo "== TSan build (Debug) of the lock-free and threaded code: the stress suite, libshmalloc's threads, metrics"
 cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHMALLOC_SANITIZE=thread >/dev/null
-cmake --build build-tsan -j "$jobs" --target shm_stress_tests client_tests shmallocd service_unit_tests metrics_tests
+cmake --build build-tsan -j "$jobs" --target shm_stress_tests client_tests cache_tests shmallocd service_unit_tests metrics_tests
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/shm_stress_tests
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/client_tests -tc="four threads*,steady*"
+TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/cache_tests -tc="cache threads*"
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/service_unit_tests -ts="daemon in process"
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/metrics/metrics_tests
 

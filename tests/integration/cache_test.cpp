@@ -244,11 +244,11 @@ TEST_SUITE("shared cache") {
     for (std::uint32_t p = 0; p < 4; ++p) {
       const pid_t pid = fork();
       if (pid == 0) {
-        bool ok = true;
-        std::thread t([&] { ok = hammer(c, 1000 + p, 4000, 500) && ok; });
-        ok = hammer(c, 2000 + p, 4000, 500) && ok;
+        bool thread_ok = false;
+        std::thread t([&] { thread_ok = hammer(c, 1000 + p, 4000, 500); });
+        const bool ok = hammer(c, 2000 + p, 4000, 500);
         t.join();
-        _exit(ok ? 0 : 1);
+        _exit(ok && thread_ok ? 0 : 1);
       }
       kids.push_back(pid);
     }
