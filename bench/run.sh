@@ -5,9 +5,28 @@
 # the machine) and docs/benchmarks.png (ns per operation, log scale).
 #
 # Every case of the performance issue; case 9 only with case 7's gigabyte live.
+#
+# Then the shared cache (bench/cache_bench.cpp) against memcached, Redis and
+# a Boost.Interprocess map, from 1, 2 and 4 processes: its table and target
+# rows go into the same document.
+#   bench/run.sh --cache-only   (or SHMALLOC_BENCH_CACHE_ONLY=1) runs only the
+#                               cache part and replaces only its part of
+#                               docs/benchmarks.md.
+#   SHMALLOC_BENCH_CACHE_ROUNDS (default 3), SHMALLOC_BENCH_CACHE_SECONDS
+#                               (default 2, per process count and system).
 set -euo pipefail
+# The whole script is one block, read before it runs: a checkout or stash in
+# this tree while it runs must not change what the rest of the run does.
+{
 cd "$(dirname "$0")/.."
-packages=(libjemalloc-dev libgoogle-perftools-dev libmimalloc-dev gnuplot-nox)
+cache_only=${SHMALLOC_BENCH_CACHE_ONLY:-0}
+for arg in "$@"; do
+  case $arg in
+    --cache-only) cache_only=1 ;;
+    *) echo "usage: bench/run.sh [--cache-only]" >&2; exit 2 ;;
+  esac
+done
+packages=(libjemalloc-dev libgoogle-perftools-dev libmimalloc-dev gnuplot-nox memcached redis-server)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -16,9 +35,19 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 build=build-bench
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHMALLOC_BENCH=ON -DSHMALLOC_BUILD_TESTS=OFF >/dev/null
-cmake --build "$build" >/dev/null
+if [ "$cache_only" = 1 ]; then
+  cmake --build "$build" --target cache_bench >/dev/null
+else
+  cmake --build "$build" >/dev/null
+fi
 
 work=$(mktemp -d /tmp/shmalloc-bench-XXXXXX)
+trap 'rm -rf "$work"' EXIT
+out=docs/benchmarks.md
+
+# ---------------------------------------------------------------------------
+# The allocator cases (left out with --cache-only).
+if [ "$cache_only" = 0 ]; then
 heap=shmalloc-bench-$$
 "$build/service/shmallocd" --heap "$heap" --socket "$work/d.sock" --metrics off --log-level warn &
 daemon=$!
@@ -62,7 +91,6 @@ sort -t, -k1,1 -k2,2 -k3,3g "$work/raw.csv" | awk -F, '
     }
   }' >"$work/summary.csv"
 
-out=docs/benchmarks.md
 {
   echo "# Benchmarks"
   echo
@@ -181,4 +209,149 @@ set xtics rotate by -20
 set key top left
 plot "$work/plot.dat" using 2:xtic(1) title "glibc", '' using 3 title "jemalloc", '' using 4 title "TCMalloc", '' using 5 title "mimalloc", '' using 6 title "Boost.Interprocess", '' using 7 title "shmalloc"
 GP
-echo "bench/run.sh: wrote $out and docs/benchmarks.png"
+kill -TERM "$daemon"
+wait "$daemon" || true
+trap 'rm -rf "$work"' EXIT
+fi  # the allocator cases
+
+# ---------------------------------------------------------------------------
+# The shared cache against memcached, Redis and a Boost.Interprocess map: the
+# same get/put mix from 1, 2 and 4 processes (bench/cache_bench.cpp says how).
+# Rounds interleave the systems; each run starts what it measures (shmallocd,
+# memcached, redis-server on a free loopback port; a Boost segment) and stops
+# it by pid. A failed run (a wrong value, a dead server) stops the script
+# before the document is touched.
+cache_rounds=${SHMALLOC_BENCH_CACHE_ROUNDS:-3}
+cache_seconds=${SHMALLOC_BENCH_CACHE_SECONDS:-2}
+cache_systems=(shmalloc memcached redis boostipc)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+for round in $(seq "$cache_rounds"); do
+  for s in "${cache_systems[@]}"; do
+    "$build/bench/cache_bench" "$s" --seconds "$cache_seconds" >>"$work/cache_raw.csv" 2>>"$work/cache_log.txt" || {
+      cat "$work/cache_log.txt" >&2
+      exit 1
+    }
+  done
+done
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+clock_ns=$(grep '^clock,' "$work/cache_raw.csv" | cut -d, -f2 | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
+
+# Per system and process count, each column's median, min and max over the
+# rounds: system,procs, then (median,min,max) for gets/s, ops/s, get p50,
+# get p99, put p50, put p99 (ns), misses.
+grep -v '^clock,' "$work/cache_raw.csv" | awk -F, '
+  function sorted(a, n,   i, j, t) {
+    for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+  }
+  { key = $1 "," $2; c = ++n[key]; for (f = 3; f <= 9; f++) v[key, f, c] = $f + 0; if (!(key in seen)) { seen[key] = 1; order[++k] = key } }
+  END {
+    for (i = 1; i <= k; i++) {
+      key = order[i]; c = n[key]; line = key
+      for (f = 3; f <= 9; f++) {
+        for (j = 1; j <= c; j++) a[j] = v[key, f, j]
+        sorted(a, c)
+        med = (c % 2) ? a[(c + 1) / 2] : (a[c / 2] + a[c / 2 + 1]) / 2
+        line = line sprintf(",%.0f,%.0f,%.0f", med, a[1], a[c])
+      }
+      print line
+    }
+  }' >"$work/cache_summary.csv"
+
+# The section, between markers, so that --cache-only can replace it.
+{
+  echo "<!-- cache benchmark: made by bench/run.sh, replaced by bench/run.sh --cache-only -->"
+  echo "## The shared cache against memcached, Redis and Boost.Interprocess"
+  echo
+  echo "Made by \`bench/run.sh\` (\`bench/run.sh --cache-only\` runs this part alone) on $(date -u +%Y-%m-%d):"
+  echo "$(nproc) CPUs, $(memcached -V), $(redis-server --version | cut -d' ' -f1-3), Boost $(dpkg-query -W -f='${Version}' libboost-dev | cut -d. -f1-3)."
+  echo "Load average $load_before before the cache part, $load_after after it."
+  echo
+  echo "The workload (\`bench/cache_bench.cpp\`): 100,000 keys of 11 bytes with values of 100 to 1,000 bytes (the"
+  echo "length and the bytes follow from the key), all preloaded. Each client process runs its own sequence of"
+  echo "operations: Zipf-distributed keys (s = 0.99, hot keys scattered over the key space), 90% gets and 10% puts"
+  echo "(a put writes the key's value stamped with the writer). Every get is checked (length, key, bytes): a"
+  echo "wrong value fails the run. The processes are forked children that start together and run for"
+  echo "$cache_seconds s; each counts its operations and times every 64th with \`clock_gettime\` (two clock reads"
+  echo "add about $clock_ns ns to each timed operation). gets/s and ops/s are the sum over the processes."
+  echo
+  echo "- **shmalloc**: the shared cache (\`shmalloc_cache_get\`, which copies the value out, and"
+  echo "  \`shmalloc_cache_put\`) with a budget of 256 MiB, in a shmallocd the benchmark starts from the build tree"
+  echo "  on a heap and socket of its own. Gets take no lock; puts take one of 64 shard locks."
+  echo "- **memcached**: \`memcached -p <free port> -l 127.0.0.1 -U 0 -m 1024\` (its default 4 worker threads)."
+  echo "- **Redis**: \`redis-server --port <free port> --bind 127.0.0.1 --save '' --appendonly no\` (one thread)."
+  echo "- **Boost.Interprocess**: a \`managed_shared_memory\` segment holding a \`boost::unordered_map\` of"
+  echo "  shared-memory strings, every get and put under one \`interprocess_mutex\` (the idiom of the Boost"
+  echo "  documentation; a put of an existing key assigns the string in place)."
+  echo
+  echo "memcached and Redis are reached over TCP on loopback with their text protocols (memcached \`get\`/\`set\`,"
+  echo "Redis RESP \`GET\`/\`SET\`) by a minimal client in the benchmark: one connection per client process, one"
+  echo "request at a time, waiting for its reply, no pipelining, as a typical application uses them. Their"
+  echo "latency is mostly the loopback round trip, and their servers run on the same $(nproc) CPUs as the clients."
+  echo "With 4 processes the $(nproc) CPUs are oversubscribed (and the servers compete for them too): the same for"
+  echo "every system."
+  echo
+  echo "$cache_rounds interleaved rounds; the median with min..max. Throughput in thousands of operations per second"
+  echo "(higher is better), latency in microseconds (lower is better)."
+  echo
+  echo "| system | processes | k gets/s | k ops/s | get p50 (us) | get p99 (us) | put p50 (us) | put p99 (us) | misses |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  awk -F, '
+    function us(ns) { ns /= 1000; return ns < 1 ? sprintf("%.3f", ns) : ns < 10 ? sprintf("%.2f", ns) : ns < 100 ? sprintf("%.1f", ns) : sprintf("%.0f", ns) }
+    function k(v) { return sprintf("%.0f", v / 1000) }
+    BEGIN { name["shmalloc"] = "shmalloc"; name["memcached"] = "memcached"; name["redis"] = "Redis"; name["boostipc"] = "Boost.Interprocess" }
+    { printf "| %s | %s | %s (%s..%s) | %s | %s | %s | %s | %s | %s |\n", name[$1], $2, k($3), k($4), k($5), k($6),
+        us($9), us($12), us($15), us($18), $21 }' "$work/cache_summary.csv"
+  echo
+  echo "Gets per second, shmalloc over each (medians):"
+  echo
+  echo "| processes | shmalloc / memcached | shmalloc / Redis | shmalloc / Boost.Interprocess |"
+  echo "|---|---|---|---|"
+  awk -F, '{ g[$1, $2] = $3; if (!($2 in seen)) { seen[$2] = 1; procs[++n] = $2 } }
+    function r(p, b) { return ((("shmalloc", p) in g) && ((b, p) in g) && g[b, p] > 0) ? sprintf("%.1f", g["shmalloc", p] / g[b, p]) : "–" }
+    END { for (i = 1; i <= n; i++) printf "| %s | %s | %s | %s |\n", procs[i], r(procs[i], "memcached"), r(procs[i], "redis"), r(procs[i], "boostipc") }' \
+    "$work/cache_summary.csv"
+  echo
+  echo "<!-- end of the cache benchmark -->"
+} >"$work/cache_section.md"
+
+# Rows for the targets table.
+awk -F, '{ g[$1, $2] = $3; if (!($2 in seen)) { seen[$2] = 1; procs[++n] = $2 } }
+  function row(p, b, what, limit,   r) {
+    if (!((("shmalloc", p) in g) && ((b, p) in g))) return
+    r = g["shmalloc", p] / g[b, p]
+    printf "| cache gets, %s process%s | at least %d x %s | %.1f x | %s |\n", p, (p == 1 ? "" : "es"), limit, what, r, (r >= limit ? "met" : "**missed**")
+  }
+  END {
+    for (i = 1; i <= n; i++) row(procs[i], "memcached", "memcached", 20)
+    row(4, "boostipc", "the Boost.Interprocess map", 5)
+  }' "$work/cache_summary.csv" >"$work/cache_targets.md"
+
+# Into the document: the old cache rows and section out, the new rows at the
+# end of the targets table, the new section at the end.
+[ -f "$out" ] || echo "# Benchmarks" >"$out"
+awk -v rows="$work/cache_targets.md" -v section="$work/cache_section.md" '
+  function flush_blanks() { for (; blanks > 0; blanks--) print "" }
+  function put_rows(   l) { while ((getline l < rows) > 0) print l; rows_done = 1 }
+  /^<!-- cache benchmark:/ { skipping = 1; next }
+  /^<!-- end of the cache benchmark -->$/ { skipping = 0; next }
+  skipping { next }
+  /^\| cache gets/ { next }
+  /^## Targets$/ { in_targets = 1 }
+  in_targets && /^\|/ { in_table = 1 }
+  in_table && !/^\|/ { put_rows(); in_targets = in_table = 0 }
+  /^$/ { blanks++; next }
+  { flush_blanks(); print }
+  END {
+    if (in_table) put_rows()
+    if (!rows_done) { print ""; print "## Targets"; print ""; print "| case | target | this run | verdict |"; print "|---|---|---|---|"; put_rows() }
+    print ""
+    while ((getline l < section) > 0) print l
+  }' "$out" >"$work/doc.md"
+cp "$work/doc.md" "$out"
+if [ "$cache_only" = 1 ]; then
+  echo "bench/run.sh: wrote the cache part of $out"
+else
+  echo "bench/run.sh: wrote $out and docs/benchmarks.png"
+fi
+exit 0
+}
