@@ -2,7 +2,9 @@
 
 #include <sys/statvfs.h>
 
+#include <algorithm>
 #include <limits>
+#include <set>
 #include <string>
 
 namespace shmalloc::metrics {
@@ -203,6 +205,61 @@ void add_control(family_list& out, const control_stats& cs) {
               d(cs.deadline_closes));
 }
 
+// A name a label may carry: what publish lets a root be called (printable
+// ASCII, no spaces). The root table lies in a segment other processes can
+// write; a name that is not text, or a repeat, would make the whole scrape
+// unreadable to Prometheus, so such a cache is left out.
+bool label_safe(const std::string& name) {
+  return !name.empty() && std::all_of(name.begin(), name.end(), [](char ch) { return ch > 0x20 && ch < 0x7f; });
+}
+
+struct cache_family {
+  const char* name;
+  const char* help;
+  MetricType type;
+  std::uint64_t cache_census::*value;
+};
+
+// Same counters as shmallocctl caches; help texts say what each counts.
+constexpr cache_family cache_families[] = {
+    {"shmalloc_cache_hits_total", "Lookups (get or pin) that found their key in the shared cache.",
+     MetricType::Counter, &cache_census::hits},
+    {"shmalloc_cache_misses_total", "Lookups that did not find their key, or found it expired.",
+     MetricType::Counter, &cache_census::misses},
+    {"shmalloc_cache_evictions_total", "Entries the CLOCK hand took out to keep the cache within max_bytes.",
+     MetricType::Counter, &cache_census::evictions},
+    {"shmalloc_cache_expirations_total", "Entries taken out because their time to live had passed.",
+     MetricType::Counter, &cache_census::expirations},
+    {"shmalloc_cache_puts_total", "Entries inserted or replaced.", MetricType::Counter, &cache_census::puts},
+    {"shmalloc_cache_items", "Entries a lookup can find.", MetricType::Gauge, &cache_census::items},
+    {"shmalloc_cache_bytes", "Heap bytes of the entries a lookup can find (each at its object's size class).",
+     MetricType::Gauge, &cache_census::bytes},
+    {"shmalloc_cache_retired_bytes",
+     "Heap bytes of entries replaced, erased or evicted that wait for readers to leave before they are freed.",
+     MetricType::Gauge, &cache_census::retired_bytes},
+    {"shmalloc_cache_max_bytes", "The cache's byte budget, set when it was created.", MetricType::Gauge,
+     &cache_census::max_bytes},
+    {"shmalloc_cache_repairs_total", "Shards repaired because a writer died holding their lock.",
+     MetricType::Counter, &cache_census::repairs},
+};
+
+// The shared caches (cache/census.hpp), one series per cache in each
+// family; no families at all while the heap has no cache.
+void add_caches(family_list& out, const std::vector<cache_census>& caches) {
+  std::set<std::string> seen;
+  std::vector<const cache_census*> shown;
+  for (const cache_census& k : caches)
+    if (label_safe(k.name) && seen.insert(k.name).second) shown.push_back(&k);
+  if (shown.empty()) return;
+  for (const cache_family& c : cache_families) {
+    MetricFamily& f = out.family(c.name, c.help, c.type);
+    for (const cache_census* k : shown) {
+      ClientMetric& m = labelled(f, {{"cache", k->name}});
+      (c.type == MetricType::Counter ? m.counter.value : m.gauge.value) = d(k->*c.value);
+    }
+  }
+}
+
 }  // namespace
 
 std::vector<MetricFamily> heap_families(const metrics_sample& s, const build_info& b) {
@@ -227,6 +284,7 @@ std::vector<MetricFamily> heap_families(const metrics_sample& s, const build_inf
   out.gauge("shmalloc_shm_avail_bytes",
             "Free bytes of the filesystem behind the heap (/dev/shm), the headroom before growth fails.",
             d(s.shm_avail_bytes));
+  add_caches(out, s.caches);
   return out.take();
 }
 

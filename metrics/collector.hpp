@@ -15,23 +15,28 @@
 //   heap_collector::Collect()           handle requests, sweep, scavenge:
 //     sample_fn() --- heap lock --->      hold the heap lock while they
 //       read_census(heap)                 change mheap, mcentral or the
-//       control_stats copy                client registry
+//       read_caches(segment)              client registry (and the named
+//       control_stats copy                roots the caches are found by)
 //     build families (no lock held)
 //
 // The sample is taken under the lock the daemon holds while it changes the
 // heap, so heap_sys = heap_inuse + heap_idle holds in every scrape; the
 // client-written statistics blocks are relaxed atomics and may move while
-// they are summed (memstats.hpp). Families are built outside the lock.
+// they are summed (memstats.hpp). So are the shared caches' counters
+// (cache/census.hpp): clients write them, the daemon only reads them, and
+// no lock of ours orders the two. Families are built outside the lock.
 //
 // Names mirror client_golang's Go collector with the prefix shmalloc_
 // (go_memstats_heap_inuse_bytes -> shmalloc_heap_inuse_bytes), so a Go
 // memory dashboard ports by a rename; each HELP says what it mirrors.
 // Label sets are bounded: size_class (67 values), state (3), op (one per
-// request type), reason (one per error code). No pid or client labels:
-// per-client detail is shmallocctl clients'.
+// request type), reason (one per error code), cache (one per shared cache,
+// at most the 1,024 named roots). No pid or client labels: per-client
+// detail is shmallocctl clients'.
 //
-// This layer depends on shm/ and prometheus-cpp only (no Asio); the daemon
-// (service/) supplies the sample function and owns the HTTP endpoint.
+// This layer depends on shm/, cache_census and prometheus-cpp only (no Asio,
+// nor the caches' client library); the daemon (service/) supplies the
+// sample function and owns the HTTP endpoint.
 #pragma once
 
 #include <prometheus/collectable.h>
@@ -42,6 +47,7 @@
 #include <string>
 #include <vector>
 
+#include "cache/census.hpp"
 #include "metrics/control_stats.hpp"
 #include "shm/memstats.hpp"
 
@@ -53,6 +59,7 @@ struct metrics_sample {
   std::uint64_t clients = 0;  // connected client processes
   control_stats control;
   std::uint64_t shm_avail_bytes = 0;  // statvfs of the filesystem behind the heap
+  std::vector<cache_census> caches;   // the shared caches, read under the heap lock too
   bool valid = false;  // false: the daemon could not be sampled (stopping)
 };
 

@@ -179,6 +179,7 @@ metrics::metrics_sample daemon::sample() {
   std::lock_guard lock(heap_mutex_);
   if (!heap_) return s;
   s.census = read_census(*heap_);
+  s.caches = read_caches(heap_->seg());  // the roots that find them change under this lock
   s.clients = handler_->clients();
   s.control = control_stats_;
   s.valid = true;

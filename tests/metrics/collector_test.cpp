@@ -245,17 +245,50 @@ TEST_SUITE("metrics") {
     allocate(*t.heap, *slot, 10, false, 3);
     metrics_sample s = sample_of(*t.heap, 1);
     s.control.record(static_cast<std::uint16_t>(proto::msg::refill), errc::no_memory, 1e-5);
+    s.caches.push_back(cache_census{.name = "sessions"});
     const scrape m(render(heap_families(s, build)));
     for (const auto& [name, type] : m.types) {
       CHECK_MESSAGE(name.rfind("shmalloc_", 0) == 0, name);
       CHECK_MESSAGE((type == "counter") == (name.size() > 6 && name.substr(name.size() - 6) == "_total"), name);
     }
-    const std::set<std::string> allowed{"size_class", "state", "op", "reason", "le", "version", "revision"};
+    const std::set<std::string> allowed{"size_class", "state", "op", "reason", "le", "version", "revision", "cache"};
     for (const auto& l : m.label_names) CHECK_MESSAGE(allowed.count(l) == 1, "unexpected label " << l);
     // 67 size classes x 3 states, whatever the heap holds.
     int span_series = 0;
     for (const auto& [key, v] : m.series) span_series += key.rfind("shmalloc_size_class_spans{", 0) == 0;
     CHECK(span_series == 67 * 3);
+  }
+
+  TEST_CASE("shared caches: one series per cache in each family, and no family while there is no cache") {
+    metrics_sample s;
+    s.valid = true;
+    CHECK(render(heap_families(s, build)).find("shmalloc_cache_") == std::string::npos);
+    cache_census a{.name = "sessions", .max_bytes = 64 << 20, .items = 5, .bytes = 640, .retired_items = 1,
+                   .retired_bytes = 128, .hits = 42, .misses = 8, .puts = 17, .erases = 2, .evictions = 4,
+                   .expirations = 6, .repairs = 1, .readers = 3};
+    s.caches = {a, cache_census{.name = "users", .hits = 1}};
+    s.caches.push_back(cache_census{.name = "sessions", .hits = 1000});  // a repeated root name: left out
+    s.caches.push_back(cache_census{.name = "bad\nname", .hits = 1});    // not a root name: left out
+    s.caches.push_back(cache_census{.name = "", .hits = 1});
+    const scrape m(render(heap_families(s, build)));
+    const std::map<std::string, std::pair<std::string, double>> expected{
+        {"shmalloc_cache_hits_total", {"counter", 42}},       {"shmalloc_cache_misses_total", {"counter", 8}},
+        {"shmalloc_cache_evictions_total", {"counter", 4}},   {"shmalloc_cache_expirations_total", {"counter", 6}},
+        {"shmalloc_cache_puts_total", {"counter", 17}},       {"shmalloc_cache_items", {"gauge", 5}},
+        {"shmalloc_cache_bytes", {"gauge", 640}},             {"shmalloc_cache_retired_bytes", {"gauge", 128}},
+        {"shmalloc_cache_max_bytes", {"gauge", 64 << 20}},    {"shmalloc_cache_repairs_total", {"counter", 1}}};
+    for (const auto& [name, want] : expected) {
+      CAPTURE(name);
+      CHECK(m.types.at(name) == want.first);
+      CHECK(m.at(name + R"({cache="sessions"})") == want.second);
+      CHECK(m.series.count(name + R"({cache="users"})") == 1);
+    }
+    CHECK(m.at(R"(shmalloc_cache_hits_total{cache="users"})") == 1);
+    std::size_t cache_series = 0, cache_families = 0;
+    for (const auto& [key, v] : m.series) cache_series += key.rfind("shmalloc_cache_", 0) == 0;
+    for (const auto& [name, type] : m.types) cache_families += name.rfind("shmalloc_cache_", 0) == 0;
+    CHECK(cache_families == expected.size());
+    CHECK(cache_series == 2 * expected.size());  // sessions and users, nothing else
   }
 
   TEST_CASE("a daemon that cannot be sampled still reports its build") {
