@@ -23,6 +23,7 @@ std::string_view op_name(std::size_t op) noexcept {
     case msg::classes: return "classes";
     case msg::clients: return "clients";
     case msg::pages: return "pages";
+    case msg::caches: return "caches";
     default: return "unknown";
   }
 }
@@ -44,6 +45,8 @@ std::string_view reason_name(std::size_t reason) noexcept {
     case errc::protocol_error: return "protocol_error";
     case errc::permission_denied: return "permission_denied";
     case errc::unavailable: return "unavailable";
+    case errc::too_large:  // cache/ only: never a daemon reply
+    case errc::too_small: return "other";
   }
   return "other";
 }

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstring>
 
+#include "cache/census.hpp"
+#include "cache/layout.hpp"
 #include "shm/memstats.hpp"
 #include "shm/segment.hpp"
 
@@ -20,7 +22,8 @@ reply ok_reply(msg type, const proto::frame_header& h, const std::vector<std::ui
 }
 // Reports that change nothing, so observers such as shmallocctl need not register.
 bool read_only(msg type) {
-  return type == msg::stats || type == msg::classes || type == msg::clients || type == msg::pages;
+  return type == msg::stats || type == msg::classes || type == msg::clients || type == msg::pages ||
+         type == msg::caches;
 }
 reply no_body_error(msg type, const proto::frame_header& h, const char* request) {
   return error_reply(type, h, errc::protocol_error, std::string(request) + " takes no body");
@@ -48,6 +51,7 @@ reply request_handler::handle(client_state& c, const proto::frame_header& h, std
     case msg::classes: return on_classes(c, h, p);
     case msg::clients: return on_clients(c, h, p);
     case msg::pages: return on_pages(c, h, p);
+    case msg::caches: return on_caches(c, h, p);
     case msg::reattach: return on_reattach(c, h, p);
     case msg::cache_open: return on_cache_open(c, h, p);
     case msg::cache_close: return on_cache_close(c, h, p);
@@ -271,6 +275,11 @@ reply request_handler::on_pages(client_state&, const proto::frame_header& h, std
   return ok_reply(msg::page_table, h, proto::encode(page_table()));
 }
 
+reply request_handler::on_caches(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  if (!p.empty()) return no_body_error(msg::cache_table, h, "caches");
+  return ok_reply(msg::cache_table, h, proto::encode(cache_table()));
+}
+
 proto::stats_msg request_handler::stats() const {
   const heap_census census = read_census(*heap_);
   const heap_memstats& m = census.mem;
@@ -352,6 +361,34 @@ proto::page_table_msg request_handler::page_table() const {
 #define SHMALLOC_X(name) t.name = p.name;
   SHMALLOC_PROTO_PAGES(SHMALLOC_X)
 #undef SHMALLOC_X
+  return t;
+}
+
+static_assert(proto::max_cache_name == cache_max_name);
+
+// By name, so that a table cut at the frame limit always keeps the same
+// caches. The daemon writes root names, unique and at most 63 characters;
+// the segment is shared with processes it does not trust, so a name no
+// cache can have, or a repeat, is left out rather than sent.
+proto::cache_table_msg request_handler::cache_table() const {
+  std::vector<cache_census> caches = read_caches(heap_->seg());
+  std::erase_if(caches, [](const cache_census& k) { return k.name.empty() || k.name.size() > proto::max_cache_name; });
+  std::sort(caches.begin(), caches.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  caches.erase(std::unique(caches.begin(), caches.end(), [](const auto& a, const auto& b) { return a.name == b.name; }),
+               caches.end());
+  proto::cache_table_msg t;
+  t.total = static_cast<std::uint32_t>(caches.size());
+  std::size_t room = proto::max_reply_body - proto::cache_table_header_bytes;
+  for (const cache_census& k : caches) {
+    proto::cache_row row;
+    row.name = k.name;
+#define SHMALLOC_X(name) row.name = k.name;
+    SHMALLOC_PROTO_CACHE(SHMALLOC_X)
+#undef SHMALLOC_X
+    if (proto::encoded_size(row) > room) break;  // the rest are counted in total only
+    room -= proto::encoded_size(row);
+    t.rows.push_back(std::move(row));
+  }
   return t;
 }
 

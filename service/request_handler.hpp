@@ -78,13 +78,16 @@ class request_handler {
   void set_metrics_port(std::uint16_t port) noexcept { metrics_port_ = port; }
   std::size_t clients() const noexcept { return clients_; }
 
-  // The read-only reports (stats, classes, clients, pages), from the census
-  // of the heap (shm/memstats.hpp) and the client registry.
+  // The read-only reports (stats, classes, clients, pages, caches), from the
+  // census of the heap (shm/memstats.hpp), the client registry and the
+  // shared caches' counters (cache/census.hpp).
   proto::stats_msg stats() const;
   proto::class_table_msg class_table() const;
   // Clients by id, as many as fit one reply frame; total counts them all.
   proto::client_table_msg client_table() const;
   proto::page_table_msg page_table() const;
+  // Caches by name, as many as fit one reply frame; total counts them all.
+  proto::cache_table_msg cache_table() const;
 
  private:
   reply on_hello(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
@@ -103,6 +106,7 @@ class request_handler {
   reply on_classes(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_clients(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_pages(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_caches(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   proto::client_row row_of(const client_state& c, std::uint64_t now_ns, std::uint64_t unix_now_ns) const;
   // Objects allocated in the client's spans (alloc bits, less tiny spans'
   // counter blocks) plus its large objects.

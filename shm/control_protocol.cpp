@@ -206,6 +206,18 @@ std::vector<std::uint8_t> encode(const client_table_msg& m) {
   return std::move(w.bytes());
 }
 
+std::vector<std::uint8_t> encode(const cache_table_msg& m) {
+  writer w;
+  w.u32(m.total).u16(static_cast<std::uint16_t>(m.rows.size()));
+  for (const cache_row& r : m.rows) {
+    w.str(r.name);
+#define SHMALLOC_X(name) w.u64(r.name);
+    SHMALLOC_PROTO_CACHE(SHMALLOC_X)
+#undef SHMALLOC_X
+  }
+  return std::move(w.bytes());
+}
+
 // --- decode -----------------------------------------------------------------
 
 template <class T>
@@ -398,6 +410,24 @@ std::optional<client_table_msg> decode_client_table(std::span<const std::uint8_t
     row.connected_unix_ns = r.u64();
     if (r.failed() || row.id <= last) return std::nullopt;
     last = row.id;
+  }
+  return finish(r, std::move(m));
+}
+
+std::optional<cache_table_msg> decode_cache_table(std::span<const std::uint8_t> p) {
+  reader r(p);
+  cache_table_msg m;
+  m.total = r.u32();
+  const std::uint16_t n = r.u16();
+  if (r.failed() || n > m.total) return std::nullopt;
+  for (std::uint16_t i = 0; i < n; ++i) {  // grows as rows arrive: n alone is untrusted
+    cache_row& row = m.rows.emplace_back();
+    row.name = r.str(max_cache_name);
+#define SHMALLOC_X(name) row.name = r.u64();
+    SHMALLOC_PROTO_CACHE(SHMALLOC_X)
+#undef SHMALLOC_X
+    // Names are unique (they come from root names) and sorted.
+    if (r.failed() || row.name.empty() || (i > 0 && row.name <= m.rows[i - 1].name)) return std::nullopt;
   }
   return finish(r, std::move(m));
 }

@@ -64,6 +64,8 @@ enum class msg : std::uint16_t {
   client_table = 25, // d->c  u32 total, u16 count (<= total), count x client_row, by id: as many as fit one frame
   pages = 26,        // c->d  (empty); reply page_table
   page_table = 27,   // d->c  u16 count, count x u64 (SHMALLOC_PROTO_PAGES order)
+  caches = 28,       // c->d  (empty); reply cache_table
+  cache_table = 29,  // d->c  u32 total, u16 count (<= total), count x cache_row, by name: as many as fit one frame
 };
 
 struct frame_header {
@@ -231,6 +233,33 @@ struct page_table_msg {
 #undef SHMALLOC_X
 };
 
+// One shared cache (cache/census.hpp): str name (1..max_cache_name), then
+// u64 counters in SHMALLOC_PROTO_CACHE order. Counters are summed from
+// shards and reader slots that clients write while the daemon reads, so
+// each is exact but they need not agree with one another: a decoder checks
+// none against another.
+#define SHMALLOC_PROTO_CACHE(X)                                   \
+  X(max_bytes) X(items) X(bytes) X(retired_items) X(retired_bytes) \
+  X(hits) X(misses) X(puts) X(erases) X(evictions) X(expirations) \
+  X(repairs) X(readers)
+// A root name holds 63 characters, "cache:" takes 6 (cache/layout.hpp's cache_max_name).
+inline constexpr std::size_t max_cache_name = 57;
+struct cache_row {
+  std::string name;  // without the "cache:" prefix of its root
+#define SHMALLOC_X(name) std::uint64_t name = 0;
+  SHMALLOC_PROTO_CACHE(SHMALLOC_X)
+#undef SHMALLOC_X
+};
+#define SHMALLOC_X(name) +8
+inline constexpr std::size_t cache_row_fixed_bytes = 2 SHMALLOC_PROTO_CACHE(SHMALLOC_X);  // the name's length, 8 a counter
+#undef SHMALLOC_X
+inline constexpr std::size_t cache_table_header_bytes = 4 + 2;
+inline std::size_t encoded_size(const cache_row& r) noexcept { return cache_row_fixed_bytes + r.name.size(); }
+struct cache_table_msg {
+  std::uint32_t total = 0;  // caches in the heap; rows may hold fewer
+  std::vector<cache_row> rows;  // strictly increasing names
+};
+
 std::vector<std::uint8_t> encode(const hello_msg& m);
 std::vector<std::uint8_t> encode(const welcome_msg& m);
 std::vector<std::uint8_t> encode(const refill_msg& m);
@@ -247,6 +276,7 @@ std::vector<std::uint8_t> encode(const stats_msg& m);
 std::vector<std::uint8_t> encode(const class_table_msg& m);
 std::vector<std::uint8_t> encode(const client_table_msg& m);
 std::vector<std::uint8_t> encode(const page_table_msg& m);
+std::vector<std::uint8_t> encode(const cache_table_msg& m);
 
 // Each returns nullopt unless the payload is exactly one well-formed
 // message with every field in range.
@@ -266,6 +296,7 @@ std::optional<stats_msg> decode_stats(std::span<const std::uint8_t> p);
 std::optional<class_table_msg> decode_class_table(std::span<const std::uint8_t> p);
 std::optional<client_table_msg> decode_client_table(std::span<const std::uint8_t> p);
 std::optional<page_table_msg> decode_page_table(std::span<const std::uint8_t> p);
+std::optional<cache_table_msg> decode_cache_table(std::span<const std::uint8_t> p);
 
 // A whole reply frame: header (status, request id) + message text + body.
 std::vector<std::uint8_t> make_reply(msg type, std::uint32_t request_id, errc status, const std::string& message,

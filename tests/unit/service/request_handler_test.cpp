@@ -5,9 +5,12 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 
+#include "cache/census.hpp"
+#include "cache/layout.hpp"
 #include "service/daemon.hpp"
 #include "service/request_handler.hpp"
 #include "shm/control_client.hpp"
@@ -69,6 +72,76 @@ std::uint64_t unix_now_ns() {
   return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                         std::chrono::system_clock::now().time_since_epoch())
                                         .count());
+}
+
+// A heap object of at least bytes (a large object with no holder); its handle.
+handle_t large_object(mheap& heap, std::uint64_t bytes) {
+  auto id = heap.alloc_large(bytes, true, 0);
+  REQUIRE(id);
+  return heap.view().handle_of(heap.view().span_base(heap.span(*id)));
+}
+
+// Names h in the segment's root table, as publish does.
+void add_root(mheap& heap, const std::string& name, handle_t h) {
+  auto* roots = heap.seg().at<root_entry>(heap.seg().regions().roots.offset);
+  for (std::uint32_t i = 0; i < max_roots; ++i) {
+    if (roots[i].handle != 0) continue;
+    std::memset(roots[i].name, 0, sizeof roots[i].name);
+    std::memcpy(roots[i].name, name.data(), std::min(name.size(), sizeof roots[i].name));
+    roots[i].handle = h;
+    return;
+  }
+  FAIL("every root is taken");
+}
+
+// A cache as the cache library leaves one (cache/layout.hpp), with no
+// entries: only the header the daemon reads. The test plays the client
+// that writes it; the daemon only reads caches.
+cache_header& init_cache_header(const segment& seg, handle_t h, const std::string& name, std::uint64_t max_bytes) {
+  auto* c = seg.at<cache_header>(h);
+  std::memset(static_cast<void*>(c), 0, sizeof *c);
+  c->magic = cache_magic;
+  c->layout_version = cache_layout_version;
+  c->nshards = cache_shards;
+  c->max_readers = cache_max_readers;
+  c->max_bytes = max_bytes;
+  c->buckets_per_shard = 64;
+  std::memcpy(c->name, name.data(), std::min(name.size(), sizeof c->name - 1));
+  c->epoch.store(1);
+  return *c;
+}
+
+// The same in a large object of the heap, named by its root.
+cache_header& fake_cache(mheap& heap, const std::string& name, std::uint64_t max_bytes, handle_t* where = nullptr) {
+  const handle_t h = large_object(heap, sizeof(cache_header));
+  cache_header& c = init_cache_header(heap.seg(), h, name, max_bytes);
+  add_root(heap, cache_root_prefix + name, h);
+  if (where != nullptr) *where = h;
+  return c;
+}
+
+// Counters spread over shards and reader slots, as many threads would leave them.
+void fill_counters(cache_header& c) {
+  cache_shard& first = c.shards[0];
+  cache_shard& last = c.shards[cache_shards - 1];
+  first.items.store(3);
+  last.items.store(2);
+  first.bytes.store(3 * 128);
+  last.bytes.store(2 * 256);
+  last.retired_items.store(1);
+  last.retired_bytes.store(4096);
+  first.puts.store(10);
+  last.puts.store(7);
+  first.erases.store(2);
+  first.evictions.store(4);
+  last.evictions.store(1);
+  last.expirations.store(6);
+  first.repairs.store(1);
+  c.readers_used.store(3);
+  c.readers[0].hits.store(40);
+  c.readers[2].hits.store(2);
+  c.readers[1].misses.store(8);
+  c.readers[3].hits.store(1000);  // past readers_used: never claimed, not counted
 }
 }  // namespace
 
@@ -202,6 +275,49 @@ TEST_SUITE("control_protocol reports") {
     // A stats reply is not a page table, nor the other way round.
     CHECK_FALSE(proto::decode_page_table(proto::encode(proto::stats_msg{})));
     CHECK_FALSE(proto::decode_stats(bytes));
+  }
+
+  TEST_CASE("a cache table round-trips and is refused when short, long, unordered or badly named") {
+    proto::cache_table_msg m;
+    m.total = 3;
+    proto::cache_row a;
+    a.name = "sessions";
+    std::uint64_t v = 0;
+#define SHMALLOC_X(name) a.name = 0x0102030405060708ULL + v++;  // every byte set, each counter its own
+    SHMALLOC_PROTO_CACHE(SHMALLOC_X)
+#undef SHMALLOC_X
+    proto::cache_row b;
+    b.name = std::string(proto::max_cache_name, 'z');
+    b.hits = 5;
+    m.rows = {a, b};
+    const auto bytes = proto::encode(m);
+    CHECK(bytes.size() == proto::cache_table_header_bytes + proto::encoded_size(a) + proto::encoded_size(b));
+    CHECK(proto::cache_row_fixed_bytes == 2 + 13 * 8);
+    auto back = proto::decode_cache_table(bytes);
+    REQUIRE(back);
+    CHECK(back->total == 3);
+    REQUIRE(back->rows.size() == 2);
+    CHECK(back->rows[0].name == "sessions");
+#define SHMALLOC_X(name) CHECK(back->rows[0].name == a.name);
+    SHMALLOC_PROTO_CACHE(SHMALLOC_X)
+#undef SHMALLOC_X
+    CHECK(back->rows[1].name == b.name);
+    CHECK(back->rows[1].hits == 5);
+    check_exact(bytes, [](std::span<const std::uint8_t> p) { return proto::decode_cache_table(p); });
+    CHECK(proto::decode_cache_table(proto::encode(proto::cache_table_msg{})));  // no caches is fine
+
+    auto refused = [](proto::cache_table_msg bad) { return !proto::decode_cache_table(proto::encode(bad)); };
+    CHECK(refused({1, {a, b}}));  // more rows than caches
+    CHECK(refused({3, {b, a}}));  // out of order
+    CHECK(refused({3, {a, a}}));  // repeated
+    proto::cache_row bad = a;
+    bad.name = "";
+    CHECK(refused({3, {bad}}));
+    bad.name = std::string(proto::max_cache_name + 1, 'n');
+    CHECK(refused({3, {bad}}));
+    proto::writer w;  // a count that promises more rows than the bytes hold
+    w.u32(60000).u16(60000);
+    CHECK_FALSE(proto::decode_cache_table(w.bytes()));
   }
 
   TEST_CASE("a stats reply carries the MemStats values and the metrics port") {
@@ -496,7 +612,7 @@ TEST_SUITE("request_handler reports") {
 
   TEST_CASE("the reports take no body, and other requests before hello are still refused") {
     census_fixture f;
-    for (msg m : {msg::stats, msg::classes, msg::clients, msg::pages}) {
+    for (msg m : {msg::stats, msg::classes, msg::clients, msg::pages, msg::caches}) {
       CAPTURE(static_cast<int>(m));
       auto got = ask(f.rh, f.observer, m, {1});
       CHECK(got.status == errc::protocol_error);
@@ -506,6 +622,119 @@ TEST_SUITE("request_handler reports") {
     CHECK(ask(f.rh, f.observer, msg::refill, proto::encode(proto::refill_msg{10, 1})).status == errc::protocol_error);
     CHECK(f.observer.id == 0);
     CHECK(f.rh.clients() == 1);  // asking did not register the observer
+  }
+}
+
+TEST_SUITE("cache census") {
+  TEST_CASE("read_caches sums every shard and every claimed reader slot of each cache the roots name") {
+    test::test_heap t;
+    fill_counters(fake_cache(*t.heap, "sessions", 64ULL << 20));
+    fake_cache(*t.heap, "empty", 1ULL << 20);
+    const std::vector<cache_census> caches = read_caches(t.heap->seg());
+    REQUIRE(caches.size() == 2);
+    const cache_census& k = caches[0];  // root-table order
+    CHECK(k.name == "sessions");
+    CHECK(k.max_bytes == 64ULL << 20);
+    CHECK(k.items == 5);
+    CHECK(k.bytes == 3 * 128 + 2 * 256);
+    CHECK(k.retired_items == 1);
+    CHECK(k.retired_bytes == 4096);
+    CHECK(k.puts == 17);
+    CHECK(k.erases == 2);
+    CHECK(k.evictions == 5);
+    CHECK(k.expirations == 6);
+    CHECK(k.repairs == 1);
+    CHECK(k.readers == 3);
+    CHECK(k.hits == 42);
+    CHECK(k.misses == 8);
+    CHECK(caches[1].name == "empty");
+    CHECK(caches[1].max_bytes == 1ULL << 20);
+    CHECK(caches[1].hits + caches[1].items + caches[1].readers == 0);
+  }
+
+  TEST_CASE("read_caches skips roots that are not caches, and trusts no count it reads") {
+    test::test_heap t;
+    handle_t real = 0;
+    cache_header& c = fake_cache(*t.heap, "real", 1ULL << 20, &real);
+    c.readers_used.store(1'000'000);  // past the table: only its 512 slots are read
+    c.readers[cache_max_readers - 1].hits.store(9);
+    add_root(*t.heap, "real", real);                      // not under "cache:"
+    add_root(*t.heap, "cache:zeros", large_object(*t.heap, sizeof(cache_header)));  // no magic
+    add_root(*t.heap, "cache:unaligned", real + 8);
+    add_root(*t.heap, "cache:outside", t.heap->seg().size() - 64);
+    add_root(*t.heap, "cache:metadata", t.heap->seg().regions().roots.offset);
+    cache_header& old = fake_cache(*t.heap, "old-layout", 1ULL << 20);
+    old.layout_version = cache_layout_version + 1;
+    cache_header& odd = fake_cache(*t.heap, "odd-geometry", 1ULL << 20);
+    odd.nshards = cache_shards / 2;
+    const std::vector<cache_census> caches = read_caches(t.heap->seg());
+    REQUIRE(caches.size() == 1);
+    CHECK(caches[0].name == "real");
+    CHECK(caches[0].readers == cache_max_readers);
+    CHECK(caches[0].hits == 9);
+  }
+}
+
+TEST_SUITE("request_handler reports") {
+  TEST_CASE("the cache table gives every cache by name, to an observer that never said hello") {
+    test::test_heap t;
+    request_handler rh(*t.heap, {});
+    fill_counters(fake_cache(*t.heap, "sessions", 64ULL << 20));
+    fake_cache(*t.heap, "a-first", 2ULL << 20);
+    add_root(*t.heap, "cache:junk", large_object(*t.heap, sizeof(cache_header)));
+    client_state observer;
+    auto got = ask(rh, observer, msg::caches);
+    REQUIRE(got.status == errc::ok);
+    auto table = proto::decode_cache_table(got.body);
+    REQUIRE(table);
+    CHECK(table->total == 2);
+    REQUIRE(table->rows.size() == 2);
+    CHECK(table->rows[0].name == "a-first");
+    CHECK(table->rows[0].max_bytes == 2ULL << 20);
+    const proto::cache_row& r = table->rows[1];
+    CHECK(r.name == "sessions");
+    const cache_census k = read_caches(t.heap->seg())[0];
+#define SHMALLOC_X(name) CHECK(r.name == k.name);
+    SHMALLOC_PROTO_CACHE(SHMALLOC_X)
+#undef SHMALLOC_X
+    CHECK(r.hits == 42);
+    CHECK(r.misses == 8);
+    CHECK(observer.id == 0);
+    CHECK(rh.clients() == 0);
+    // A heap with no cache: an empty table.
+    test::test_heap bare;
+    request_handler none(*bare.heap, {});
+    table = proto::decode_cache_table(ask(none, observer, msg::caches).body);
+    REQUIRE(table);
+    CHECK(table->total == 0);
+    CHECK(table->rows.empty());
+  }
+
+  TEST_CASE("the cache table stops at one frame and counts the rest, and shows a repeated name once") {
+    test::test_heap t;
+    handle_t h = 0;
+    fake_cache(*t.heap, std::string(proto::max_cache_name, 'a'), 1ULL << 20, &h);
+    // Every other root names the same header, each under a longest name.
+    for (std::uint32_t i = 1; i < max_roots - 1; ++i) {
+      const std::string n = std::to_string(1000 + i);
+      add_root(*t.heap, cache_root_prefix + std::string(proto::max_cache_name - n.size(), 'c') + n, h);
+    }
+    add_root(*t.heap, cache_root_prefix + std::string(proto::max_cache_name, 'a'), h);  // a repeat
+    request_handler rh(*t.heap, {});
+    client_state observer;
+    const auto frame = proto::make_request(msg::caches, 3);
+    const reply r = rh.handle(observer, proto::decode_header(frame.data()), {});
+    CHECK(r.frame.size() <= proto::header_bytes + proto::max_payload);
+    auto parts = proto::split_reply(std::span<const std::uint8_t>(r.frame).subspan(proto::header_bytes));
+    REQUIRE(parts);
+    auto table = proto::decode_cache_table(parts->body);
+    REQUIRE(table);
+    CHECK(table->total == max_roots - 1);
+    const std::size_t fit = (proto::max_reply_body - proto::cache_table_header_bytes) /
+                            (proto::cache_row_fixed_bytes + proto::max_cache_name);
+    CHECK(table->rows.size() == fit);
+    CHECK(table->rows.front().name == std::string(proto::max_cache_name, 'a'));  // the first names
+    CHECK(table->rows.back().name.ends_with(std::to_string(1000 + fit - 1)));
   }
 }
 
@@ -588,6 +817,37 @@ TEST_SUITE("daemon in process") {
     }
     d.value()->request_stop();
     runner.join();
+    std::filesystem::remove_all(dir);
+  }
+
+  TEST_CASE("a scrape carries each shared cache's counters, labelled with its name") {
+    std::string dir;
+    const daemon_settings s = inproc_settings("inproc-cache", "127.0.0.1:0", dir);
+    auto d = daemon::open(s);
+    REQUIRE(d);
+    std::thread runner([&d] { d.value()->run(); });
+    {
+      // What the cache library does: a header in a large object, then a root naming it.
+      control_client c(s.socket_path);
+      REQUIRE(c.hello("cache-writer"));
+      auto big = c.request(msg::alloc_large, proto::encode(proto::alloc_large_msg{sizeof(cache_header), true}));
+      REQUIRE(big);
+      const auto object = proto::decode_large(big.value());
+      REQUIRE(object);
+      auto seg = segment::attach(s.heap.name);
+      REQUIRE(seg);
+      fill_counters(init_cache_header(*seg.value(), object->handle, "inproc", 8ULL << 20));
+      REQUIRE(c.request(msg::publish, proto::encode_publish({"cache:inproc", object->handle})));
+      const std::string scrape = test::http_get(d.value()->metrics_port());
+      CHECK(scrape.find("\nshmalloc_cache_hits_total{cache=\"inproc\"} 42\n") != std::string::npos);
+      CHECK(scrape.find("\nshmalloc_cache_misses_total{cache=\"inproc\"} 8\n") != std::string::npos);
+      CHECK(scrape.find("\nshmalloc_cache_items{cache=\"inproc\"} 5\n") != std::string::npos);
+      CHECK(scrape.find("\nshmalloc_cache_max_bytes{cache=\"inproc\"} 8388608\n") != std::string::npos);
+      CHECK(scrape.find("# TYPE shmalloc_cache_hits_total counter") != std::string::npos);
+    }
+    d.value()->request_stop();
+    runner.join();
+    CHECK_FALSE(segment::exists(s.heap.name));
     std::filesystem::remove_all(dir);
   }
 
