@@ -3,9 +3,10 @@
 // Each subcommand is one add_<name>() that registers it with CLI11 and returns
 // what to run when it is chosen; main() only parses and dispatches. The
 // commands that talk to the daemon over its Unix socket (stats, ping,
-// classes, clients, spans) share add_daemon_command and ask(); size-classes
-// needs no daemon. Tables print as memcached-tool does (a header row, aligned
-// columns); --json prints the same names as JSON, numbers as numbers.
+// classes, clients, spans, caches) share add_daemon_command and ask();
+// size-classes needs no daemon. Tables print as memcached-tool does (a
+// header row, aligned columns); --json prints the same names as JSON,
+// numbers as numbers.
 //
 // Exit codes: 0 success (also --help, --version), 1 the command failed (no
 // daemon answers, it refused, or its reply was malformed: one line on
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <ctime>
 #include <functional>
@@ -291,6 +293,55 @@ int print_spans(const daemon_options& o) {
   return flush_stdout();
 }
 
+// ---- caches -----------------------------------------------------------------
+
+const std::vector<std::string> cache_columns{"name", "max_bytes", "items", "bytes", "retired_bytes", "hits", "misses",
+                                             "hit_ratio", "puts", "evictions", "expirations", "repairs", "readers"};
+
+// hits / (hits + misses) to three places; null before the first lookup.
+json hit_ratio(std::uint64_t hits, std::uint64_t misses) {
+  if (hits + misses == 0) return nullptr;
+  return std::round(1000.0 * static_cast<double>(hits) / static_cast<double>(hits + misses)) / 1000.0;
+}
+
+json cache_json(const shmalloc::proto::cache_row& r) {
+  return {{"name", printable(r.name)},
+          {"max_bytes", r.max_bytes},
+          {"items", r.items},
+          {"bytes", r.bytes},
+          {"retired_bytes", r.retired_bytes},
+          {"hits", r.hits},
+          {"misses", r.misses},
+          {"hit_ratio", hit_ratio(r.hits, r.misses)},
+          {"puts", r.puts},
+          {"evictions", r.evictions},
+          {"expirations", r.expirations},
+          {"repairs", r.repairs},
+          {"readers", r.readers}};
+}
+
+// Per shared cache, by name. Like clients, the reply is one frame: past
+// about 400 caches the daemon sends as many as fit and the total.
+int print_caches(const daemon_options& o) {
+  auto t = ask(o, msg::caches, &shmalloc::proto::decode_cache_table);
+  if (!t) return exit_failure;
+  json rows = json::array();
+  for (const auto& r : t->rows) rows.push_back(cache_json(r));
+  const std::size_t left_out = t->total - t->rows.size();
+  if (o.json) {
+    std::cout << dump(json{{"total", t->total}, {"shown", t->rows.size()}, {"left_out", left_out}, {"caches", rows}})
+              << '\n';
+    return flush_stdout();
+  }
+  for (json& row : rows)
+    if (row["hit_ratio"].is_null()) row["hit_ratio"] = "-";
+  print_table(cache_columns, rows);
+  if (left_out != 0)
+    std::cout << "(" << left_out << " of " << t->total << " caches left out: the reply is limited to "
+              << shmalloc::proto::max_payload / 1024 << " KiB)\n";
+  return flush_stdout();
+}
+
 // ---- registration -----------------------------------------------------------
 
 void add_daemon_options(CLI::App* app, daemon_options& o) {
@@ -336,6 +387,8 @@ int main(int argc, char** argv) {
                          &print_clients),
       add_daemon_command(root, daemon, "spans", "The page map: pages committed, in use, free, released; runs; spans",
                          &print_spans),
+      add_daemon_command(root, daemon, "caches", "Per shared cache: items, bytes, hits, misses, evictions",
+                         &print_caches),
   };
 
   try {

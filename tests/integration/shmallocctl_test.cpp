@@ -1,6 +1,6 @@
-// shmallocctl against a live shmallocd: stats, ping, classes, clients and
-// spans, as JSON and as tables, and its errors when no daemon answers or the
-// daemon refuses.
+// shmallocctl against a live shmallocd: stats, ping, classes, clients,
+// spans and caches, as JSON and as tables, and its errors when no daemon
+// answers or the daemon refuses.
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 #include <sys/socket.h>
@@ -241,9 +241,25 @@ TEST_SUITE("shmallocctl") {
     CHECK(std::regex_search(out, std::regex("spans_in_use  large_spans\n +6 +1\n")));
   }
 
+  // The counters themselves, with caches clients made: cache_daemon_test.cpp.
+  TEST_CASE("caches on a heap with no cache prints the header alone, and an empty list as JSON") {
+    daemon_process d;
+    REQUIRE(d.started());
+    known_client k(d);  // a client, but no cache
+    const json t = ctl_json(d, "caches");
+    CHECK(t["total"] == 0);
+    CHECK(t["shown"] == 0);
+    CHECK(t["left_out"] == 0);
+    CHECK(t["caches"] == json::array());
+    std::string out;
+    REQUIRE(run_ctl("caches --socket " + d.socket, &out) == 0);
+    CHECK(out == "name  max_bytes  items  bytes  retired_bytes  hits  misses  hit_ratio  puts  evictions  expirations  "
+                 "repairs  readers\n");
+  }
+
   TEST_CASE("with no daemon every command exits 1 with one line on stderr") {
     const std::string sock = "/nonexistent/x.sock";
-    for (const char* cmd : {"stats", "ping", "classes", "clients", "spans"}) {
+    for (const char* cmd : {"stats", "ping", "classes", "clients", "spans", "caches"}) {
       CAPTURE(cmd);
       std::string out, err;
       CHECK(run_ctl(std::string(cmd) + " --socket " + sock, &out, &err) == 1);
