@@ -357,10 +357,13 @@ void retire(shmalloc_cache* c, cache_shard& s, shared_atomic<handle_t>* link, ha
   add(s.retired_bytes, e->charge);
 }
 
+// Links h into its chain, replacing the entry of the same key; expired
+// entries it passes go too.
 void link_entry(shmalloc_cache* c, cache_shard& s, handle_t h) {
   cache_entry* e = entry_at(c, h);
   tsan_release_cross_process();  // no code outside TSan builds
   shared_atomic<handle_t>* link = &buckets_of(c, s)[bucket_index(c->header, e->hash)];
+  std::uint64_t now = 0;
   for (handle_t cur = link->load(relaxed); cur != null_handle; cur = link->load(relaxed)) {
     cache_entry* old = entry_at(c, cur);
     if (matches(old, e->hash, e->key(), e->key_len)) {
@@ -368,6 +371,11 @@ void link_entry(shmalloc_cache* c, cache_shard& s, handle_t h) {
       retire(c, s, link, cur, h);
       add(s.bytes, e->charge);
       return;
+    }
+    if (expired(old, now)) {
+      retire(c, s, link, cur);
+      add(s.expirations, 1);
+      continue;
     }
     link = &old->next;
   }
@@ -377,10 +385,28 @@ void link_entry(shmalloc_cache* c, cache_shard& s, handle_t h) {
   add(s.bytes, e->charge);
 }
 
+// Takes the expired entries of one bucket out (readers only skip them).
+void expire_bucket(shmalloc_cache* c, cache_shard& s, std::uint32_t bucket, std::uint64_t& now) {
+  shared_atomic<handle_t>* link = &buckets_of(c, s)[bucket];
+  for (handle_t cur = link->load(relaxed); cur != null_handle; cur = link->load(relaxed)) {
+    cache_entry* e = entry_at(c, cur);
+    if (!expired(e, now)) {
+      link = &e->next;
+      continue;
+    }
+    retire(c, s, link, cur);
+    add(s.expirations, 1);
+  }
+}
+
 // CLOCK: sweeps buckets from the hand until the shard fits its budget.
+// Every put also moves the hand one bucket, taking expired entries out, so
+// they go in time even when the cache is under its budget.
 void evict(shmalloc_cache* c, cache_shard& s) {
   const std::uint32_t n = c->header->buckets_per_shard;
   std::uint64_t now = 0;
+  expire_bucket(c, s, s.clock_hand, now);
+  s.clock_hand = (s.clock_hand + 1) & (n - 1);
   for (std::uint32_t step = 0; step < 2 * n + 1 && s.bytes.load(relaxed) > c->shard_budget; ++step) {
     shared_atomic<handle_t>* link = &buckets_of(c, s)[s.clock_hand];
     s.clock_hand = (s.clock_hand + 1) & (n - 1);

@@ -86,6 +86,20 @@ bool hammer(shmalloc::cache& c, std::uint32_t seed, int ops, std::uint32_t keys)
   return true;
 }
 
+// Runs fn in a forked child that never returns into the test runner: any
+// exception ends the child with 2 (else it would run the rest of the suite).
+template <class Fn>
+pid_t fork_child(Fn fn) {
+  const pid_t pid = fork();
+  if (pid != 0) return pid;
+  int rc = 2;
+  try {
+    rc = fn() ? 0 : 1;
+  } catch (...) {
+  }
+  _exit(rc);
+}
+
 int wait_exit(pid_t pid) {
   int status = 0;
   waitpid(pid, &status, 0);
@@ -206,6 +220,22 @@ TEST_SUITE("shared cache") {
     CHECK(c.get("long-lived"));
   }
 
+  TEST_CASE("cache expired entries are taken out by later puts, and counted") {
+    attached a;
+    auto c = shmalloc::cache::open("ttl", 64 << 20);  // far from full: no eviction
+    for (std::uint32_t k = 0; k < 200; ++k) c.put(key_of(k), value_of(k, 1, 50), std::chrono::milliseconds(1));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // past every deadline
+    for (std::uint32_t k = 0; k < 200; ++k) CHECK_FALSE(c.get(key_of(k)));
+    // Each put moves its shard's hand one bucket: enough puts pass them all.
+    const std::uint32_t buckets = 64 * 4096;  // shards x buckets per shard at 64 MiB
+    for (std::uint32_t k = 1000; k < 1000 + 4 * buckets; ++k) c.put(key_of(k % 5000 + 1000), "x");
+    const auto s = c.stats();
+    CHECK(s.expirations == 200);
+    CHECK(s.evictions == 0);
+    CHECK(s.items == 5000);
+    CHECK(c.check() == 0);
+  }
+
   TEST_CASE("cache memory is all given back: live objects are the cache's own") {
     attached a;
     auto c = shmalloc::cache::open("accounted", 1 << 20);
@@ -226,7 +256,11 @@ TEST_SUITE("shared cache") {
     std::vector<std::thread> ts;
     for (std::uint32_t t = 0; t < 4; ++t)
       ts.emplace_back([&, t] {
-        if (!hammer(c, 100 + t, 6000, 300)) bad = true;
+        try {
+          if (!hammer(c, 100 + t, 6000, 300)) bad = true;
+        } catch (...) {
+          bad = true;
+        }
       });
     for (auto& t : ts) t.join();
     CHECK_FALSE(bad.load());
@@ -242,15 +276,18 @@ TEST_SUITE("shared cache") {
     const std::uint64_t base = a.live_objects();
     std::vector<pid_t> kids;
     for (std::uint32_t p = 0; p < 4; ++p) {
-      const pid_t pid = fork();
-      if (pid == 0) {
+      kids.push_back(fork_child([&] {
         bool thread_ok = false;
-        std::thread t([&] { thread_ok = hammer(c, 1000 + p, 4000, 500); });
+        std::thread t([&] {
+          try {
+            thread_ok = hammer(c, 1000 + p, 4000, 500);
+          } catch (...) {
+          }
+        });
         const bool ok = hammer(c, 2000 + p, 4000, 500);
         t.join();
-        _exit(ok && thread_ok ? 0 : 1);
-      }
-      kids.push_back(pid);
+        return ok && thread_ok;
+      }));
     }
     for (pid_t pid : kids) CHECK(wait_exit(pid) == 0);
     REQUIRE(c.check() == 0);
@@ -271,11 +308,7 @@ TEST_SUITE("shared cache") {
     std::mt19937 rng(11);
     constexpr int kills = 40;
     for (int round = 0; round < kills; ++round) {
-      const pid_t pid = fork();
-      if (pid == 0) {
-        hammer(c, 5000 + static_cast<std::uint32_t>(round), 1 << 30, 2000);
-        _exit(0);
-      }
+      const pid_t pid = fork_child([&] { return hammer(c, 5000 + static_cast<std::uint32_t>(round), 1 << 30, 2000); });
       // Wherever the kill lands, the checks below must hold: the delay only
       // spreads the points.
       std::this_thread::sleep_for(std::chrono::microseconds(500 + rng() % 20000));
@@ -304,13 +337,12 @@ TEST_SUITE("shared cache") {
     c.put("before", "fork");
     auto pinned = c.get("before");  // the parent holds a read section across the fork
     REQUIRE(pinned);
-    const pid_t pid = fork();
-    if (pid == 0) {
+    const pid_t pid = fork_child([&] {
       auto v = c.get("before");
-      if (!v || v->str() != "fork") _exit(1);
+      if (!v || v->str() != "fork") return false;
       c.put("child", "was here");
-      _exit(0);
-    }
+      return true;
+    });
     CHECK(wait_exit(pid) == 0);
     std::string v;
     CHECK(c.get_copy("child", v));

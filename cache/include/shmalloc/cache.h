@@ -17,7 +17,8 @@
  *                     over the cache's limit (max_bytes / 64)
  *   -16 (too small)   the buffer given to get cannot hold the value
  *   -4  (invalid)     a bad name or argument
- *   -1  (no memory)   the heap could not hold the entry
+ *   -1  (no memory)   the heap could not hold the entry, or all 512 reader
+ *                     slots of the cache are held (one per thread using it)
  *
  * A cache lives as long as its heap; there is no call that deletes one
  * (other processes may be reading it). Close caches before
@@ -51,7 +52,7 @@ typedef struct shmalloc_cache_stats {
   uint64_t evictions;     /* taken out by CLOCK to keep to the budget */
   uint64_t expirations;   /* taken out because their time to live passed */
   uint64_t repairs;       /* shards repaired after a writer died holding them */
-  uint64_t readers;       /* reader slots held by live threads */
+  uint64_t readers;       /* reader slots ever claimed (of 512; a thread holds one per cache) */
 } shmalloc_cache_stats;
 
 /* Opens the cache called name (1 to 57 characters, no spaces), creating it
