@@ -22,6 +22,7 @@
 #include <xxhash.h>
 
 #include "cache/layout.hpp"
+#include "shm/size_classes.hpp"
 #include "shm/errc.hpp"
 #include "shmalloc/cache.h"
 
@@ -78,6 +79,14 @@ bool expired(const cache_entry* e, std::uint64_t& now) noexcept {
 bool matches(const cache_entry* e, std::uint64_t h, const void* key, std::size_t len) noexcept {
   return e->hash == h && e->key_len == len && std::memcmp(e->key(), key, len) == 0;
 }
+// The bytes an object of `bytes` really takes: its size class, or whole
+// pages for a large object (what shmalloc_usable_size would say, without
+// the call and the span lookup).
+std::uint32_t charge_of(std::size_t bytes) noexcept {
+  if (bytes <= max_small_size) return class_to_size(size_to_class(bytes));
+  return static_cast<std::uint32_t>((bytes + page_size - 1) / page_size * page_size);
+}
+
 void release_ref(shmalloc_cache* c) noexcept {
   if (c->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete c;
 }
@@ -405,8 +414,10 @@ void expire_bucket(shmalloc_cache* c, cache_shard& s, std::uint32_t bucket, std:
 void evict(shmalloc_cache* c, cache_shard& s) {
   const std::uint32_t n = c->header->buckets_per_shard;
   std::uint64_t now = 0;
-  expire_bucket(c, s, s.clock_hand, now);
-  s.clock_hand = (s.clock_hand + 1) & (n - 1);
+  if (s.has_ttl != 0) {
+    expire_bucket(c, s, s.clock_hand, now);
+    s.clock_hand = (s.clock_hand + 1) & (n - 1);
+  }
   for (std::uint32_t step = 0; step < 2 * n + 1 && s.bytes.load(relaxed) > c->shard_budget; ++step) {
     shared_atomic<handle_t>* link = &buckets_of(c, s)[s.clock_hand];
     s.clock_hand = (s.clock_hand + 1) & (n - 1);
@@ -424,9 +435,9 @@ void evict(shmalloc_cache* c, cache_shard& s) {
   }
 }
 
-// The oldest epoch a live read section began in (UINT64_MAX: none). A slot
-// that blocks the stamp `oldest` is probed: a dead thread's is taken back.
-std::uint64_t oldest_reader(shmalloc_cache* c, std::uint64_t oldest_stamp, bool probe) {
+// The oldest epoch a live read section began in (UINT64_MAX: none). With
+// probe, each slot in a section is probed: a dead thread's is taken back.
+std::uint64_t oldest_reader(shmalloc_cache* c, bool probe) {
   cache_header* hd = c->header;
   std::uint64_t min = ~std::uint64_t{0};
   const std::uint32_t used = std::min(hd->readers_used.load(acquire), hd->max_readers);
@@ -434,7 +445,7 @@ std::uint64_t oldest_reader(shmalloc_cache* c, std::uint64_t oldest_stamp, bool 
     cache_reader& r = hd->readers[i];
     const std::uint64_t e = r.epoch.load(std::memory_order_seq_cst);
     if (e == 0) continue;
-    if (probe && e <= oldest_stamp) {
+    if (probe) {
       const int rc = pthread_mutex_trylock(&r.owner);
       if (rc == 0 || rc == EOWNERDEAD) {  // no live owner: its section is over
         if (rc == EOWNERDEAD) pthread_mutex_consistent(&r.owner);
@@ -448,15 +459,19 @@ std::uint64_t oldest_reader(shmalloc_cache* c, std::uint64_t oldest_stamp, bool 
   return min;
 }
 
-// Frees retired entries no read section can still reach.
+// Frees retired entries no read section can still reach. Reading the
+// reader slots costs a cache miss each (other processes write them on every
+// get), so a writer does it once per batch of retired entries, not per put.
+bool reclaim_due(const shmalloc_cache* c, const cache_shard& s) noexcept {
+  return s.retired_items.load(relaxed) >= 16 || s.retired_bytes.load(relaxed) >= c->shard_budget / 8;
+}
+
 void reclaim(shmalloc_cache* c, cache_shard& s) {
   if (s.retired == null_handle) return;
-  std::uint64_t oldest_stamp = ~std::uint64_t{0};
-  for (handle_t h = s.retired; h != null_handle; h = entry_at(c, h)->retired_next)
-    oldest_stamp = std::min(oldest_stamp, entry_at(c, h)->retire_epoch);
-  // Probing costs a trylock per blocking slot: only when the backlog is big.
+  // Probing costs a trylock per slot in a read section: only when the
+  // backlog is big (a dead reader holds it back).
   const bool probe = s.retired_bytes.load(relaxed) > c->shard_budget / 4;
-  const std::uint64_t min = oldest_reader(c, oldest_stamp, probe);
+  const std::uint64_t min = oldest_reader(c, probe);
   for (handle_t* link = &s.retired; *link != null_handle;) {
     cache_entry* e = entry_at(c, *link);
     if (e->retire_epoch >= min) {
@@ -485,7 +500,7 @@ int put(shmalloc_cache* c, const void* key, std::size_t len, const void* value, 
   e->hash = hash_key(key, len);
   e->key_len = static_cast<std::uint32_t>(len);
   e->value_len = static_cast<std::uint32_t>(value_len);
-  e->charge = static_cast<std::uint32_t>(shmalloc_usable_size(e));
+  e->charge = charge_of(bytes);
   e->expires_ns = ttl_ms == 0 ? 0 : now_ns() + ttl_ms * 1'000'000;
   e->referenced.store(0, relaxed);
   e->next.store(null_handle, relaxed);
@@ -495,11 +510,12 @@ int put(shmalloc_cache* c, const void* key, std::size_t len, const void* value, 
   if (value_len != 0) std::memcpy(const_cast<std::byte*>(e->value()), value, value_len);
   cache_shard& s = c->header->shards[shard_index(e->hash)];
   lock_shard(c, s, b->index);
+  if (ttl_ms != 0 && s.has_ttl == 0) s.has_ttl = 1;
   link_entry(c, s, h);
   b->slot->pending.store(null_handle, release);
   add(s.puts, 1);
   evict(c, s);
-  reclaim(c, s);
+  if (reclaim_due(c, s)) reclaim(c, s);
   unlock_shard(s);
   return 0;
 }
@@ -524,7 +540,7 @@ int erase(shmalloc_cache* c, const void* key, std::size_t len) {
     }
     link = &entry_at(c, cur)->next;
   }
-  reclaim(c, s);
+  if (reclaim_due(c, s)) reclaim(c, s);
   unlock_shard(s);
   return rc;
 }

@@ -25,7 +25,10 @@
 //   writer  unlink the entry (under the shard lock); r = E++ ; stamp the
 //           entry retire_epoch = r and put it on the shard's retire list.
 //           It is freed once every reader slot is idle or shows an epoch > r:
-//           those readers started after the unlink and cannot reach it.
+//           those readers started after the unlink and cannot reach it. The
+//           shard's writers look at the reader slots once per batch of
+//           retired entries (16, or an eighth of the shard's budget): each
+//           slot is a cache line another process writes on every get.
 // A zero-copy view (C++ cache::view) is a read section held open: it keeps
 // its thread's epoch, so a long-held view delays the freeing of every value
 // replaced meanwhile (retired bytes are reported apart from live bytes).
@@ -155,6 +158,7 @@ struct alignas(64) cache_shard {
   shared_atomic<std::uint64_t> repairs;        // times a locker found its writer dead
   std::uint32_t clock_hand;                    // next bucket the evictor looks at
   std::uint32_t writer;                        // reader slot + 1 of the mutex holder, 0 = none
+  std::uint32_t has_ttl;                       // set (never cleared) by the first put with a TTL
 };
 
 // A reader slot: one per thread using the cache.

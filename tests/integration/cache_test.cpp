@@ -200,7 +200,8 @@ TEST_SUITE("shared cache") {
     CHECK(s.bytes > budget / 2);  // eviction takes what it must, not everything
     CHECK(s.evictions > 0);
     CHECK(s.items + s.evictions == 20000);
-    CHECK(s.retired_items == 0);  // no reader held a section: all freed
+    CHECK(s.retired_items <= 16 * 64);  // freed in batches: at most a batch per shard waits
+    CHECK(s.bytes + s.retired_bytes <= budget + budget / 8);
     int found = 0;
     for (std::uint32_t k = 0; k < 20000; ++k) {
       std::string v;
