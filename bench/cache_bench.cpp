@@ -3,13 +3,16 @@
 // processes. bench/run.sh runs it and writes the table in docs/benchmarks.md.
 //
 //   cache_bench <system> [--procs 1,2,4] [--seconds 2] [--keys 100000]
-//               [--get-percent 90] [--zipf 0.99] [--daemon PATH]
-//   system: shmalloc | memcached | redis | boostipc
+//               [--get-percent 90] [--zipf 0.99] [--daemon PATH] [--budget-mb 256]
+//               [--memcached-threads 4]
+//   system: shmalloc | memcached | redis | boostipc | shmalloc-zerocopy
 //
 // Each run starts what it measures and stops it by pid:
 //   shmalloc   shmallocd from the build tree, on a heap name and socket of
 //              its own; the cache is shmalloc::cache (copying get).
-//   memcached  memcached -p <free port> -l 127.0.0.1 -U 0 -m 1024
+//              shmalloc-zerocopy: the same, but gets pin the value and check
+//              it where it lies (shmalloc_cache_pin/unpin).
+//   memcached  memcached -p <free port> -l 127.0.0.1 -U 0 -m 1024 -t 4
 //   redis      redis-server --port <free port> --bind 127.0.0.1 --save ''
 //              --appendonly no
 //   boostipc   a managed_shared_memory segment holding a boost::unordered_map
@@ -29,12 +32,15 @@
 // rest of its bytes must match, so no system wins by returning garbage.
 // All processes start together and run for a fixed time; each counts its
 // operations and times every 64th one with clock_gettime (the latency
-// includes two clock reads, printed as "clock overhead").
+// includes two clock reads, printed as "clock,<ns>").
 //
 // Output: one CSV line per process count,
-//   system,procs,gets_per_s,ops_per_s,get_p50_ns,get_p99_ns,put_p50_ns,put_p99_ns,misses,gets
-// and "clock,pair_ns" once. Progress and errors on stderr. Exit status 1 if
-// anything failed (a check, a connection, the server).
+//   system,procs,gets_per_s,ops_per_s,get_p50_ns,get_p99_ns,put_p50_ns,put_p99_ns,misses,gets,
+//   get_mean_ns,put_mean_ns
+// "clock,pair_ns" once, and for shmalloc "daemon,procs,requests,puts": the
+// control requests shmallocd served during the run. Progress and errors on
+// stderr. Exit status 1 if anything failed (a check, a connection, the
+// server).
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -74,6 +80,7 @@
 #include <boost/unordered_map.hpp>
 
 #ifndef CACHE_BENCH_NO_SHMALLOC
+#include "shm/control_client.hpp"
 #include "shmalloc/cache.h"
 #include "shmalloc/shmalloc.h"
 #endif
@@ -118,6 +125,7 @@ struct options {
   int get_percent = 90;
   double zipf = 0.99;
   u64 budget_mb = 256;  // shmalloc's cache budget: room for every key (about 70 MB), no evictions
+  int memcached_threads = 4;  // memcached's default
 #ifdef SHMALLOC_DAEMON_PATH
   std::string daemon = SHMALLOC_DAEMON_PATH;
 #else
@@ -401,7 +409,7 @@ struct memcached_client {
     c->flush();
     c->expect("STORED");
   }
-  long get(std::string_view key, char* buf, std::size_t cap) {
+  long get(std::string_view key, char* buf, std::size_t cap, const char**) {
     c->out.append("get ").append(key).append("\r\n");
     c->flush();
     const std::string_view l = c->line();
@@ -444,7 +452,7 @@ struct redis_client {
     c->flush();
     c->expect("+OK");
   }
-  long get(std::string_view key, char* buf, std::size_t cap) {
+  long get(std::string_view key, char* buf, std::size_t cap, const char**) {
     c->out.append("*2\r\n$3\r\nGET\r\n");
     bulk(key);
     c->flush();
@@ -518,7 +526,7 @@ struct boostipc_client {
       table->map.emplace(shm_string(key.data(), key.size(), m), shm_string(v, n, m));
     }
   }
-  long get(std::string_view key, char* buf, std::size_t cap) {
+  long get(std::string_view key, char* buf, std::size_t cap, const char**) {
     bip::scoped_lock<bip::interprocess_mutex> lock(table->mutex);
     auto it = table->map.find(key, view_hash(), view_equal());
     if (it == table->map.end()) return -1;
@@ -542,7 +550,9 @@ const char* cache_name = "cache-bench";
 struct shmalloc_client {
   std::string socket;
   u64 budget = 0;  // the preloading process creates the cache with it
+  bool zero_copy = false;
   shmalloc_cache* cache = nullptr;
+  bool pinned = false;
   static void check(int rc, const char* what) {
     if (rc != 0) throw std::runtime_error(std::string(what) + ": " + shmalloc_strerror(rc));
   }
@@ -553,13 +563,25 @@ struct shmalloc_client {
   void put(std::string_view key, const char* v, std::size_t n) {
     check(shmalloc_cache_put(cache, key.data(), key.size(), v, n, 0), "shmalloc_cache_put");
   }
-  long get(std::string_view key, char* buf, std::size_t cap) {
+  long get(std::string_view key, char* buf, std::size_t cap, const char** data) {
     std::size_t n = 0;
+    if (zero_copy) {  // the value where it lies, pinned until release()
+      const void* v = nullptr;
+      const int rc = shmalloc_cache_pin(cache, key.data(), key.size(), &v, &n);
+      if (rc == -7) return -1;
+      check(rc, "shmalloc_cache_pin");
+      pinned = true;
+      *data = static_cast<const char*>(v);
+      return long(n);
+    }
     const int rc = shmalloc_cache_get(cache, key.data(), key.size(), buf, cap, &n);
     if (rc == -7) return -1;
     if (rc == -16) return -2;
     check(rc, "shmalloc_cache_get");
     return long(n);
+  }
+  void release() {
+    if (pinned) shmalloc_cache_unpin(cache), pinned = false;
   }
   void preload(const workload& w) {
     for (u32 k = 0; k < w.nkeys; ++k) put(w.keys[k], w.value(k), w.length[k]);
@@ -625,14 +647,16 @@ u64 run_ops(Client& c, const workload& w, const std::vector<u32>& ops, u64 at, u
     } else {
       const u64 t0 = timed ? now_ns() : 0;
       if (timed && t0 >= end_ns) break;
-      const long got = c.get(key, buf, sizeof buf);
+      const char* data = buf;
+      const long got = c.get(key, buf, sizeof buf, &data);
       if (timed) {
         const u64 t1 = now_ns();
         if (get_ns != nullptr && n.get_samples < max_samples) get_ns[n.get_samples++] = clamp_ns(t1 - t0);
       }
       ++n.gets;
       if (got == -1) ++n.misses;
-      else if (got < 0 || !w.check(k, buf, std::size_t(got), procs)) ++n.bad;
+      else if (got < 0 || !w.check(k, data, std::size_t(got), procs)) ++n.bad;
+      if constexpr (requires { c.release(); }) c.release();
     }
     ++n.ops;
   }
@@ -679,6 +703,12 @@ double percentile(std::vector<u32>& v, double p) {
   return v[at];
 }
 
+double mean(const std::vector<u32>& v) {
+  double sum = 0;
+  for (u32 x : v) sum += x;
+  return v.empty() ? 0 : sum / double(v.size());
+}
+
 // The ns that two back-to-back clock reads add to a timed operation.
 double clock_pair_ns() {
   std::vector<u32> d(100'000);
@@ -689,8 +719,11 @@ double clock_pair_ns() {
   return percentile(d, 0.5);
 }
 
+// requests: the daemon's count of control requests (round trips), for
+// shmalloc; reported per process count as "daemon,procs,requests,puts".
 template <class Client>
-bool run_all(const Client& proto, const workload& w, const options& o, const std::function<bool()>& alive) {
+bool run_all(const Client& proto, const workload& w, const options& o, const std::function<bool()>& alive,
+             const std::function<u64()>& requests = {}) {
   shared_area* area = shared_map<shared_area>(1);
   u32* get_ns = shared_map<u32>(max_procs * max_samples);
   u32* put_ns = shared_map<u32>(max_procs * max_samples);
@@ -717,6 +750,8 @@ bool run_all(const Client& proto, const workload& w, const options& o, const std
         }
       usleep(1000);
     }
+    // Round trips from here on: the timed run, and each client's goodbye.
+    const u64 requests_before = requests ? requests() : 0;
     area->start_ns.store(now_ns() + 20'000'000);
     for (std::size_t i = 0; i < pids.size(); ++i)
       if (!reaped[i]) waitpid(pids[i], nullptr, 0);
@@ -748,9 +783,16 @@ bool run_all(const Client& proto, const workload& w, const options& o, const std
       ok = false;
     }
     if (!ok) break;
-    std::printf("%s,%d,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%llu,%llu\n", o.system.c_str(), procs, gets_per_s, ops_per_s,
-                percentile(gs, 0.5), percentile(gs, 0.99), percentile(ps, 0.5), percentile(ps, 0.99),
-                (unsigned long long)total.misses, (unsigned long long)total.gets);
+    std::printf("%s,%d,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%llu,%llu,%.0f,%.0f\n", o.system.c_str(), procs, gets_per_s,
+                ops_per_s, percentile(gs, 0.5), percentile(gs, 0.99), percentile(ps, 0.5), percentile(ps, 0.99),
+                (unsigned long long)total.misses, (unsigned long long)total.gets, mean(gs), mean(ps));
+    if (requests) {
+      // Less the stats request itself.
+      const u64 n = requests() - requests_before - 1;
+      std::printf("daemon,%d,%llu,%llu\n", procs, (unsigned long long)n, (unsigned long long)total.puts);
+      std::fprintf(stderr, "cache_bench: %d processes made %llu control requests to shmallocd (%.1f per 1,000 puts)\n",
+                   procs, (unsigned long long)n, 1000.0 * double(n) / double(std::max<u64>(total.puts, 1)));
+    }
     std::fflush(stdout);
     std::fprintf(stderr, "cache_bench: %-9s %d processes: %11.0f gets/s, get p50 %.0f ns p99 %.0f ns, %llu misses\n",
                  o.system.c_str(), procs, gets_per_s, percentile(gs, 0.5), percentile(gs, 0.99),
@@ -817,9 +859,10 @@ int main(int argc, char** argv) {
     else if (a == "--zipf") o.zipf = std::atof(next().c_str());
     else if (a == "--daemon") o.daemon = next();
     else if (a == "--budget-mb") o.budget_mb = u64(std::atoll(next().c_str()));
+    else if (a == "--memcached-threads") o.memcached_threads = std::atoi(next().c_str());
     else if (a[0] != '-' && o.system.empty()) o.system = a;
     else die("usage: cache_bench shmalloc|memcached|redis|boostipc [--procs 1,2,4] [--seconds S] [--keys N] "
-             "[--get-percent P] [--zipf S] [--daemon PATH]");
+             "[--get-percent P] [--zipf S] [--daemon PATH] [--budget-mb M] [--memcached-threads T]");
   }
   if (o.keys < 1 || o.seconds <= 0 || o.get_percent < 0 || o.get_percent > 100) die("bad options");
   signal(SIGPIPE, SIG_IGN);
@@ -835,7 +878,8 @@ int main(int argc, char** argv) {
     if (o.system == "memcached") {
       // -m: room for every key (the default 64 MB would evict); as root it
       // needs a user to run as.
-      args = {"memcached", "-p", std::to_string(port), "-l", "127.0.0.1", "-U", "0", "-m", "1024"};
+      args = {"memcached", "-p", std::to_string(port), "-l", "127.0.0.1", "-U", "0", "-m", "1024",
+              "-t", std::to_string(o.memcached_threads)};
       if (geteuid() == 0) args.insert(args.end(), {"-u", "nobody"});
     } else {
       args = {"redis-server", "--port", std::to_string(port), "--bind", "127.0.0.1", "--save", "",
@@ -877,7 +921,7 @@ int main(int argc, char** argv) {
     preload(c, w);
     ok = run_all(c, w, o, [] { return true; });
 #ifndef CACHE_BENCH_NO_SHMALLOC
-  } else if (o.system == "shmalloc") {
+  } else if (o.system == "shmalloc" || o.system == "shmalloc-zerocopy") {
     if (o.daemon.empty()) die("--daemon: the path of shmallocd");
     const std::string heap = "cache-bench-" + std::to_string(getpid());
     const std::string socket = dir.path + "/shmallocd.sock";
@@ -896,9 +940,16 @@ int main(int argc, char** argv) {
           return up;
         },
         "shmallocd", log);
-    preload(shmalloc_client{socket, o.budget_mb << 20, nullptr}, w);
-    const shmalloc_client c{socket, 0, nullptr};
-    ok = run_all(c, w, o, [daemon] { return process_alive(daemon); });
+    preload(shmalloc_client{socket, o.budget_mb << 20, false, nullptr, false}, w);
+    shmalloc_client c{socket, 0, false, nullptr, false};
+    c.zero_copy = o.system == "shmalloc-zerocopy";
+    const auto requests = [&socket]() -> u64 {
+      shmalloc::control_client cc(socket);
+      auto body = cc.request(shmalloc::proto::msg::stats);
+      const auto st = body ? shmalloc::proto::decode_stats(body.value()) : std::nullopt;
+      return st ? st->control_requests_total : 0;
+    };
+    ok = run_all(c, w, o, [daemon] { return process_alive(daemon); }, requests);
     stop(daemon, "shmallocd");
     // Nothing of this heap may stay in /dev/shm.
     std::error_code ec;
@@ -912,7 +963,7 @@ int main(int argc, char** argv) {
     }
 #endif
   } else {
-    die("unknown system '" + o.system + "' (shmalloc, memcached, redis, boostipc)");
+    die("unknown system '" + o.system + "' (shmalloc, memcached, redis, boostipc, shmalloc-zerocopy)");
   }
   if (!ok) {
     const std::string l = slurp(log);
