@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <memory>
@@ -29,6 +30,26 @@ using namespace shmalloc::test;
 using proto::msg;
 
 namespace {
+// True once every thread of pid shows state T (stopped) in /proc; false
+// after 10 s. A SIGSTOP takes effect when each thread next enters the
+// kernel, which on a loaded machine can come after the sender's next call.
+bool wait_all_threads_stopped(pid_t pid) {
+  const std::string dir = "/proc/" + std::to_string(pid) + "/task";
+  for (int i = 0; i < 1000; ++i) {
+    bool all = true;
+    for (const auto& t : std::filesystem::directory_iterator(dir)) {
+      std::ifstream in(t.path() / "stat");
+      std::string line;
+      std::getline(in, line);
+      const auto close = line.rfind(')');
+      if (close == std::string::npos || close + 2 >= line.size() || line[close + 2] != 'T') all = false;
+    }
+    if (all) return true;
+    usleep(10000);
+  }
+  return false;
+}
+
 std::vector<std::uint32_t> refill(raw_client& c, std::uint8_t spc, std::uint16_t n, errc* status = nullptr) {
   auto f = c.call(msg::refill, proto::encode(proto::refill_msg{spc, n}));
   if (!f) return {};
@@ -472,7 +493,8 @@ TEST_SUITE("shmallocd security and deadlines") {
     REQUIRE(d.started());
     raw_client c(d.socket);
     REQUIRE(c.hello());
-    kill(d.pid(), SIGSTOP);  // it will never answer
+    kill(d.pid(), SIGSTOP);  // it will never answer, once every thread has stopped:
+    REQUIRE(wait_all_threads_stopped(d.pid()));  // kill() returns before that on a busy machine
     // In a child, so that a hang is a failure here, not a stuck test: a
     // signal every 50 ms (SA_RESTART: recv with SO_RCVTIMEO returns EINTR
     // anyway) must not restart the 1 s timeout each time.
