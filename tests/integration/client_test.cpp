@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <algorithm>
 #include <random>
 #include <set>
@@ -115,7 +116,9 @@ std::uint64_t heap_inuse(const std::string& socket) {
 
 // heap_inuse once it has settled: frees into spans the daemon holds come
 // back when it sweeps them (within a tick of 100 ms), so it is read until
-// two reads 150 ms apart agree (2 s at most).
+// two reads 150 ms apart agree (2 s at most). A loaded machine can delay the
+// daemon's tick past one such pair of reads: for an upper bound, use
+// heap_inuse_down_to.
 std::uint64_t heap_inuse_settled(const std::string& socket) {
   std::uint64_t last = heap_inuse(socket);
   for (int i = 0; i < 13; ++i) {
@@ -127,12 +130,40 @@ std::uint64_t heap_inuse_settled(const std::string& socket) {
   return last;
 }
 
+// heap_inuse once it is at most bound, or whatever it is after 20 s. What
+// the daemon sweeps (frees into spans it holds) comes back on its
+// housekeeping tick, which no request can wait for: the bound is awaited,
+// not assumed reached when reads stop changing.
+std::uint64_t heap_inuse_down_to(const std::string& socket, std::uint64_t bound) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  std::uint64_t now = heap_inuse(socket);
+  while (now > bound && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    now = heap_inuse(socket);
+  }
+  return now;
+}
+
+// This process's row in the daemon's client table, asked without doctest
+// (for forked children): found by its pid, which the daemon reads from the
+// socket. Nullopt if the daemon does not answer or lists no such client.
+std::optional<proto::client_row> own_client_row(const std::string& socket) {
+  control_client c(socket);
+  auto body = c.request(proto::msg::clients);
+  if (!body) return std::nullopt;
+  auto table = proto::decode_client_table(body.value());
+  if (!table) return std::nullopt;
+  for (const proto::client_row& row : table->rows)
+    if (row.pid == static_cast<std::uint32_t>(getpid())) return row;
+  return std::nullopt;
+}
+
 // Runs body in a child with SHMALLOC_CACHE_DECAY_MS=decay (read when the
 // child attaches); body writes what it measured into out. The child's exit
 // status, its numbers, and what it wrote on stderr.
 struct child_run {
   int status = -1;
-  std::uint64_t out[4] = {};
+  std::uint64_t out[8] = {};
   std::string err;
 };
 child_run run_with_decay(const char* decay, void (*body)(const std::string& socket, std::uint64_t* out),
@@ -146,7 +177,7 @@ child_run run_with_decay(const char* decay, void (*body)(const std::string& sock
     close(err[0]);
     dup2(err[1], 2);
     setenv("SHMALLOC_CACHE_DECAY_MS", decay, 1);
-    std::uint64_t out[4] = {};
+    std::uint64_t out[8] = {};
     body(socket, out);
     if (write(data[1], out, sizeof out) != static_cast<ssize_t>(sizeof out)) return 9;
     shmalloc_detach();
@@ -364,7 +395,13 @@ TEST_SUITE("libshmalloc") {
 
   TEST_CASE("shmalloc_trim gives back at once every cached span without a live object and every cached large object") {
     attached_daemon a;
-    // out[0]: held before the trim; out[1]: after; out[2]: live objects intact.
+    // The trim's own effect is read from the child's row in the client
+    // table, at once: out[3], out[4] its bytes held and large objects
+    // before the trim, out[5], out[6] after it. out[0]: heap_inuse before
+    // the trim; out[1]: after it, once the daemon has swept the frees into
+    // the full spans it was given before (its 100 ms tick, which a loaded
+    // machine delays: awaited, not guessed); out[2]: live objects intact.
+    constexpr std::uint64_t live_spans_bytes = 10 * class_span_bytes(size_to_class(256));
     const child_run r = run_with_decay("off", [](const std::string& socket, std::uint64_t* out) {
       std::vector<void*> objs;
       for (int i = 0; i < 2000; ++i) objs.push_back(shmalloc_alloc(256));
@@ -379,15 +416,27 @@ TEST_SUITE("libshmalloc") {
         }
       }
       out[0] = heap_inuse(socket);
+      const auto before = own_client_row(socket);
       shmalloc_trim();
-      out[1] = heap_inuse_settled(socket);
+      const auto after = own_client_row(socket);
+      if (!before || !after) _exit(8);
+      out[3] = before->bytes_held;
+      out[4] = before->large_objects;
+      out[5] = after->bytes_held;
+      out[6] = after->large_objects;
+      out[1] = heap_inuse_down_to(socket, live_spans_bytes);
       out[2] = std::all_of(live.begin(), live.end(), [](void* p) { return intact(p, 256); });
       for (void* p : live) shmalloc_free(p);
     }, a.d.socket);
     REQUIRE(r.status == 0);
-    INFO("held " << r.out[0] << " -> " << r.out[1] << " bytes");
+    INFO("heap in use " << r.out[0] << " -> " << r.out[1] << " bytes; the child held " << r.out[3] << " bytes ("
+                        << r.out[4] << " large objects) -> " << r.out[5] << " (" << r.out[6] << ")");
     CHECK(r.out[0] >= (512u << 10));
-    CHECK(r.out[1] <= 10 * class_span_bytes(size_to_class(256)));  // the 10 spans with a live object
+    CHECK(r.out[3] >= (256u << 10));  // spans in its pool and waiting to go back, and two large objects
+    CHECK(r.out[4] >= 1);
+    CHECK(r.out[5] <= live_spans_bytes);  // at once: what it holds has no span without a live object
+    CHECK(r.out[6] == 0);
+    CHECK(r.out[1] <= live_spans_bytes);  // the 10 spans with a live object
     CHECK(r.out[2] == 1);
     a.check_heap();
   }
