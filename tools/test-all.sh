@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs every test twice: a normal optimised build and an
-# ASan+UBSan debug build (which also turns on the expensive assertions);
+# ASan+UBSan debug build (which also turns on the expensive assertions; the
+# minute-long soak runs in the normal build only);
 # then, under TSan, the stress suite (the lock-free remote-free bitmaps from
 # threads and processes), libshmalloc's multi-thread tests (the span pool),
 # the shared cache's lock-free reads beside its writers, and the daemon
@@ -11,17 +12,18 @@ jobs=$(nproc)
 # Objects some other run left behind are not ours to judge: compare.
 before=$(ls /dev/shm | grep '^shmalloc-test-' || true)
 
-run_suite() {  # build-dir, extra cmake args...
+run_suite() {  # build-dir, extra cmake args... (ctest arguments in $ctest_args)
   local dir=$1; shift
   cmake -S . -B "$dir" -G Ninja "$@" >/dev/null
   cmake --build "$dir" -j "$jobs"
-  ctest --test-dir "$dir" -j "$jobs" --output-on-failure
+  # shellcheck disable=SC2086
+  ctest --test-dir "$dir" -j "$jobs" --output-on-failure ${ctest_args:-}
 }
 
 echo "== normal build (RelWithDebInfo)"
 run_suite build -DCMAKE_BUILD_TYPE=RelWithDebInfo
 echo "== ASan+UBSan build (Debug)"
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 ctest_args="-LE soak" \
   run_suite build-asan -DCMAKE_BUILD_TYPE=Debug -DSHMALLOC_SANITIZE=address,undefined
 echo "== TSan build (Debug) of the lock-free and threaded code: the stress suite, libshmalloc's threads, metrics"
 cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHMALLOC_SANITIZE=thread >/dev/null
