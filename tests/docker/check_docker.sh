@@ -3,12 +3,15 @@
 #   a. docker-compose parses docker/compose.yaml (`config -q`);
 #   b. promtool accepts docker/prometheus/prometheus.yml, and parses every
 #      PromQL expression of the Grafana dashboard (as recording rules);
-#   c. the dashboard JSON parses, every panel has a title and queries, and
+#   c. the dashboard JSON parses, every panel has a title and queries, panel
+#      ids are unique and panels do not overlap on the 24-column grid, and
 #      every metric name its queries use is one a live shmallocd exports: the
 #      daemon from <build-dir> is started on a heap and socket of its own with
 #      --metrics 127.0.0.1:0, its port read from `shmallocctl stats --json`,
-#      /metrics fetched with curl, the daemon stopped by its pid, and /dev/shm
-#      checked for anything left behind.
+#      the build's examples/cache_workload run against it for half a second
+#      (the shmalloc_cache_* families appear only once a cache is in the
+#      heap), /metrics fetched with curl, the daemon stopped by its pid, and
+#      /dev/shm checked for anything left behind.
 # A missing docker-compose or promtool skips that step with a message; the
 # rest still runs. Exit 0: all passed; 1: a check failed; 77: nothing failed
 # but a step was skipped (ctest SKIP_RETURN_CODE).
@@ -92,6 +95,32 @@ def walk(panels):
 walk(d.get("panels") or [])
 if not d.get("panels"):
     problems.append("the dashboard has no panels")
+
+# Layout: ids unique (nested panels of collapsed rows included), and the
+# top-level panels inside the 24 columns and not overlapping one another.
+ids = []
+def collect_ids(panels):
+    for p in panels:
+        ids.append(p.get("id"))
+        collect_ids(p.get("panels") or [])
+collect_ids(d.get("panels") or [])
+for i in sorted({i for i in ids if ids.count(i) > 1}, key=str):
+    problems.append(f"panel id {i} is used {ids.count(i)} times")
+boxes = []
+for p in d.get("panels") or []:
+    g = p.get("gridPos") or {}
+    where = f"panel {p.get('id', '?')} '{p.get('title')}'"
+    try:
+        x, y, w, h = (int(g[k]) for k in ("x", "y", "w", "h"))
+    except (KeyError, TypeError, ValueError):
+        problems.append(f"{where} has no complete gridPos: {g}")
+        continue
+    if x < 0 or y < 0 or w < 1 or h < 1 or x + w > 24:
+        problems.append(f"{where} is off the 24-column grid: {g}")
+    for other, (ox, oy, ow, oh) in boxes:
+        if x < ox + ow and ox < x + w and y < oy + oh and oy < y + h:
+            problems.append(f"{where} overlaps {other}: {g}")
+    boxes.append((where, (x, y, w, h)))
 for v in d.get("templating", {}).get("list", []):
     if v.get("type") == "query":
         q = v.get("query")
@@ -188,7 +217,8 @@ def package_of(path):
     return None
 
 needed = {}
-for prog in ("service/shmallocd", "service/shmallocctl", "examples/span_workers", "examples/heap_demo"):
+for prog in ("service/shmallocd", "service/shmallocctl", "examples/span_workers", "examples/cache_workload",
+             "examples/heap_demo"):
     out = subprocess.run(["ldd", f"{build}/{prog}"], capture_output=True, text=True, check=True).stdout
     for m in re.finditer(r"^\s*(\S+) => (/\S+)", out, flags=re.M):
         lib, path = m.groups()
@@ -230,6 +260,15 @@ if [ -n "$names" ]; then
     port=$("$build/service/shmallocctl" stats --json --socket "$tmp/s.sock" |
       python3 -c 'import json, sys; print(json.load(sys.stdin).get("metrics_port", 0))')
     [ "${port:-0}" != 0 ] || { fail "shmallocd reports no metrics port (metrics_port 0)"; port=; }
+  fi
+  # A cache in the heap, so that its shmalloc_cache_* families are exported:
+  # the stack's cache-workload service runs the same program.
+  if [ -n "$port" ]; then
+    if "$build/examples/cache_workload" --socket "$tmp/s.sock" --seconds 0.5 --readers 1 >"$tmp/cache_workload.log" 2>&1; then
+      pass "examples/cache_workload ran against it: $(grep -m1 'hit ratio' "$tmp/cache_workload.log" | sed 's/^ *//')"
+    else
+      fail "examples/cache_workload failed against shmallocd: $(tail -n 5 "$tmp/cache_workload.log")"
+    fi
   fi
   if [ -n "$port" ]; then
     if ! curl -sSf --max-time 5 "http://127.0.0.1:$port/metrics" >"$tmp/metrics.txt"; then
