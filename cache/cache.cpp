@@ -219,12 +219,16 @@ const cache_entry* find(const shmalloc_cache* c, std::uint64_t h, const void* ke
   return nullptr;
 }
 
+// 0, or why a key (1 to 4,096 bytes) cannot be one.
+int check_key(const shmalloc_cache* c, const void* key, std::size_t len) noexcept {
+  if (c == nullptr || (key == nullptr && len != 0)) return fail(errc::invalid_argument);
+  return len == 0 || len > cache_max_key ? fail(errc::too_large) : 0;
+}
+
 // Leaves the section open on a hit (the caller's pin), closed on a miss.
 int pin(shmalloc_cache* c, const void* key, std::size_t len, const void** value, std::size_t* value_len) {
-  if (c == nullptr || (key == nullptr && len != 0)) return fail(errc::invalid_argument);
-  if (len == 0 || len > cache_max_key) return fail(errc::too_large);
-  int rc = 0;
-  binding* b = bind(c, &rc);
+  int rc = check_key(c, key, len);
+  binding* b = rc == 0 ? bind(c, &rc) : nullptr;
   if (b == nullptr) return rc;
   const std::uint64_t h = hash_key(key, len);
   enter(c, *b);
@@ -487,9 +491,8 @@ void reclaim(shmalloc_cache* c, cache_shard& s) {
 
 int put(shmalloc_cache* c, const void* key, std::size_t len, const void* value, std::size_t value_len,
         std::uint64_t ttl_ms) {
-  if (c == nullptr || (key == nullptr && len != 0) || (value == nullptr && value_len != 0))
-    return fail(errc::invalid_argument);
-  if (len == 0 || len > cache_max_key) return fail(errc::too_large);
+  if (value == nullptr && value_len != 0) return fail(errc::invalid_argument);
+  if (int rc = check_key(c, key, len); rc != 0) return rc;
   const std::size_t bytes = cache_entry::value_offset(static_cast<std::uint32_t>(len)) + value_len;
   if (value_len > c->shard_budget || bytes > c->shard_budget) return fail(errc::too_large);
   int rc = 0;
@@ -521,10 +524,8 @@ int put(shmalloc_cache* c, const void* key, std::size_t len, const void* value, 
 }
 
 int erase(shmalloc_cache* c, const void* key, std::size_t len) {
-  if (c == nullptr || (key == nullptr && len != 0)) return fail(errc::invalid_argument);
-  if (len == 0 || len > cache_max_key) return fail(errc::too_large);
-  int rc = 0;
-  binding* b = bind(c, &rc);
+  int rc = check_key(c, key, len);
+  binding* b = rc == 0 ? bind(c, &rc) : nullptr;
   if (b == nullptr) return rc;
   const std::uint64_t h = hash_key(key, len);
   cache_shard& s = c->header->shards[shard_index(h)];
