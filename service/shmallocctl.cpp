@@ -8,6 +8,13 @@
 // header row, aligned columns); --json prints the same names as JSON,
 // numbers as numbers.
 //
+// --socket and --json are options of the root command, and every
+// subcommand falls through to it (CLI11's fallthrough), so they may come
+// before the subcommand or after it, as with docker -H, kubectl --context or
+// redis-cli -s: `shmallocctl --socket P stats` and `shmallocctl stats
+// --socket P` are the same. Options of one subcommand (classes --all) come
+// after it.
+//
 // Exit codes: 0 success (also --help, --version), 1 the command failed (no
 // daemon answers, it refused, or its reply was malformed: one line on
 // stderr), 2 usage error (no or unknown subcommand, bad option; help goes to stderr).
@@ -344,15 +351,26 @@ int print_caches(const daemon_options& o) {
 
 // ---- registration -----------------------------------------------------------
 
-void add_daemon_options(CLI::App* app, daemon_options& o) {
-  app->add_option("--socket", o.socket, "control socket (default: $SHMALLOC_SOCKET or the standard path)");
-  app->add_flag("--json", o.json, "print JSON");
+// The connection options, on the root command; subcommands fall through to
+// it, so they may come before or after the subcommand.
+struct connection_options {
+  CLI::Option* socket;
+  CLI::Option* json;
+};
+connection_options add_daemon_options(CLI::App& root, daemon_options& o) {
+  const char* group = "Options of every command that asks the daemon (before or after the command)";
+  CLI::Option* socket =
+      root.add_option("--socket", o.socket, "control socket (default: $SHMALLOC_SOCKET or the standard path)")
+          ->group(group);
+  CLI::Option* as_json = root.add_flag("--json", o.json, "print JSON")->group(group);
+  root.fallthrough();  // inherited by the subcommands added after this
+  return {socket, as_json};
 }
 
 subcommand add_daemon_command(CLI::App& root, daemon_options& o, const char* name, const char* help,
                               int (*run)(const daemon_options&)) {
   CLI::App* app = root.add_subcommand(name, help);
-  add_daemon_options(app, o);
+  app->footer("Also: --socket PATH and --json, before or after the command (see shmallocctl --help).");
   return {app, [&o, run] { return run(o); }};
 }
 
@@ -378,6 +396,7 @@ int main(int argc, char** argv) {
   root.require_subcommand(0, 1);  // at most one; none is reported below
 
   daemon_options daemon;
+  const connection_options connection = add_daemon_options(root, daemon);
   const std::vector<subcommand> commands{
       add_size_classes(root),
       add_daemon_command(root, daemon, "stats", "Print the heap's memory summary (MemStats names)", &print_stats),
@@ -399,6 +418,9 @@ int main(int argc, char** argv) {
     return usage_error(root, e.what());
   }
 
+  const CLI::App* size_classes = commands.front().app;
+  if (size_classes->parsed() && (connection.socket->count() != 0 || connection.json->count() != 0))
+    return usage_error(root, "size-classes asks no daemon: --socket and --json do not apply to it");
   for (const auto& cmd : commands)
     if (cmd.app->parsed()) return cmd.run();
   return usage_error(root, "no subcommand given");

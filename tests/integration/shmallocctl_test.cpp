@@ -257,6 +257,50 @@ TEST_SUITE("shmallocctl") {
                  "repairs  readers\n");
   }
 
+  TEST_CASE("--socket and --json may come before or after the command, for every command that asks the daemon") {
+    daemon_process d;
+    REQUIRE(d.started());
+    known_client k(d);
+    const std::string sock = d.socket;
+    for (const char* cmd : {"stats", "ping", "classes", "clients", "spans", "caches"}) {
+      CAPTURE(cmd);
+      const std::string c = cmd;
+      std::vector<json> answers;
+      for (const std::string& args : {"--socket " + sock + " --json " + c, c + " --socket " + sock + " --json",
+                                      "--socket " + sock + " " + c + " --json", "--json " + c + " --socket=" + sock}) {
+        CAPTURE(args);
+        std::string out, err;
+        REQUIRE(run_ctl(args, &out, &err) == 0);
+        CHECK(err.empty());
+        answers.push_back(json::parse(out));
+      }
+      for (const json& a : answers) {
+        CHECK(a.is_object());
+        CHECK(a.size() == answers[0].size());  // the same report each time (its counts may move)
+      }
+      // Without --json, before or after: the text form.
+      std::string before, after;
+      REQUIRE(run_ctl("--socket " + sock + " " + c, &before) == 0);
+      REQUIRE(run_ctl(c + " --socket " + sock, &after) == 0);
+      CHECK_FALSE(before.empty());
+      CHECK(before.front() != '{');
+      CHECK(count_lines(before) == count_lines(after));
+    }
+    // A command's own options stay after it; size-classes asks no daemon.
+    std::string out, err;
+    CHECK(run_ctl("--socket " + sock + " classes --all --json", &out) == 0);
+    CHECK(json::parse(out)["classes"].size() == num_size_classes - 1);
+    CHECK(run_ctl("--all --socket " + sock + " classes", &out) == 2);
+    CHECK(run_ctl("--socket " + sock + " size-classes", &out, &err) == 2);
+    CHECK(err.find("size-classes asks no daemon") != std::string::npos);
+    CHECK(run_ctl("size-classes --json", &out) == 2);
+    CHECK(run_ctl("--socket " + sock, &out, &err) == 2);  // options and no command
+    CHECK(err.find("no subcommand given") != std::string::npos);
+    // The option before the command is the one used: a socket nobody serves fails.
+    CHECK(run_ctl("--socket /nonexistent/x.sock stats", &out, &err) == 1);
+    CHECK(err.find("no shmallocd answers on /nonexistent/x.sock") != std::string::npos);
+  }
+
   TEST_CASE("with no daemon every command exits 1 with one line on stderr") {
     const std::string sock = "/nonexistent/x.sock";
     for (const char* cmd : {"stats", "ping", "classes", "clients", "spans", "caches"}) {
