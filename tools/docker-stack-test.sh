@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end test of docker/: builds the images and runs the compose stack
-# (shmallocd, the two example workers and Prometheus; not Grafana, whose
+# (shmallocd, the three example workers and Prometheus; not Grafana, whose
 # image cannot be built from Debian packages) under a project name of its
 # own, then checks:
 #   a. the workers, each in its own container, allocate from the daemon's
@@ -11,6 +11,14 @@
 #      of them, reclaimed bytes grow; it is started again;
 #   c. the stack's Prometheus scrapes the daemon: /api/v1/targets shows the
 #      shmallocd target up, and shmalloc_heap_inuse_bytes has data;
+#   g. the shared cache is the workload of a container of its own
+#      (cache-workload) on the daemon's heap: the same /dev/shm object,
+#      mapped by its processes, which `shmallocctl clients` lists;
+#      `shmallocctl caches --json` in the daemon's container shows the cache
+#      "demo" with items and hits; a round of cache_workload completes with
+#      every value read right and the cache consistent after its writer was
+#      killed; the stack's Prometheus has shmalloc_cache_hits_total for it,
+#      and every query of the dashboard's "Shared caches" row returns data;
 #   d. the daemon restarts, twice: killed with SIGKILL from the host (a
 #      crash; Docker's restart policy brings it back) and `compose restart`
 #      (SIGTERM; compose runs it with --keep-heap). Each time the new daemon
@@ -42,8 +50,8 @@
 #   SHMALLOC_DOCKER_SOURCE  worktree (default): the working tree as it is;
 #                           or a git revision (HEAD, ...): its committed files
 #   SHMALLOC_DOCKER_CHECKS  the checks to run, space-separated (default all:
-#                           clients reclaim prometheus security restart down;
-#                           a, b, c, e, d, f above: the restarts come last
+#                           clients reclaim prometheus cache security restart
+#                           down; a, b, c, g, e, d, f above: the restarts come last
 #                           but for down, as a failed one leaves the daemon
 #                           down)
 #   SHMALLOC_DOCKER_CACHE   where the debootstrap tarball is kept
@@ -63,7 +71,7 @@ run_image=shmalloc:test-$$
 prometheus_image=shmalloc-prometheus:local
 cache_dir=${SHMALLOC_DOCKER_CACHE:-/var/cache/shmalloc-docker}
 source_rev=${SHMALLOC_DOCKER_SOURCE:-worktree}
-checks=${SHMALLOC_DOCKER_CHECKS:-clients reclaim prometheus security restart down}
+checks=${SHMALLOC_DOCKER_CHECKS:-clients reclaim prometheus cache security restart down}
 tmp=$(mktemp -d /tmp/shmalloc-docker-stack-XXXXXX)
 started=$(date +%s)
 
@@ -278,7 +286,7 @@ build_images() {
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # The services the test runs: every service but Grafana.
-services=(shmallocd span-workers alloc-churn prometheus)
+services=(shmallocd span-workers alloc-churn cache-workload prometheus)
 
 container_of() { compose ps -q "$1" 2>/dev/null | head -n 1; }
 inspect() { docker inspect -f "$2" "$1" 2>/dev/null; }
@@ -299,8 +307,9 @@ start_stack() {
   daemon=$(container_of shmallocd)
   span_workers=$(container_of span-workers)
   churn=$(container_of alloc-churn)
+  cache_workers=$(container_of cache-workload)
   prometheus=$(container_of prometheus)
-  [ -n "$daemon" ] && [ -n "$span_workers" ] && [ -n "$churn" ] && [ -n "$prometheus" ] ||
+  [ -n "$daemon" ] && [ -n "$span_workers" ] && [ -n "$churn" ] && [ -n "$cache_workers" ] && [ -n "$prometheus" ] ||
     abort "a service has no container: $(compose ps)"
   wait_for 60 1 healthy || abort "shmallocd is not healthy after 60 s: $(docker logs --tail 20 "$daemon" 2>&1)"
   say "stack up and shmallocd healthy ($(inspect "$daemon" '{{.Name}}'))"
@@ -310,9 +319,10 @@ start_stack() {
 # Each check is a function check_<name> that calls pass or fail (as often as
 # it has things to say) and leaves the stack running as it found it; the list
 # to run is $checks. A new check is a function and a word in that list (before
-# restart, which may leave the daemon down, and down). A new workload (the
-# shared cache's, say) is a service in compose.yaml, its name in $services,
-# its container looked up in start_stack, and a check_<name> of its own.
+# restart, which may leave the daemon down, and down). A new workload (as
+# the shared cache's, cache-workload) is a service in compose.yaml, its name
+# in $services, its container looked up in start_stack, and a check_<name>
+# of its own (and a place in check_security).
 
 # The clients the daemon lists, as JSON (an empty list if it does not answer).
 clients_json() { ctl clients --json 2>/dev/null || echo '{"clients": []}'; }
@@ -442,6 +452,130 @@ check_prometheus() {
   fi
 }
 
+# ---- g. the shared cache ----
+# The caches the daemon lists, as JSON (an empty list if it does not answer).
+caches_json() { ctl caches --json 2>/dev/null || echo '{"caches": []}'; }
+# The cache "demo" (examples/cache_workload's) with entries and hits.
+demo_busy() {
+  [ "$(caches_json | json "sum(1 for c in d['caches'] if c['name'] == 'demo' and c['items'] > 0 and c['hits'] > 0)")" = 1 ]
+}
+# At least two of cache-workload's processes connected (the parent and its
+# workers; they come and go between rounds).
+cache_clients_listed() {
+  [ "$(clients_json | json "sum(1 for c in d['clients'] if c['name'] == 'cache_workload')")" -ge 2 ]
+}
+# A round of cache_workload has printed its result.
+cache_round_done() { docker logs "$cache_workers" 2>&1 | grep -q 'cache check after the kill:'; }
+# Prometheus's instant query API: the results of a PromQL expression, one
+# "labels = value" per series (nothing if none).
+prom_query() {
+  curl -fsS --max-time 5 -G --data-urlencode "query=$1" "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query" 2>/dev/null |
+    json "'\\n'.join('%s = %s' % (','.join('%s=%s' % kv for kv in sorted(r['metric'].items()) if kv[0] not in ('job', 'instance')) or '{}', r['value'][1]) for r in d['data']['result']) if d['status'] == 'success' else ''"
+}
+demo_hits_scraped() { prom_query 'shmalloc_cache_hits_total{cache="demo"} > 0' | grep -q .; }
+# The expressions of the dashboard's "Shared caches" row (the panels between
+# that row and the next), one a line, with Grafana's variables filled in as
+# Grafana would for this stack (all jobs and instances; a 15 s scrape
+# interval makes $__rate_interval 1m).
+cache_row_queries() {
+  python3 - "$repo/docker/grafana/dashboards/shmalloc.json" <<'PY'
+import json, sys
+panels = json.load(open(sys.argv[1]))["panels"]
+rows = sorted(p["gridPos"]["y"] for p in panels if p["type"] == "row")
+top = next(p["gridPos"]["y"] for p in panels if p["type"] == "row" and p["title"] == "Shared caches")
+bottom = min([y for y in rows if y > top] or [10 ** 6])
+for p in panels:
+    if p["type"] != "row" and top < p["gridPos"]["y"] < bottom:
+        for t in p.get("targets", []):
+            e = t["expr"].replace("$__rate_interval", "1m").replace("$job", ".+").replace("$instance", ".+")
+            print(p["title"] + "\t" + e)
+PY
+}
+cache_row_has_data() {
+  local title expr
+  missing_queries=
+  while IFS=$'\t' read -r title expr; do
+    prom_query "$expr" | grep -q 'cache=demo ' || missing_queries+="$title: $expr; "
+  done < <(cache_row_queries)
+  [ -z "$missing_queries" ]
+}
+
+check_cache() {
+  # Its own container, on the daemon's heap.
+  local here there
+  here=$(docker exec "$daemon" stat -c '%d:%i' /dev/shm/shmalloc 2>&1)
+  there=$(docker exec "$cache_workers" stat -c '%d:%i' /dev/shm/shmalloc 2>&1)
+  if [ "$here" = "$there" ] && [ "$(inspect "$daemon" '{{.Id}}')" != "$(inspect "$cache_workers" '{{.Id}}')" ]; then
+    pass "g: /dev/shm/shmalloc is the same file (device:inode $here) in the daemon's and cache-workload's containers"
+  else
+    fail "g: /dev/shm/shmalloc differs: daemon $here, cache-workload $there"
+  fi
+  if wait_for 30 1 cache_clients_listed; then
+    pass "g: shmallocctl clients lists $(clients_json | json "sum(1 for c in d['clients'] if c['name'] == 'cache_workload')") cache_workload processes"
+  else
+    fail "g: cache-workload's processes are not listed by shmallocctl clients: $(ctl clients 2>&1 | tail -n +2); its log: $(docker logs --tail 5 "$cache_workers" 2>&1)"
+  fi
+  # Its processes (host pids) map the heap. A round's processes come and go
+  # (a second's pause every 20 s): look until two do.
+  local pids mapped total
+  cache_pids_mapped() {
+    local pid
+    mapped=0 total=0
+    pids=$(docker top "$cache_workers" -o pid,comm 2>/dev/null | awk 'NR > 1 && $2 == "cache_workload" { print $1 }')
+    for pid in $pids; do
+      total=$((total + 1))
+      grep -q ' /dev/shm/shmalloc' "/proc/$pid/maps" 2>/dev/null && mapped=$((mapped + 1))
+    done
+    [ "$mapped" -ge 2 ]
+  }
+  if wait_for 10 1 cache_pids_mapped; then
+    pass "g: $mapped of the $total cache_workload processes in cache-workload's container (host pids $(echo $pids)) map /dev/shm/shmalloc"
+  else
+    fail "g: only $mapped of cache-workload's cache_workload processes ($(echo $pids)) map /dev/shm/shmalloc"
+  fi
+  if wait_for 30 1 demo_busy; then
+    pass "g: shmallocctl caches --json in the daemon's container: $(caches_json | json "'; '.join('%s: %d items, %d of %d bytes, %d hits, %d misses (hit ratio %s), %d puts, %d evictions, %d expirations, %d repairs, %d retired bytes' % (c['name'], c['items'], c['bytes'], c['max_bytes'], c['hits'], c['misses'], c['hit_ratio'], c['puts'], c['evictions'], c['expirations'], c['repairs'], c['retired_bytes']) for c in d['caches'])")"
+  else
+    fail "g: no cache \"demo\" with items and hits in shmallocctl caches --json: $(ctl caches 2>&1)"
+  fi
+  # A round's own verdict: every value read was right, and the cache checked
+  # out after its writer was killed mid-put. The first round ends 20 s after
+  # the container started.
+  if wait_for 45 1 cache_round_done; then
+    local result
+    result=$(docker logs "$cache_workers" 2>&1 | sed -n '/^-- result/,/cache check after the kill/p' | tail -n 6)
+    if printf '%s\n' "$result" | grep -q 'wrong: 0$' && printf '%s\n' "$result" | grep -q 'after the kill: consistent' &&
+       ! docker logs "$cache_workers" 2>&1 | grep -q 'cache_workload: FAILED'; then
+      pass "g: cache_workload completes rounds:$(printf '%s\n' "$result" | grep -E 'gets:|hit ratio|values checked|after the kill' | sed 's/^ */ /' | tr '\n' ';')"
+    else
+      fail "g: a cache_workload round failed: $(docker logs --tail 12 "$cache_workers" 2>&1)"
+    fi
+  else
+    fail "g: cache_workload completed no round in 45 s: $(docker logs --tail 8 "$cache_workers" 2>&1)"
+  fi
+  # Its CPU cap (compose.yaml: cpus 1.0), so its spinning readers leave the
+  # host room.
+  local nano
+  nano=$(inspect "$cache_workers" '{{.HostConfig.NanoCpus}}')
+  if [ "${nano:-0}" = 1000000000 ]; then
+    pass "g: cache-workload is capped at one CPU (NanoCpus $nano)"
+  else
+    fail "g: cache-workload's CPU cap: NanoCpus '$nano', not 1000000000"
+  fi
+  # Prometheus scrapes the cache's counters, and the dashboard's "Shared
+  # caches" queries have data (the rates need two scrapes of the cache).
+  if wait_for 60 2 demo_hits_scraped; then
+    pass "g: Prometheus has shmalloc_cache_hits_total: $(prom_query 'shmalloc_cache_hits_total' | tr '\n' ' ')"
+  else
+    fail "g: Prometheus has no shmalloc_cache_hits_total for cache demo: $(prom_query 'shmalloc_cache_hits_total')"
+  fi
+  if wait_for 60 3 cache_row_has_data; then
+    pass "g: every query of the dashboard's \"Shared caches\" row ($(cache_row_queries | wc -l)) returns data for cache demo; hit ratio $(prom_query "$(cache_row_queries | awk -F'\t' '$1 == "Cache hit ratio" { print $2; exit }')" | tr '\n' ' ')"
+  else
+    fail "g: queries of the \"Shared caches\" row without data for cache demo: $missing_queries"
+  fi
+}
+
 # After a daemon restart at $1 (docker logs --since): the heap adopted,
 # workers back, nothing lost. $2 says which restart.
 restart_checks() {
@@ -556,7 +690,7 @@ proc_field() { awk -v k="$2:" '$1 == k { print $2; exit }' "/proc/$1/status" 2>/
 
 check_security() {
   local service c pid ok detail
-  for service in shmallocd span-workers alloc-churn; do
+  for service in shmallocd span-workers alloc-churn cache-workload; do
     c=$(container_of "$service")
     ok=1
     detail=
@@ -573,7 +707,7 @@ check_security() {
     else
       fail "e: $service:$detail"
     fi
-    # compose.yaml says read_only for these three services.
+    # compose.yaml says read_only for these four services.
     if [ "$(inspect "$c" '{{.HostConfig.ReadonlyRootfs}}')" = true ] &&
        ! docker exec "$c" sh -c ': >/probe' 2>/dev/null && ! docker exec "$c" sh -c ': >/usr/probe' 2>/dev/null; then
       pass "e: $service has a read-only root filesystem (writing / and /usr fails)"
@@ -590,7 +724,7 @@ check_security() {
   else
     fail "e: shmallocd's networks: '$nets' (internal: $internal)"
   fi
-  for c in "$span_workers" "$churn"; do
+  for c in "$span_workers" "$churn" "$cache_workers"; do
     [ "$(inspect "$c" '{{.HostConfig.NetworkMode}}')" = none ] ||
       fail "e: $(inspect "$c" '{{.Name}}') has network mode $(inspect "$c" '{{.HostConfig.NetworkMode}}'), not none"
   done
