@@ -18,6 +18,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -150,6 +151,10 @@ struct runtime {
   std::mutex mu;  // the connection, the full list, batch sizes, attach state
   std::unique_ptr<control_client> conn;
   std::string socket;  // of the last attach: a forked child or a reconnect uses it again
+  // Where this process runs, read at attach and said in each hello (a
+  // reconnect says it again): its hostname and its container's short id.
+  std::string host;
+  std::string container;
   std::unique_ptr<segment> seg;
   std::uint32_t client_id = 0;
   std::uint32_t main_slot = 0;
@@ -213,6 +218,40 @@ std::string process_name() {
 
 bool reconnect_locked(runtime& r);
 
+// The first max bytes of a file of /proc (whose size stat does not tell).
+std::string read_proc_file(const char* path, std::size_t max) {
+  std::string text;
+  FILE* f = std::fopen(path, "re");
+  if (f == nullptr) return text;
+  char buf[4096];
+  for (std::size_t n; text.size() < max && (n = std::fread(buf, 1, sizeof buf, f)) > 0;) text.append(buf, n);
+  std::fclose(f);
+  return text;
+}
+
+// Where this process runs, for the daemon's client table and log: its
+// hostname (in a container, that of its UTS namespace: docker makes it the
+// short container id unless told otherwise), and the id of its container
+// from its cgroup or, with a private cgroup namespace, from the mount of
+// /etc/hostname. Both made fit for hello, which refuses unprintable bytes.
+void read_identity(runtime& r) {
+  char host[256] = {};
+  r.host = gethostname(host, sizeof host - 1) == 0 ? proto::identity_text(host, proto::max_host) : std::string();
+  r.container = proto::container_from_cgroup(read_proc_file("/proc/self/cgroup", 64 << 10));
+  if (r.container.empty())
+    r.container = proto::container_from_mountinfo(read_proc_file("/proc/self/mountinfo", 1 << 20));
+}
+
+// hello, saying where this process runs; the welcome, or nullopt.
+std::optional<proto::welcome_msg> say_hello(control_client& conn, const runtime& r) {
+  const proto::hello_msg m{layout_version, static_cast<std::uint32_t>(getpid()), process_name(), r.host, r.container};
+  auto f = conn.call(proto::msg::hello, proto::encode(m));
+  if (!f || f->status() != errc::ok) return std::nullopt;
+  auto parts = proto::split_reply(f->payload);
+  if (!parts) return std::nullopt;
+  return proto::decode_welcome(parts->body);
+}
+
 // SHMALLOC_CACHE_DECAY_MS: milliseconds a cached span or large object may
 // sit unused before it goes back to the daemon; "off" keeps them until the
 // thread or process ends. Anything else is reported once and ignored.
@@ -238,7 +277,8 @@ int attach_locked(runtime& r, const char* socket_path) {
   const std::string path = socket_path != nullptr ? socket_path : !r.socket.empty() ? r.socket : default_socket_path();
   auto conn = std::make_unique<control_client>(path);
   if (!conn->connected()) return fail(errc::unavailable);
-  auto w = conn->hello(process_name());
+  read_identity(r);
+  auto w = say_hello(*conn, r);
   if (!w) return fail(errc::unavailable);
   if (w->layout_version != layout_version || w->size_class_checksum != size_class_table_checksum())
     return fail(errc::layout_mismatch);
@@ -287,7 +327,7 @@ bool reconnect_locked(runtime& r) {
   r.attached = false;
   auto conn = std::make_unique<control_client>(r.socket);
   if (!conn->connected()) return false;
-  auto w = conn->hello(process_name());
+  auto w = say_hello(*conn, r);
   if (!w) return false;
   if (w->instance_id != old_instance) {
     std::fprintf(stderr, "shmalloc: the daemon came back with another heap; this process's objects are lost to it\n");

@@ -356,9 +356,7 @@ void daemon::serve(session& s) {
     const auto notice = proto::make_reply(proto::msg::shutdown, 0, errc::unavailable, "shmallocd is stopping");
     ::send(s.fd, notice.data(), notice.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
   }
-  if (s.client.id != 0)
-    spdlog::info("client {} (pid {}, {}) disconnected; {} spans taken back", s.client.id, s.client.pid,
-                 s.client.name, s.client.spans.size());
+  if (s.client.id != 0) spdlog::info("{} disconnected; {} spans taken back", describe(s.client), s.client.spans.size());
   {
     std::lock_guard lock(heap_mutex_);
     handler_->disconnect(s.client);
@@ -482,11 +480,16 @@ bool daemon::send_reply(session& s, const std::vector<std::uint8_t>& frame) {
 
 reply daemon::handle(session& s, const proto::frame_header& h, std::span<const std::uint8_t> payload) {
   const auto start = clock_type::now();
-  std::lock_guard lock(heap_mutex_);
-  reply r = handler_->handle(s.client, h, payload);
-  const auto status = static_cast<errc>(proto::decode_header(r.frame.data()).status);
-  control_stats_.record(h.type, status, std::chrono::duration<double>(clock_type::now() - start).count(),
-                        r.shortfall);
+  const bool registered = s.client.id != 0;
+  reply r;
+  {
+    std::lock_guard lock(heap_mutex_);
+    r = handler_->handle(s.client, h, payload);
+    const auto status = static_cast<errc>(proto::decode_header(r.frame.data()).status);
+    control_stats_.record(h.type, status, std::chrono::duration<double>(clock_type::now() - start).count(),
+                          r.shortfall);
+  }
+  if (!registered && s.client.id != 0) spdlog::info("{} connected", describe(s.client));  // its hello
   return r;
 }
 

@@ -34,6 +34,19 @@ std::uint64_t unix_now_ns() {
 }
 }  // namespace
 
+std::string describe(const client_state& c) {
+  std::string name = c.name;
+  for (char& ch : name)
+    if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) ch = '?';
+  std::string out = "client " + std::to_string(c.id) + " \"" + name + "\" (pid ";
+  out += c.pid != 0 ? std::to_string(c.pid) : std::string("unknown here: another PID namespace");
+  if (c.pid_in_client != 0 && c.pid_in_client != static_cast<std::uint32_t>(c.pid))
+    out += ", pid " + std::to_string(c.pid_in_client) + " in its own";
+  if (!c.host.empty()) out += ", host " + c.host;
+  if (!c.container.empty()) out += ", container " + c.container;
+  return out + ")";
+}
+
 reply request_handler::handle(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
   ++requests_;
   if (std::string why = proto::check_header(h); !why.empty())
@@ -77,6 +90,9 @@ reply request_handler::on_hello(client_state& c, const proto::frame_header& h, s
   if (!slot) return error_reply(msg::welcome, h, slot.code(), slot.err().message);
   c.id = next_id++;
   c.name = m->name;
+  c.pid_in_client = m->pid;
+  c.host = m->host;
+  c.container = m->container;
   c.cache_slot = *slot;
   c.connected_ns = heap_->now();
   by_id_[c.id] = &c;
@@ -266,8 +282,11 @@ reply request_handler::on_classes(client_state&, const proto::frame_header& h, s
 }
 
 reply request_handler::on_clients(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  if (!p.empty()) return no_body_error(msg::client_table, h, "clients");
-  return ok_reply(msg::client_table, h, proto::encode(client_table()));
+  const auto format = proto::decode_clients_request(p);
+  if (!format)
+    return error_reply(msg::client_table, h, errc::protocol_error,
+                       "malformed clients (an empty body, or u8 row format 0 or 1)");
+  return ok_reply(msg::client_table, h, proto::encode(client_table(*format)));
 }
 
 reply request_handler::on_pages(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
@@ -336,20 +355,32 @@ std::uint64_t request_handler::objects_held(const client_state& c) const noexcep
 proto::client_row request_handler::row_of(const client_state& c, std::uint64_t now_ns,
                                           std::uint64_t unix_now_ns) const {
   const std::uint64_t age = now_ns > c.connected_ns ? now_ns - c.connected_ns : 0;
-  return {c.id, static_cast<std::uint32_t>(c.pid), c.name, c.bytes_held, objects_held(c),
-          static_cast<std::uint32_t>(c.spans.size()), static_cast<std::uint32_t>(c.large.size()),
-          unix_now_ns > age ? unix_now_ns - age : 0};
+  proto::client_row row;
+  row.id = c.id;
+  row.pid = static_cast<std::uint32_t>(c.pid);
+  row.name = c.name;
+  row.bytes_held = c.bytes_held;
+  row.objects_live = objects_held(c);
+  row.spans = static_cast<std::uint32_t>(c.spans.size());
+  row.large_objects = static_cast<std::uint32_t>(c.large.size());
+  row.connected_unix_ns = unix_now_ns > age ? unix_now_ns - age : 0;
+  row.pid_in_client = c.pid_in_client;
+  row.host = c.host;
+  row.container = c.container;
+  return row;
 }
 
-proto::client_table_msg request_handler::client_table() const {
+proto::client_table_msg request_handler::client_table(proto::client_rows format) const {
   proto::client_table_msg t;
+  t.format = format;
   t.total = static_cast<std::uint32_t>(by_id_.size());
   const std::uint64_t now = heap_->now(), unix_now = unix_now_ns();
   std::size_t room = proto::max_reply_body - proto::client_table_header_bytes;
   for (const auto& [id, c] : by_id_) {
     proto::client_row row = row_of(*c, now, unix_now);
-    if (proto::encoded_size(row) > room) break;  // the rest are counted in total only
-    room -= proto::encoded_size(row);
+    const std::size_t size = proto::encoded_size(row, format);
+    if (size > room) break;  // the rest are counted in total only
+    room -= size;
     t.rows.push_back(std::move(row));
   }
   return t;

@@ -26,9 +26,13 @@ namespace shmalloc::service {
 
 struct client_state {
   std::uint32_t id = 0;  // 0 until hello
-  pid_t pid = 0;         // from SO_PEERCRED, not from hello
+  pid_t pid = 0;         // from SO_PEERCRED, not from hello: 0 if the peer is in another PID namespace
   uid_t uid = 0;
   std::string name;
+  // What hello said of where the client runs (checked printable and short).
+  std::uint32_t pid_in_client = 0;  // its pid in its own PID namespace
+  std::string host;
+  std::string container;
   std::uint32_t cache_slot = 0;
   std::vector<std::uint32_t> extra_slots;  // per-thread cache slots, and those held before a daemon restart
   std::set<std::uint32_t> spans;  // small spans it holds
@@ -36,6 +40,11 @@ struct client_state {
   std::uint64_t bytes_held = 0;   // spans and large objects, for the quota
   std::uint64_t connected_ns = 0;
 };
+
+// The client for a log line: its id, name and pid, its own pid when that
+// differs (another PID namespace), its host and container when it said them.
+// The name is the client's to choose: control characters show as '?'.
+std::string describe(const client_state& c);
 
 struct handler_settings {
   std::uint64_t quota_bytes = 0;  // per client; 0 = none
@@ -84,7 +93,7 @@ class request_handler {
   proto::stats_msg stats() const;
   proto::class_table_msg class_table() const;
   // Clients by id, as many as fit one reply frame; total counts them all.
-  proto::client_table_msg client_table() const;
+  proto::client_table_msg client_table(proto::client_rows format = proto::client_rows::identity) const;
   proto::page_table_msg page_table() const;
   // Caches by name, as many as fit one reply frame; total counts them all.
   proto::cache_table_msg cache_table() const;

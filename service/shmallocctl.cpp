@@ -85,22 +85,39 @@ struct daemon_options {
 };
 
 // Asks the daemon one read-only question and decodes the reply, or prints
-// one error line on stderr and returns nullopt.
+// one error line on stderr and returns nullopt. retry: if the daemon refuses
+// the request with protocol_error (a daemon from before the request's body
+// was known), the request it is asked instead, and the decoder for its reply.
 template <class T>
-std::optional<T> ask(const daemon_options& o, msg request, std::optional<T> (*decode)(std::span<const std::uint8_t>)) {
+struct question {
+  msg request;
+  std::vector<std::uint8_t> body;
+  std::function<std::optional<T>(std::span<const std::uint8_t>)> decode;
+};
+template <class T>
+std::optional<T> ask(const daemon_options& o, const question<T>& q, const std::optional<question<T>>& retry = {}) {
   shmalloc::control_client c(o.socket);
   if (!c.connected()) {
     std::cerr << "shmallocctl: no shmallocd answers on " << o.socket << "\n";
     return std::nullopt;
   }
-  auto body = c.request(request);
+  const question<T>* asked = &q;
+  auto body = c.request(q.request, q.body);
+  if (!body && body.code() == shmalloc::errc::protocol_error && retry) {
+    asked = &*retry;
+    body = c.request(retry->request, retry->body);
+  }
   if (!body) {
     std::cerr << "shmallocctl: shmallocd on " << o.socket << ": " << body.err().message << "\n";
     return std::nullopt;
   }
-  auto reply = decode(body.value());
+  auto reply = asked->decode(body.value());
   if (!reply) std::cerr << "shmallocctl: malformed reply from shmallocd on " << o.socket << "\n";
   return reply;
+}
+template <class T>
+std::optional<T> ask(const daemon_options& o, msg request, std::optional<T> (*decode)(std::span<const std::uint8_t>)) {
+  return ask(o, question<T>{request, {}, decode});
 }
 
 // JSON as text; bytes that are not UTF-8 (a client's name is its own) become U+FFFD.
@@ -190,8 +207,9 @@ int print_classes(const daemon_options& o) {
 
 // ---- clients ----------------------------------------------------------------
 
-const std::vector<std::string> client_columns{"id",           "pid",        "name",          "bytes_held",
-                                              "objects_live", "spans_held", "large_objects", "connected_since",
+const std::vector<std::string> client_columns{"id",           "pid",        "pid_in_client", "name",
+                                              "host",         "container",  "bytes_held",    "objects_live",
+                                              "spans_held",   "large_objects", "connected_since",
                                               "connected_seconds_ago"};
 
 std::uint64_t unix_now_ns() {
@@ -215,11 +233,21 @@ std::string printable(std::string name) {
   return name;
 }
 
-json client_json(const shmalloc::proto::client_row& r, std::uint64_t now_ns) {
+// pid: the daemon's view, from the socket; null when the client's pid is
+// not in the daemon's PID namespace (another container). pid_in_client:
+// what the client said in hello (its own namespace's); host and container:
+// where it said it runs (null if it did not: a client from before them, or
+// no container). From a daemon that predates them, all three are null.
+json client_json(const shmalloc::proto::client_row& r, shmalloc::proto::client_rows format, std::uint64_t now_ns) {
   const std::uint64_t ago = now_ns > r.connected_unix_ns ? (now_ns - r.connected_unix_ns) / 1'000'000'000 : 0;
+  const bool identity = format == shmalloc::proto::client_rows::identity;
+  auto text_or_null = [&](const std::string& s) { return identity && !s.empty() ? json(printable(s)) : json(nullptr); };
   return {{"id", r.id},
-          {"pid", r.pid},
+          {"pid", r.pid != 0 ? json(r.pid) : json(nullptr)},
+          {"pid_in_client", identity ? json(r.pid_in_client) : json(nullptr)},
           {"name", printable(r.name)},
+          {"host", text_or_null(r.host)},
+          {"container", text_or_null(r.container)},
           {"bytes_held", r.bytes_held},
           {"objects_live", r.objects_live},
           {"spans_held", r.spans},
@@ -231,16 +259,26 @@ json client_json(const shmalloc::proto::client_row& r, std::uint64_t now_ns) {
 // Per connected client. The reply is one frame: past about 600 clients the
 // daemon sends as many as fit and the total, and we say how many are missing.
 int print_clients(const daemon_options& o) {
-  auto t = ask(o, msg::clients, &shmalloc::proto::decode_client_table);
+  using shmalloc::proto::client_rows;
+  auto rows_of = [](client_rows format) {
+    return question<shmalloc::proto::client_table_msg>{
+        msg::clients, shmalloc::proto::encode_clients_request(format),
+        [format](std::span<const std::uint8_t> p) { return shmalloc::proto::decode_client_table(p, format); }};
+  };
+  // A daemon from before identity rows refuses a clients request with a body: ask it for basic rows.
+  auto t = ask(o, rows_of(client_rows::identity), {rows_of(client_rows::basic)});
   if (!t) return exit_failure;
   const std::uint64_t now = unix_now_ns();
   json rows = json::array();
-  for (const auto& r : t->rows) rows.push_back(client_json(r, now));
+  for (const auto& r : t->rows) rows.push_back(client_json(r, t->format, now));
   const std::size_t left_out = t->total - t->rows.size();
   if (o.json) {
     std::cout << dump(json{{"total", t->total}, {"shown", t->rows.size()}, {"left_out", left_out}, {"clients", rows}})
               << '\n';
   } else {
+    for (json& row : rows)
+      for (const char* column : {"pid", "pid_in_client", "host", "container"})
+        if (row[column].is_null()) row[column] = "-";
     print_table(client_columns, rows);
     if (left_out != 0)
       std::cout << "(" << left_out << " of " << t->total << " clients left out: the reply is limited to "

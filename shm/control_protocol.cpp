@@ -110,6 +110,7 @@ std::string reader::str(std::size_t max_len) {
 std::vector<std::uint8_t> encode(const hello_msg& m) {
   writer w;
   w.u32(m.layout_version).u32(m.pid).str(m.name);
+  if (!m.host.empty() || !m.container.empty()) w.str(m.host).str(m.container);
   return std::move(w.bytes());
 }
 std::vector<std::uint8_t> encode(const welcome_msg& m) {
@@ -196,12 +197,20 @@ std::vector<std::uint8_t> encode(const class_table_msg& m) {
   return std::move(w.bytes());
 }
 
+std::vector<std::uint8_t> encode_clients_request(client_rows format) {
+  if (format == client_rows::basic) return {};
+  writer w;
+  w.u8(static_cast<std::uint8_t>(format));
+  return std::move(w.bytes());
+}
+
 std::vector<std::uint8_t> encode(const client_table_msg& m) {
   writer w;
   w.u32(m.total).u16(static_cast<std::uint16_t>(m.rows.size()));
   for (const client_row& r : m.rows) {
     w.u32(r.id).u32(r.pid).str(r.name).u64(r.bytes_held).u64(r.objects_live);
     w.u32(r.spans).u32(r.large_objects).u64(r.connected_unix_ns);
+    if (m.format == client_rows::identity) w.u32(r.pid_in_client).str(r.host).str(r.container);
   }
   return std::move(w.bytes());
 }
@@ -232,6 +241,11 @@ std::optional<hello_msg> decode_hello(std::span<const std::uint8_t> p) {
   m.layout_version = r.u32();
   m.pid = r.u32();
   m.name = r.str(max_name);
+  if (!r.failed() && !r.done()) {  // a client that says where it runs
+    m.host = r.str(max_host);
+    m.container = r.str(max_container);
+    if (!valid_identity(m.host, max_host) || !valid_identity(m.container, max_container)) return std::nullopt;
+  }
   return finish(r, std::move(m));
 }
 std::optional<welcome_msg> decode_welcome(std::span<const std::uint8_t> p) {
@@ -391,9 +405,18 @@ std::optional<class_table_msg> decode_class_table(std::span<const std::uint8_t> 
   return finish(r, std::move(m));
 }
 
-std::optional<client_table_msg> decode_client_table(std::span<const std::uint8_t> p) {
+std::optional<client_rows> decode_clients_request(std::span<const std::uint8_t> p) {
+  if (p.empty()) return client_rows::basic;
+  reader r(p);
+  const std::uint8_t format = r.u8();
+  if (format > static_cast<std::uint8_t>(client_rows::identity)) return std::nullopt;
+  return finish(r, static_cast<client_rows>(format));
+}
+
+std::optional<client_table_msg> decode_client_table(std::span<const std::uint8_t> p, client_rows format) {
   reader r(p);
   client_table_msg m;
+  m.format = format;
   m.total = r.u32();
   const std::uint16_t n = r.u16();
   if (r.failed() || n > m.total) return std::nullopt;
@@ -408,6 +431,12 @@ std::optional<client_table_msg> decode_client_table(std::span<const std::uint8_t
     row.spans = r.u32();
     row.large_objects = r.u32();
     row.connected_unix_ns = r.u64();
+    if (format == client_rows::identity) {
+      row.pid_in_client = r.u32();
+      row.host = r.str(max_host);
+      row.container = r.str(max_container);
+      if (!valid_identity(row.host, max_host) || !valid_identity(row.container, max_container)) return std::nullopt;
+    }
     if (r.failed() || row.id <= last) return std::nullopt;
     last = row.id;
   }
@@ -430,6 +459,96 @@ std::optional<cache_table_msg> decode_cache_table(std::span<const std::uint8_t> 
     if (r.failed() || row.name.empty() || (i > 0 && row.name <= m.rows[i - 1].name)) return std::nullopt;
   }
   return finish(r, std::move(m));
+}
+
+// --- where a client runs -----------------------------------------------------
+
+namespace {
+bool identity_char(char c) noexcept { return c > 0x20 && c < 0x7f; }  // printable ASCII, no space
+
+bool is_container_id(std::string_view s) noexcept {
+  if (s.size() != 64) return false;
+  for (char c : s)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  return true;
+}
+
+constexpr std::size_t short_container_id = 12;  // as docker ps shows it
+
+// Calls f(line) for each line of text; stops when f returns true.
+template <class F>
+void each_line(std::string_view text, F f) {
+  while (!text.empty()) {
+    const std::size_t end = text.find('\n');
+    if (f(text.substr(0, end))) return;
+    if (end == std::string_view::npos) return;
+    text.remove_prefix(end + 1);
+  }
+}
+}  // namespace
+
+bool valid_identity(std::string_view s, std::size_t max) noexcept {
+  if (s.size() > max) return false;
+  for (char c : s)
+    if (!identity_char(c)) return false;
+  return true;
+}
+
+std::string identity_text(std::string_view s, std::size_t max) {
+  std::string out(s.substr(0, max));
+  for (char& c : out)
+    if (!identity_char(c)) c = '?';
+  return out;
+}
+
+std::string container_from_cgroup(std::string_view cgroup) {
+  std::string found;
+  each_line(cgroup, [&](std::string_view line) {
+    // hierarchy-id:controllers:path
+    const std::size_t first = line.find(':');
+    const std::size_t second = first == std::string_view::npos ? first : line.find(':', first + 1);
+    if (second == std::string_view::npos) return false;
+    std::string_view path = line.substr(second + 1);
+    // The innermost path component that names a container.
+    while (!path.empty()) {
+      const std::size_t slash = path.rfind('/');
+      std::string_view part = slash == std::string_view::npos ? path : path.substr(slash + 1);
+      path = slash == std::string_view::npos ? std::string_view{} : path.substr(0, slash);
+      if (part.size() > 6 && part.substr(part.size() - 6) == ".scope") part.remove_suffix(6);
+      if (const std::size_t dash = part.rfind('-'); dash != std::string_view::npos) part.remove_prefix(dash + 1);
+      if (is_container_id(part)) {
+        found = std::string(part.substr(0, short_container_id));
+        return true;
+      }
+    }
+    return false;
+  });
+  return found;
+}
+
+std::string container_from_mountinfo(std::string_view mountinfo) {
+  std::string found;
+  each_line(mountinfo, [&](std::string_view line) {
+    // mount-id parent-id major:minor root mount-point options...
+    std::string_view field[5];
+    for (std::string_view& f : field) {
+      const std::size_t sp = line.find(' ');
+      f = line.substr(0, sp);
+      line = sp == std::string_view::npos ? std::string_view{} : line.substr(sp + 1);
+    }
+    const std::string_view root = field[3], point = field[4];
+    if (point != "/etc/hostname" && point != "/etc/hosts" && point != "/etc/resolv.conf") return false;
+    constexpr std::string_view dir = "containers/";
+    for (std::size_t at = root.find(dir); at != std::string_view::npos; at = root.find(dir, at + 1)) {
+      const std::string_view id = root.substr(at + dir.size(), 64);
+      if (is_container_id(id) && root.substr(at + dir.size() + 64, 1) == "/") {
+        found = std::string(id.substr(0, short_container_id));
+        return true;
+      }
+    }
+    return false;
+  });
+  return found;
 }
 
 // --- frames -----------------------------------------------------------------

@@ -21,6 +21,8 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "shm/errc.hpp"
@@ -31,11 +33,13 @@ inline constexpr std::uint16_t protocol_version = 1;
 inline constexpr std::uint32_t header_bytes = 16;
 inline constexpr std::uint32_t max_payload = 64 * 1024;
 inline constexpr std::size_t max_name = 64;          // process and root names
+inline constexpr std::size_t max_host = 64;          // a hostname (Linux's HOST_NAME_MAX)
+inline constexpr std::size_t max_container = 64;     // a container id: docker's 64 hex digits at most
 inline constexpr std::uint16_t max_refill = 64;       // spans per refill
 inline constexpr std::uint16_t max_release = 1024;    // spans per release
 
 enum class msg : std::uint16_t {
-  hello = 1,        // c->d  u32 layout_version, u32 pid, str name
+  hello = 1,        // c->d  u32 layout_version, u32 pid, str name [, str host, str container]
   welcome = 2,      // d->c  u32 client_id, u32 cache_slot, u64 instance_id, u32 layout_version,
                     //       u32 page_size, u64 size_class_checksum, u64 capacity, str heap_name
   refill = 3,       // c->d  u8 span_class, u16 count
@@ -60,8 +64,9 @@ enum class msg : std::uint16_t {
   // Read-only reports for observers (shmallocctl); like stats, allowed before hello.
   classes = 22,      // c->d  (empty); reply class_table
   class_table = 23,  // d->c  u16 count (<= 67), count x class_row, by class
-  clients = 24,      // c->d  (empty); reply client_table
-  client_table = 25, // d->c  u32 total, u16 count (<= total), count x client_row, by id: as many as fit one frame
+  clients = 24,      // c->d  (empty) or u8 client_rows; reply client_table
+  client_table = 25, // d->c  u32 total, u16 count (<= total), count x client_row (in the format asked), by id:
+                     //       as many as fit one frame
   pages = 26,        // c->d  (empty); reply page_table
   page_table = 27,   // d->c  u16 count, count x u64 (SHMALLOC_PROTO_PAGES order)
   caches = 28,       // c->d  (empty); reply cache_table
@@ -117,11 +122,41 @@ class reader {
 
 // --- Messages ---------------------------------------------------------------
 
+// hello's host and container are optional and go together: a hello that
+// ends after the name (a client from before them) is still well formed, and
+// encode leaves them out when both are empty. Each is at most its max_ and
+// every byte printable ASCII with no space (valid_identity); empty is fine.
 struct hello_msg {
+  hello_msg() = default;
+  hello_msg(std::uint32_t layout, std::uint32_t pid_, std::string name_, std::string host_ = {},
+            std::string container_ = {})
+      : layout_version(layout), pid(pid_), name(std::move(name_)), host(std::move(host_)),
+        container(std::move(container_)) {}
   std::uint32_t layout_version = 0;
-  std::uint32_t pid = 0;
+  std::uint32_t pid = 0;  // in the client's own PID namespace (the daemon reads its own view from the socket)
   std::string name;
+  std::string host;       // the client's hostname (that of its UTS namespace)
+  std::string container;  // its container's id, short (12 hex digits, as docker ps shows it), or empty
 };
+// A host or container field fit to go in hello (and to be shown to an
+// operator): at most max bytes, each printable ASCII, no space. Empty is valid.
+bool valid_identity(std::string_view s, std::size_t max) noexcept;
+// s made valid: cut to max bytes, every other byte replaced by '?'.
+std::string identity_text(std::string_view s, std::size_t max);
+// The short id (the first 12 of 64 hex digits) of the container that a
+// /proc/self/cgroup names, or empty: docker's cgroup v1 paths
+// (".../docker/<id>"), cgroup v2 with the systemd driver
+// ("/system.slice/docker-<id>.scope"; also cri-containerd-, crio- and
+// libpod- scopes) or cgroupfs ("/docker/<id>"). With a private cgroup
+// namespace (docker's default on cgroup v2) the file says "0::/": empty.
+std::string container_from_cgroup(std::string_view cgroup);
+// The same from a /proc/self/mountinfo: the runtime bind-mounts
+// /etc/hostname, /etc/hosts and /etc/resolv.conf from its directory for the
+// container (".../containers/<id>/hostname" for docker,
+// ".../overlay-containers/<id>/userdata/hostname" for podman), whatever the
+// cgroup namespace. Only those mount points count: the host's mount table
+// names every container's directory too (their /dev/shm mounts).
+std::string container_from_mountinfo(std::string_view mountinfo);
 struct welcome_msg {
   std::uint32_t client_id = 0;
   std::uint32_t cache_slot = 0;
@@ -198,27 +233,46 @@ struct class_table_msg {
   std::vector<class_row> rows;  // strictly increasing size_class
 };
 
+// The rows a clients request asks for: its body is empty (basic) or one u8.
+// Basic rows are those of the first protocol, which shmallocctl builds from
+// before the identity still ask for; identity rows add what hello said of
+// where the client runs.
+enum class client_rows : std::uint8_t { basic = 0, identity = 1 };
+std::vector<std::uint8_t> encode_clients_request(client_rows format);
+std::optional<client_rows> decode_clients_request(std::span<const std::uint8_t> p);
+
 // One connected client: u32 id (> 0, strictly increasing), u32 pid, str name
 // (<= 64), u64 bytes_held, u64 objects_live, u32 spans, u32 large_objects,
-// u64 connected_unix_ns.
+// u64 connected_unix_ns; identity rows then add u32 pid_in_client, str host
+// and str container (valid_identity, <= max_host and max_container).
 struct client_row {
   std::uint32_t id = 0;
-  std::uint32_t pid = 0;            // from the socket's peer credentials
+  std::uint32_t pid = 0;            // from the socket's peer credentials; 0 when the client's is not in
+                                    // the daemon's PID namespace (another container)
   std::string name;                 // from hello
   std::uint64_t bytes_held = 0;     // its spans and large objects, whole pages
   std::uint64_t objects_live = 0;   // allocated in its spans (per alloc bits) plus its large objects
   std::uint32_t spans = 0;          // small spans it holds
   std::uint32_t large_objects = 0;  // large objects it allocated and holds
   std::uint64_t connected_unix_ns = 0;  // when it said hello, Unix time
+  // Identity rows only: from hello.
+  std::uint32_t pid_in_client = 0;  // its pid in its own PID namespace
+  std::string host;
+  std::string container;
 };
 inline constexpr std::size_t client_row_fixed_bytes = 4 + 4 + 2 + 8 + 8 + 4 + 4 + 8;
+inline constexpr std::size_t client_row_identity_fixed_bytes = 4 + 2 + 2;  // added by identity rows
 inline constexpr std::size_t client_table_header_bytes = 4 + 2;
-inline std::size_t encoded_size(const client_row& r) noexcept { return client_row_fixed_bytes + r.name.size(); }
+inline std::size_t encoded_size(const client_row& r, client_rows format = client_rows::basic) noexcept {
+  return client_row_fixed_bytes + r.name.size() +
+         (format == client_rows::identity ? client_row_identity_fixed_bytes + r.host.size() + r.container.size() : 0);
+}
 // The most a reply body may take: the payload limit less an empty message text.
 inline constexpr std::size_t max_reply_body = max_payload - 2;
 struct client_table_msg {
   std::uint32_t total = 0;       // clients connected; rows may hold fewer
   std::vector<client_row> rows;
+  client_rows format = client_rows::basic;  // not sent: the request chose it
 };
 
 // The page map summarised (shm/memstats.hpp's page_census). A decoder checks
@@ -294,7 +348,8 @@ std::optional<std::string> decode_name(std::span<const std::uint8_t> p);
 std::optional<std::uint64_t> decode_root(std::span<const std::uint8_t> p);
 std::optional<stats_msg> decode_stats(std::span<const std::uint8_t> p);
 std::optional<class_table_msg> decode_class_table(std::span<const std::uint8_t> p);
-std::optional<client_table_msg> decode_client_table(std::span<const std::uint8_t> p);
+std::optional<client_table_msg> decode_client_table(std::span<const std::uint8_t> p,
+                                                    client_rows format = client_rows::basic);
 std::optional<page_table_msg> decode_page_table(std::span<const std::uint8_t> p);
 std::optional<cache_table_msg> decode_cache_table(std::span<const std::uint8_t> p);
 

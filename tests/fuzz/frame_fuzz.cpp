@@ -94,9 +94,16 @@ int main(int argc, char** argv) {
       // A root under the caches' prefix naming the large object above (not
       // a cache header): the cache census must skip it, not trust it.
       proto::make_request(proto::msg::publish, 8, proto::encode_publish({"cache:fuzz", 1 << 26})),
-      proto::make_request(proto::msg::caches, 9)};
+      proto::make_request(proto::msg::caches, 9),
+      // hello saying where the client runs (refused after the first), and
+      // the client table with those fields.
+      proto::make_request(proto::msg::hello, 10, proto::encode(proto::hello_msg{layout_version, 1, "fuzz", "host-1",
+                                                                                "3f2a9c1b0d4e"})),
+      proto::make_request(proto::msg::clients, 11, proto::encode_clients_request(proto::client_rows::identity))};
   for (int i = 0; i < inputs; ++i) {
-    std::vector<std::uint8_t> input = seeds[0];  // most inputs start well: hello first
+    // Most inputs start well: hello first, one in four saying where it runs.
+    constexpr std::size_t hello = 0, hello_with_host = 9;
+    std::vector<std::uint8_t> input = seeds[rng() % 4 == 0 ? hello_with_host : hello];
     const int frames = 1 + static_cast<int>(rng() % 8);
     for (int k = 0; k < frames; ++k) {
       std::vector<std::uint8_t> f = seeds[rng() % seeds.size()];

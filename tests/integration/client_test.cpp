@@ -2,8 +2,11 @@
 // allocating and freeing each other's objects with content checks, a worker
 // killed mid-run, bad frees, fork, and a daemon that goes away.
 #include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+#include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -12,10 +15,13 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <mutex>
 #include <optional>
+#include <sstream>
 #include <algorithm>
 #include <random>
+#include <regex>
 #include <set>
 #include <thread>
 #include <vector>
@@ -1040,4 +1046,197 @@ TEST_CASE("large objects are counted by threads that have no cache yet") {
   CHECK(WIFEXITED(status));
   CHECK(live() == base);
   shmalloc_detach();
+}
+
+// What shmallocctl shows of where each client runs (the issue "Docker
+// compose for real": with the daemon and each worker in containers of their
+// own, every client showed pid 0).
+namespace {
+constexpr int skipped = 77;
+constexpr const char* ns_host = "shmalloc-ns-test";
+constexpr const char* fake_container = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+// A libshmalloc process the test forks: it attaches, allocates, tells the
+// test its pid as it sees it, and waits until the test lets it go. Given a
+// fake cgroup file, it first enters PID, UTS and mount namespaces of its own
+// (root only): pid 1 there, hostname ns_host, the file bind-mounted over its
+// /proc/self/cgroup, as a worker in a docker container.
+struct worker_process {
+  int ready[2] = {-1, -1}, go[2] = {-1, -1};
+  pid_t pid = -1;
+
+  explicit worker_process(const std::string& socket, const std::string& fake_cgroup = {}) {
+    REQUIRE(pipe(ready) == 0);
+    REQUIRE(pipe(go) == 0);
+    std::fflush(nullptr);
+    pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) run(socket, fake_cgroup);
+    close(ready[1]);
+    close(go[0]);
+  }
+  [[noreturn]] void run(const std::string& socket, const std::string& fake_cgroup) {
+    close(ready[0]);
+    close(go[1]);
+    if (!fake_cgroup.empty()) {
+      if (unshare(CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWNS) != 0 ||
+          mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0 ||
+          sethostname(ns_host, std::strlen(ns_host)) != 0)
+        _exit(skipped);
+      const pid_t inner = fork();  // pid 1 of the new PID namespace
+      if (inner < 0) _exit(4);
+      if (inner > 0) {
+        int status = 0;
+        waitpid(inner, &status, 0);
+        _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 5);
+      }
+      if (mount(fake_cgroup.c_str(), "/proc/self/cgroup", nullptr, MS_BIND, nullptr) != 0) _exit(skipped);
+    }
+    if (shmalloc_attach(socket.c_str()) != 0 || shmalloc_alloc(100) == nullptr) _exit(2);
+    const pid_t me = getpid();
+    char byte = 0;
+    if (write(ready[1], &me, sizeof me) != static_cast<ssize_t>(sizeof me) || read(go[0], &byte, 1) != 1) _exit(3);
+    shmalloc_detach();
+    _exit(0);
+  }
+  // Its pid as it sees it, once it has attached; nullopt if it exited
+  // instead (finish() then gives its exit code).
+  std::optional<pid_t> attached() {
+    pid_t said = -1;
+    if (read(ready[0], &said, sizeof said) != static_cast<ssize_t>(sizeof said)) return std::nullopt;
+    return said;
+  }
+  // Lets it go; its exit code.
+  int finish() {
+    if (go[1] >= 0) {
+      (void)!write(go[1], "x", 1);
+      close(go[1]);
+      go[1] = -1;
+    }
+    int status = 0;
+    if (pid > 0 && waitpid(pid, &status, 0) != pid) return -1;
+    pid = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  ~worker_process() {
+    finish();
+    close(ready[0]);
+  }
+  worker_process(const worker_process&) = delete;
+  worker_process& operator=(const worker_process&) = delete;
+};
+
+// shmallocctl clients --json, its options before the command (as users of
+// docker -H or kubectl --context type them), parsed.
+nlohmann::json ctl_clients(const std::string& socket) {
+  std::string out, err;
+  INFO(err);
+  REQUIRE(run_ctl("--socket " + socket + " --json clients", &out, &err) == 0);
+  return nlohmann::json::parse(out);
+}
+
+const nlohmann::json* row_where(const nlohmann::json& t, const char* field, const nlohmann::json& value) {
+  for (const nlohmann::json& r : t["clients"])
+    if (r[field] == value) return &r;
+  return nullptr;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// What a client started here says of its container: null on a machine
+// that is not one.
+nlohmann::json container_here() {
+  std::string id = proto::container_from_cgroup(read_file("/proc/self/cgroup"));
+  if (id.empty()) id = proto::container_from_mountinfo(read_file("/proc/self/mountinfo"));
+  return id.empty() ? nlohmann::json(nullptr) : nlohmann::json(id);
+}
+
+std::string hostname_here() {
+  char host[256] = {};
+  REQUIRE(gethostname(host, sizeof host - 1) == 0);
+  return host;
+}
+}  // namespace
+
+TEST_SUITE("where clients run") {
+  TEST_CASE("shmallocctl clients shows a client's pid, the pid it gave, its hostname and its container") {
+    daemon_process d;
+    REQUIRE(d.started());
+    worker_process w(d.socket);
+    const auto said = w.attached();
+    REQUIRE(said);
+    CHECK(*said == w.pid);
+    const nlohmann::json t = ctl_clients(d.socket);
+    CHECK(t["total"] == 1);
+    const nlohmann::json* r = row_where(t, "pid_in_client", *said);
+    REQUIRE(r);
+    CHECK((*r)["pid"] == w.pid);  // the daemon's view, from the socket: the same namespace
+    CHECK((*r)["host"] == hostname_here());
+    CHECK((*r)["container"] == container_here());
+    // The table shows the same, the options after the command this time.
+    std::string out;
+    REQUIRE(run_ctl("clients --socket " + d.socket, &out) == 0);
+    INFO(out);
+    CHECK(std::regex_search(out, std::regex("^ *id +pid +pid_in_client +name +host +container +bytes_held ")));
+    const std::string pid = std::to_string(w.pid);
+    CHECK(std::regex_search(out, std::regex("\n +[0-9]+ +" + pid + " +" + pid + " +[^ ]+ +" + hostname_here() + " ")));
+    CHECK(w.finish() == 0);
+  }
+
+  // The issue's setup: the daemon in a PID namespace (a container) of its
+  // own, workers in others. The socket gives the daemon no pid for them.
+  TEST_CASE("clients in other PID and UTS namespaces than the daemon's show the pid, host and container they gave") {
+    if (geteuid() != 0) {
+      MESSAGE("skipped: namespaces and bind mounts need root");
+      return;
+    }
+    daemon_process d({}, "daemon", spawn_options{std::nullopt, true});
+    REQUIRE(d.started());
+    const std::string cgroup = d.dir + "/cgroup";
+    {
+      std::ofstream f(cgroup);
+      f << "0::/system.slice/docker-" << fake_container << ".scope\n";
+    }
+    worker_process boxed(d.socket, cgroup);  // in namespaces of its own
+    worker_process plain(d.socket);          // in the test's
+    const auto boxed_said = boxed.attached();
+    if (!boxed_said) {
+      const int code = boxed.finish();
+      if (code == skipped) {
+        MESSAGE("skipped: this machine does not allow new namespaces or bind mounts over /proc");
+        return;
+      }
+      FAIL("the worker in namespaces of its own exited with " << code);
+    }
+    CHECK(*boxed_said == 1);  // pid 1 of its namespace
+    const auto plain_said = plain.attached();
+    REQUIRE(plain_said);
+    CHECK(*plain_said == plain.pid);
+
+    const nlohmann::json t = ctl_clients(d.socket);
+    CHECK(t["total"] == 2);
+    const nlohmann::json* b = row_where(t, "host", ns_host);
+    REQUIRE(b);
+    CHECK((*b)["pid"].is_null());  // SO_PEERCRED gave the daemon 0
+    CHECK((*b)["pid_in_client"] == 1);
+    CHECK((*b)["container"] == std::string(fake_container).substr(0, 12));
+    const nlohmann::json* p = row_where(t, "pid_in_client", plain.pid);
+    REQUIRE(p);
+    CHECK((*p)["pid"].is_null());  // the test's namespace is not the daemon's either
+    CHECK((*p)["host"] == hostname_here());
+    CHECK((*p)["container"] == container_here());
+
+    std::string out;
+    REQUIRE(run_ctl("clients --socket " + d.socket, &out) == 0);
+    INFO(out);
+    // pid unknown to the daemon, pid 1 in its own namespace, its host and container
+    CHECK(std::regex_search(out, std::regex(std::string("\n +[0-9]+ +- +1 +[^ ]+ +") + ns_host + " +0123456789ab ")));
+    CHECK(boxed.finish() == 0);
+    CHECK(plain.finish() == 0);
+  }
 }

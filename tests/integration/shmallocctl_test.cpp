@@ -156,7 +156,10 @@ TEST_SUITE("shmallocctl") {
     const json& r = t["clients"][0];
     CHECK(r["id"] == k.id);
     CHECK(r["pid"] == getpid());
+    CHECK(r["pid_in_client"] == getpid());  // what hello said
     CHECK(r["name"] == "ctl-test");
+    CHECK(r["host"].is_null());  // control_client's hello does not say where it runs
+    CHECK(r["container"].is_null());
     CHECK(r["spans_held"] == 5);
     CHECK(r["large_objects"] == 1);
     // Tiny spans' counter blocks are metadata, not objects.
@@ -170,10 +173,10 @@ TEST_SUITE("shmallocctl") {
 
     std::string out;
     REQUIRE(run_ctl("clients --socket " + d.socket, &out) == 0);
-    CHECK(std::regex_search(out, std::regex("^ *id +pid  name +bytes_held +objects_live +spans_held +large_objects  "
-                                            "connected_since +connected_seconds_ago\n")));
-    CHECK(std::regex_search(out, std::regex("\n +" + std::to_string(k.id) + " +" + std::to_string(getpid()) +
-                                            "  ctl-test +[0-9]+ +14 +5 +1  20")));
+    CHECK(std::regex_search(out, std::regex("^ *id +pid +pid_in_client  name +host +container +bytes_held +objects_live "
+                                            "+spans_held +large_objects  connected_since +connected_seconds_ago\n")));
+    CHECK(std::regex_search(out, std::regex("\n +" + std::to_string(k.id) + " +" + std::to_string(getpid()) + " +" +
+                                            std::to_string(getpid()) + "  ctl-test +- +- +[0-9]+ +14 +5 +1  20")));
   }
 
   TEST_CASE("clients prints a name that is not text without breaking the JSON or the table") {
@@ -193,7 +196,7 @@ TEST_SUITE("shmallocctl") {
   TEST_CASE("clients past one frame's worth are counted and said to be left out") {
     daemon_process d;
     REQUIRE(d.started());
-    constexpr std::size_t n = 640;  // 64-byte names: about 618 rows fit in 64 KiB
+    constexpr std::size_t n = 640;  // 64-byte names: about 610 rows fit in 64 KiB
     std::vector<std::unique_ptr<raw_client>> many;
     for (std::size_t i = 0; i < n; ++i) {
       many.push_back(std::make_unique<raw_client>(d.socket));
@@ -203,7 +206,8 @@ TEST_SUITE("shmallocctl") {
     CHECK(t["total"] == n);
     const std::size_t shown = t["clients"].size();
     CHECK(t["shown"] == shown);
-    CHECK(shown == (proto::max_reply_body - proto::client_table_header_bytes) / (proto::client_row_fixed_bytes + 64));
+    CHECK(shown == (proto::max_reply_body - proto::client_table_header_bytes) /
+                       (proto::client_row_fixed_bytes + proto::client_row_identity_fixed_bytes + 64));
     CHECK(t["left_out"] == n - shown);
     std::string out;
     REQUIRE(run_ctl("clients --socket " + d.socket, &out) == 0);
@@ -299,6 +303,56 @@ TEST_SUITE("shmallocctl") {
     // The option before the command is the one used: a socket nobody serves fails.
     CHECK(run_ctl("--socket /nonexistent/x.sock stats", &out, &err) == 1);
     CHECK(err.find("no shmallocd answers on /nonexistent/x.sock") != std::string::npos);
+  }
+
+  TEST_CASE("clients asks a daemon from before identity rows for the rows it knows") {
+    // A stand-in for such a daemon: a clients request with a body is refused
+    // (as "takes no body"), one without gets basic rows; on one connection.
+    char tmpl[] = "/tmp/shmalloc-test-XXXXXX";
+    const std::string dir = mkdtemp(tmpl), sock = dir + "/old.sock";
+    const int listener = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", sock.c_str());
+    REQUIRE(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    REQUIRE(listen(listener, 1) == 0);
+    std::vector<std::uint32_t> bodies;  // the length of each request's body
+    std::thread old_daemon([listener, &bodies] {
+      const int fd = accept(listener, nullptr, nullptr);
+      for (std::uint8_t head[proto::header_bytes]; fd >= 0 && recv(fd, head, sizeof head, MSG_WAITALL) == sizeof head;) {
+        const proto::frame_header h = proto::decode_header(head);
+        std::vector<std::uint8_t> body(h.length);
+        if (h.length != 0 && recv(fd, body.data(), body.size(), MSG_WAITALL) != static_cast<ssize_t>(body.size())) break;
+        bodies.push_back(h.length);
+        proto::client_table_msg t;
+        t.total = 1;
+        proto::client_row row;
+        row.id = 3;
+        row.pid = 4321;
+        row.name = "old-worker";
+        t.rows.push_back(row);
+        const auto r = h.length != 0
+                           ? proto::make_reply(msg::client_table, h.request_id, errc::protocol_error, "clients takes no body")
+                           : proto::make_reply(msg::client_table, h.request_id, errc::ok, {}, proto::encode(t));
+        if (send(fd, r.data(), r.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(r.size()) || h.length == 0) break;
+      }
+      if (fd >= 0) close(fd);
+    });
+    std::string out, err;
+    CHECK(run_ctl("clients --json --socket " + sock, &out, &err) == 0);
+    old_daemon.join();
+    close(listener);
+    std::filesystem::remove_all(dir);
+    CHECK(bodies == std::vector<std::uint32_t>{1, 0});
+    CHECK(err.empty());
+    const json t = json::parse(out);
+    REQUIRE(t["clients"].size() == 1);
+    const json& r = t["clients"][0];
+    CHECK(r["pid"] == 4321);
+    CHECK(r["name"] == "old-worker");
+    CHECK(r["pid_in_client"].is_null());
+    CHECK(r["host"].is_null());
+    CHECK(r["container"].is_null());
   }
 
   TEST_CASE("with no daemon every command exits 1 with one line on stderr") {

@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -26,34 +27,54 @@
 
 namespace shmalloc::test {
 
+namespace {
+struct exec_request {
+  std::vector<char*> argv;
+  const rlimit* nofile;
+};
+
+// In the child: exec the daemon.
+[[noreturn]] void exec_daemon(const exec_request& r) {
+  // The daemon dies with the test (a crashed test must not leave it
+  // running), and never holds the test's output pipe open: ctest waits
+  // for that pipe to close.
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (r.nofile && setrlimit(RLIMIT_NOFILE, r.nofile) != 0) _exit(126);
+  const int devnull = open("/dev/null", O_RDWR);
+  if (devnull >= 0) {
+    dup2(devnull, STDIN_FILENO);
+    dup2(devnull, STDOUT_FILENO);
+    dup2(devnull, STDERR_FILENO);
+  }
+  execv(r.argv[0], r.argv.data());
+  _exit(127);
+}
+
+int exec_daemon_in_clone(void* r) { exec_daemon(*static_cast<const exec_request*>(r)); }
+}  // namespace
+
 pid_t spawn_daemon(const std::vector<std::string>& args, const std::string& socket, int* stderr_fd,
-                   const rlimit* nofile) {
-  const pid_t pid = fork();
-  if (pid == 0) {
-    // The daemon dies with the test (a crashed test must not leave it
-    // running), and never holds the test's output pipe open: ctest waits
-    // for that pipe to close.
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (nofile && setrlimit(RLIMIT_NOFILE, nofile) != 0) _exit(126);
-    const int devnull = open("/dev/null", O_RDWR);
-    if (devnull >= 0) {
-      dup2(devnull, STDIN_FILENO);
-      dup2(devnull, STDOUT_FILENO);
-      dup2(devnull, STDERR_FILENO);
-    }
-    std::vector<char*> argv;
-    static std::string path = SHMALLOC_DAEMON_PATH;
-    argv.push_back(path.data());
-    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    // Tests run in parallel: none may take the default metrics port.
-    static std::string metrics_flag = "--metrics", metrics_off = "off";
-    if (std::find(args.begin(), args.end(), metrics_flag) == args.end()) {
-      argv.push_back(metrics_flag.data());
-      argv.push_back(metrics_off.data());
-    }
-    argv.push_back(nullptr);
-    execv(path.c_str(), argv.data());
-    _exit(127);
+                   const rlimit* nofile, bool own_pid_namespace) {
+  // Built before the fork: the child only calls what is safe after one.
+  static std::string path = SHMALLOC_DAEMON_PATH;
+  exec_request r{{path.data()}, nofile};
+  for (const auto& a : args) r.argv.push_back(const_cast<char*>(a.c_str()));
+  // Tests run in parallel: none may take the default metrics port.
+  static std::string metrics_flag = "--metrics", metrics_off = "off";
+  if (std::find(args.begin(), args.end(), metrics_flag) == args.end()) {
+    r.argv.push_back(metrics_flag.data());
+    r.argv.push_back(metrics_off.data());
+  }
+  r.argv.push_back(nullptr);
+  pid_t pid = -1;
+  if (own_pid_namespace) {
+    // clone, not unshare: the test's own later children must stay in its namespace.
+    std::vector<char> stack(256 << 10);
+    pid = clone(&exec_daemon_in_clone, stack.data() + stack.size(), CLONE_NEWPID | SIGCHLD, &r);
+    if (pid < 0) return -1;
+  } else {
+    pid = fork();
+    if (pid == 0) exec_daemon(r);
   }
   (void)stderr_fd;
   for (int i = 0; i < 500; ++i) {  // up to 5 s for the socket to answer
@@ -69,6 +90,9 @@ pid_t spawn_daemon(const std::vector<std::string>& args, const std::string& sock
 }
 
 daemon_process::daemon_process(std::vector<std::string> extra, const std::string& what, std::optional<rlimit> nofile)
+    : daemon_process(std::move(extra), what, spawn_options{nofile, false}) {}
+
+daemon_process::daemon_process(std::vector<std::string> extra, const std::string& what, const spawn_options& how)
     : heap(unique_heap_name(what)) {
   char tmpl[] = "/tmp/shmalloc-test-XXXXXX";
   dir = mkdtemp(tmpl);
@@ -81,7 +105,7 @@ daemon_process::daemon_process(std::vector<std::string> extra, const std::string
   std::vector<std::string> args{"--heap", heap, "--socket", socket, "--metrics", "off", "--log-level", "warn"};
   if (!capacity_given) args.insert(args.end(), {"--capacity", "256M"});  // a flag may be given once
   args.insert(args.end(), extra.begin(), extra.end());
-  pid_ = spawn_daemon(args, socket, nullptr, nofile ? &*nofile : nullptr);
+  pid_ = spawn_daemon(args, socket, nullptr, how.nofile ? &*how.nofile : nullptr, how.own_pid_namespace);
 }
 
 int daemon_process::stop(int sig) {

@@ -17,11 +17,21 @@
 
 namespace shmalloc::test {
 
+// How the daemon is started: nofile, its RLIMIT_NOFILE, set in the child
+// before exec; own_pid_namespace, in a PID namespace of its own (as pid 1:
+// a daemon in a container of its own), which needs root. The test's
+// processes are then not in its namespace: the daemon reads their pids from
+// its sockets as 0, as a containerised daemon does its workers'.
+struct spawn_options {
+  std::optional<rlimit> nofile;
+  bool own_pid_namespace = false;
+};
+
 class daemon_process {
  public:
-  // nofile: the daemon's RLIMIT_NOFILE, set in the child before exec.
   explicit daemon_process(std::vector<std::string> extra_args = {}, const std::string& what = "daemon",
                           std::optional<rlimit> nofile = std::nullopt);
+  daemon_process(std::vector<std::string> extra_args, const std::string& what, const spawn_options& how);
   ~daemon_process();
   daemon_process(const daemon_process&) = delete;
   daemon_process& operator=(const daemon_process&) = delete;
@@ -41,9 +51,9 @@ class daemon_process {
 };
 
 // Starts shmallocd with args (and nofile as its RLIMIT_NOFILE, if given)
-// and waits for its socket; returns pid or -1.
+// and waits for its socket; returns pid (in the test's PID namespace) or -1.
 pid_t spawn_daemon(const std::vector<std::string>& args, const std::string& socket, int* stderr_fd = nullptr,
-                   const rlimit* nofile = nullptr);
+                   const rlimit* nofile = nullptr, bool own_pid_namespace = false);
 
 // The tests speak raw frames through the same client shmallocctl uses.
 using raw_client = control_client;

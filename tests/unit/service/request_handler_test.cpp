@@ -68,6 +68,22 @@ void check_exact(const std::vector<std::uint8_t>& good, Decode decode) {
   CHECK_FALSE(decode(longer));
 }
 
+// A basic client row (the fields every client table has).
+proto::client_row client_row(std::uint32_t id, std::uint32_t pid, std::string name, std::uint64_t bytes_held,
+                             std::uint64_t objects_live, std::uint32_t spans, std::uint32_t large_objects,
+                             std::uint64_t connected_unix_ns) {
+  proto::client_row r;
+  r.id = id;
+  r.pid = pid;
+  r.name = std::move(name);
+  r.bytes_held = bytes_held;
+  r.objects_live = objects_live;
+  r.spans = spans;
+  r.large_objects = large_objects;
+  r.connected_unix_ns = connected_unix_ns;
+  return r;
+}
+
 std::uint64_t unix_now_ns() {
   return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                         std::chrono::system_clock::now().time_since_epoch())
@@ -145,6 +161,136 @@ void fill_counters(cache_header& c) {
 }
 }  // namespace
 
+TEST_SUITE("control_protocol hello") {
+  TEST_CASE("a hello round-trips with and without where the client runs, and one from before is unchanged") {
+    const proto::hello_msg old{layout_version, 77, "worker"};
+    const auto old_bytes = proto::encode(old);
+    CHECK(old_bytes.size() == 4 + 4 + 2 + 6);  // layout_version, pid, name: as the first protocol
+    auto back = proto::decode_hello(old_bytes);
+    REQUIRE(back);
+    CHECK(back->pid == 77);
+    CHECK(back->name == "worker");
+    CHECK(back->host.empty());
+    CHECK(back->container.empty());
+
+    const proto::hello_msg m{layout_version, 1, "worker", "web-1", "3f2a9c1b0d4e"};
+    const auto bytes = proto::encode(m);
+    CHECK(bytes.size() == old_bytes.size() + 2 + 5 + 2 + 12);
+    back = proto::decode_hello(bytes);
+    REQUIRE(back);
+    CHECK(back->layout_version == layout_version);
+    CHECK(back->pid == 1);
+    CHECK(back->name == "worker");
+    CHECK(back->host == "web-1");
+    CHECK(back->container == "3f2a9c1b0d4e");
+    // Every prefix is refused but the one that ends after the name.
+    for (std::size_t n = 0; n < bytes.size(); ++n) {
+      CAPTURE(n);
+      CHECK(static_cast<bool>(proto::decode_hello(std::span<const std::uint8_t>(bytes.data(), n))) ==
+            (n == old_bytes.size()));
+    }
+    std::vector<std::uint8_t> longer = bytes;
+    longer.push_back(0);
+    CHECK_FALSE(proto::decode_hello(longer));
+
+    // A host alone still sends both (the container empty); so does a container alone.
+    back = proto::decode_hello(proto::encode(proto::hello_msg{layout_version, 1, "w", "web-1"}));
+    REQUIRE(back);
+    CHECK(back->host == "web-1");
+    CHECK(back->container.empty());
+    back = proto::decode_hello(proto::encode(proto::hello_msg{layout_version, 1, "w", "", "3f2a9c1b0d4e"}));
+    REQUIRE(back);
+    CHECK(back->host.empty());
+    CHECK(back->container == "3f2a9c1b0d4e");
+  }
+
+  TEST_CASE("a hello whose host or container is too long or not printable is refused") {
+    auto refused = [](const std::string& host, const std::string& container) {
+      return !proto::decode_hello(proto::encode(proto::hello_msg{layout_version, 1, "w", host, container}));
+    };
+    CHECK_FALSE(refused(std::string(proto::max_host, 'h'), std::string(proto::max_container, 'c')));
+    CHECK(refused(std::string(proto::max_host + 1, 'h'), ""));
+    CHECK(refused("", std::string(proto::max_container + 1, 'c')));
+    CHECK(refused(std::string(4000, 'h'), ""));
+    for (const char* bad : {"web 1", "web\t1", "web\n1", "web\x7f", "web\x01", "caf\xc3\xa9"}) {
+      CAPTURE(bad);
+      CHECK(refused(bad, ""));
+      CHECK(refused("", bad));
+    }
+    // A host with no container after it.
+    proto::writer w;
+    w.u32(layout_version).u32(1).str("w").str("web-1");
+    CHECK_FALSE(proto::decode_hello(w.bytes()));
+  }
+
+  TEST_CASE("identity_text makes any hostname fit a hello") {
+    CHECK(proto::identity_text("web-1.example", proto::max_host) == "web-1.example");
+    CHECK(proto::identity_text("web 1\n\x01\xc3", proto::max_host) == "web?1???");
+    CHECK(proto::identity_text(std::string(300, 'h'), proto::max_host) == std::string(proto::max_host, 'h'));
+    CHECK(proto::valid_identity(proto::identity_text("a b\xff", 2), 2));
+    CHECK(proto::valid_identity("", 0));
+    CHECK_FALSE(proto::valid_identity("abc", 2));
+  }
+
+  TEST_CASE("the container id is found in the cgroup paths of docker, containerd, CRI-O and podman, and only there") {
+    const std::string id = "3f2a9c1b0d4e5f60718293a4b5c6d7e8f9a0b1c2d3e4f5061728394a5b6c7d8e";
+    REQUIRE(id.size() == 64);
+    const std::string short_id = id.substr(0, 12);
+    // docker on cgroup v1
+    CHECK(proto::container_from_cgroup("12:pids:/docker/" + id + "\n11:memory:/docker/" + id + "\n0::/\n") == short_id);
+    // cgroup v2, the systemd driver, with the host's cgroup namespace
+    CHECK(proto::container_from_cgroup("0::/system.slice/docker-" + id + ".scope\n") == short_id);
+    // cgroup v2, the cgroupfs driver
+    CHECK(proto::container_from_cgroup("0::/docker/" + id) == short_id);
+    // a container's own cgroup below its scope (nested, or systemd inside)
+    CHECK(proto::container_from_cgroup("0::/system.slice/docker-" + id + ".scope/init.scope\n") == short_id);
+    // Kubernetes (containerd, CRI-O) and podman
+    CHECK(proto::container_from_cgroup("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c.slice/"
+                                       "cri-containerd-" + id + ".scope\n") == short_id);
+    CHECK(proto::container_from_cgroup("11:memory:/kubepods/burstable/pod0d1e2f3a-aaaa-bbbb-cccc-0123456789ab/" + id) ==
+          short_id);
+    CHECK(proto::container_from_cgroup("0::/machine.slice/libpod-" + id + ".scope") == short_id);
+    CHECK(proto::container_from_cgroup("0::/crio-" + id + ".scope") == short_id);
+    // Not in a container, or a private cgroup namespace: nothing to find.
+    CHECK(proto::container_from_cgroup("0::/\n").empty());
+    CHECK(proto::container_from_cgroup("0::/user.slice/user-0.slice/session-3.scope\n").empty());
+    CHECK(proto::container_from_cgroup("0::/system.slice/docker.service\n").empty());
+    CHECK(proto::container_from_cgroup("4:memory:/process_api/8a6363c918454cc6e612e42c10993205\n").empty());  // 32 digits
+    CHECK(proto::container_from_cgroup("0::/docker/" + id.substr(1)).empty());  // 63
+    CHECK(proto::container_from_cgroup("0::/docker/" + id + "0").empty());      // 65
+    std::string upper = id;
+    upper[0] = 'F';
+    CHECK(proto::container_from_cgroup("0::/docker/" + upper).empty());
+    CHECK(proto::container_from_cgroup("").empty());
+    CHECK(proto::container_from_cgroup("garbage without colons " + id).empty());
+  }
+
+  TEST_CASE("the container id is found in the runtime's mount of /etc/hostname, and not in the host's mount table") {
+    const std::string id = "3f2a9c1b0d4e5f60718293a4b5c6d7e8f9a0b1c2d3e4f5061728394a5b6c7d8e";
+    const std::string short_id = id.substr(0, 12);
+    const std::string docker =
+        "612 590 0:52 / / rw,relatime master:263 - overlay overlay rw,lowerdir=/var/lib/docker/overlay2/l/X\n"
+        "631 612 8:1 /var/lib/docker/containers/" + id + "/resolv.conf /etc/resolv.conf rw,relatime - ext4 /dev/sda1 rw\n"
+        "632 612 8:1 /var/lib/docker/containers/" + id + "/hostname /etc/hostname rw,relatime - ext4 /dev/sda1 rw\n";
+    CHECK(proto::container_from_mountinfo(docker) == short_id);
+    // /var/lib/docker on a file system of its own: the root is relative to it.
+    CHECK(proto::container_from_mountinfo("700 612 8:17 /containers/" + id + "/hostname /etc/hostname rw - ext4 /dev/sdb rw\n") ==
+          short_id);
+    // podman
+    CHECK(proto::container_from_mountinfo("900 880 0:30 /containers/storage/overlay-containers/" + id +
+                                          "/userdata/hostname /etc/hostname rw - tmpfs tmpfs rw\n") == short_id);
+    // The host's table names every container's /dev/shm, at other mount points.
+    CHECK(proto::container_from_mountinfo("300 25 0:60 / /var/lib/docker/containers/" + id +
+                                          "/mounts/shm rw,nosuid - tmpfs shm rw,size=65536k\n"
+                                          "25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n")
+              .empty());
+    CHECK(proto::container_from_mountinfo("632 612 8:1 /etc/hostname /etc/hostname rw - ext4 /dev/sda1 rw\n").empty());
+    CHECK(proto::container_from_mountinfo("632 612 8:1 /containers/" + id.substr(1) + "/hostname /etc/hostname rw\n").empty());
+    CHECK(proto::container_from_mountinfo("632 612").empty());
+    CHECK(proto::container_from_mountinfo("").empty());
+  }
+}
+
 TEST_SUITE("control_protocol reports") {
   TEST_CASE("a class table round-trips and is refused when short, long, unordered or inconsistent") {
     proto::class_table_msg m;
@@ -197,8 +343,8 @@ TEST_SUITE("control_protocol reports") {
   TEST_CASE("a client table round-trips and is refused when short, long, or out of range") {
     proto::client_table_msg m;
     m.total = 3;
-    m.rows.push_back({4, 1234, "worker", 65536, 12, 3, 1, 1'700'000'000'000'000'000ULL});
-    m.rows.push_back({9, 99, std::string(proto::max_name, 'n'), 0, 0, 0, 0, 5});
+    m.rows.push_back(client_row(4, 1234, "worker", 65536, 12, 3, 1, 1'700'000'000'000'000'000ULL));
+    m.rows.push_back(client_row(9, 99, std::string(proto::max_name, 'n'), 0, 0, 0, 0, 5));
     const auto bytes = proto::encode(m);
     CHECK(bytes.size() == proto::client_table_header_bytes + proto::encoded_size(m.rows[0]) + proto::encoded_size(m.rows[1]));
     auto back = proto::decode_client_table(bytes);
@@ -217,20 +363,81 @@ TEST_SUITE("control_protocol reports") {
     CHECK(back->rows[1].name == m.rows[1].name);
     check_exact(bytes, [](std::span<const std::uint8_t> p) { return proto::decode_client_table(p); });
 
-    auto refused = [](proto::client_table_msg bad) { return !proto::decode_client_table(proto::encode(bad)); };
-    CHECK(refused({1, m.rows}));                    // more rows than clients
-    CHECK(refused({3, {m.rows[1], m.rows[0]}}));    // ids out of order
-    CHECK(refused({3, {m.rows[0], m.rows[0]}}));    // repeated
+    auto refused = [](std::uint32_t total, std::vector<proto::client_row> rows) {
+      return !proto::decode_client_table(proto::encode(proto::client_table_msg{total, std::move(rows)}));
+    };
+    CHECK(refused(1, m.rows));                    // more rows than clients
+    CHECK(refused(3, {m.rows[1], m.rows[0]}));    // ids out of order
+    CHECK(refused(3, {m.rows[0], m.rows[0]}));    // repeated
     auto row = m.rows[0];
     row.id = 0;
-    CHECK(refused({3, {row}}));
+    CHECK(refused(3, {row}));
     row = m.rows[0];
     row.name = std::string(proto::max_name + 1, 'n');
-    CHECK(refused({3, {row}}));
+    CHECK(refused(3, {row}));
     // A count that promises more rows than the bytes hold.
     proto::writer w;
     w.u32(60000).u16(60000);
     CHECK_FALSE(proto::decode_client_table(w.bytes()));
+  }
+
+  TEST_CASE("a client table of identity rows round-trips, and each format is refused as the other") {
+    proto::client_table_msg m;
+    m.total = 2;
+    m.format = proto::client_rows::identity;
+    m.rows.push_back(client_row(4, 0, "worker", 65536, 12, 3, 1, 5));
+    m.rows[0].pid_in_client = 1;
+    m.rows[0].host = "web-1";
+    m.rows[0].container = "3f2a9c1b0d4e";
+    m.rows.push_back(client_row(9, 99, "old", 0, 0, 0, 0, 6));  // a client that did not say where it runs
+    m.rows[1].pid_in_client = 99;
+    const auto bytes = proto::encode(m);
+    CHECK(bytes.size() == proto::client_table_header_bytes + proto::encoded_size(m.rows[0], m.format) +
+                              proto::encoded_size(m.rows[1], m.format));
+    CHECK(proto::encoded_size(m.rows[1], m.format) == proto::encoded_size(m.rows[1]) + 8);
+    auto back = proto::decode_client_table(bytes, proto::client_rows::identity);
+    REQUIRE(back);
+    REQUIRE(back->rows.size() == 2);
+    CHECK(back->format == proto::client_rows::identity);
+    CHECK(back->rows[0].pid == 0);
+    CHECK(back->rows[0].pid_in_client == 1);
+    CHECK(back->rows[0].name == "worker");
+    CHECK(back->rows[0].host == "web-1");
+    CHECK(back->rows[0].container == "3f2a9c1b0d4e");
+    CHECK(back->rows[0].connected_unix_ns == 5);
+    CHECK(back->rows[1].pid_in_client == 99);
+    CHECK(back->rows[1].host.empty());
+    CHECK(back->rows[1].container.empty());
+    check_exact(bytes, [](std::span<const std::uint8_t> p) {
+      return proto::decode_client_table(p, proto::client_rows::identity);
+    });
+    CHECK_FALSE(proto::decode_client_table(bytes));  // not basic rows
+    proto::client_table_msg basic = m;
+    basic.format = proto::client_rows::basic;
+    CHECK_FALSE(proto::decode_client_table(proto::encode(basic), proto::client_rows::identity));
+
+    auto refused = [&m](auto change) {
+      proto::client_table_msg bad = m;
+      change(bad.rows[0]);
+      return !proto::decode_client_table(proto::encode(bad), proto::client_rows::identity);
+    };
+    CHECK(refused([](auto& r) { r.host = std::string(proto::max_host + 1, 'h'); }));
+    CHECK(refused([](auto& r) { r.container = std::string(proto::max_container + 1, 'c'); }));
+    CHECK(refused([](auto& r) { r.host = "web 1"; }));
+    CHECK(refused([](auto& r) { r.container = "ab\ncd"; }));
+    CHECK_FALSE(refused([](auto& r) { r.host = std::string(proto::max_host, 'h'); }));
+  }
+
+  TEST_CASE("a clients request is empty or names its row format") {
+    using proto::client_rows;
+    CHECK(proto::encode_clients_request(client_rows::basic).empty());  // as before the formats
+    CHECK(proto::encode_clients_request(client_rows::identity) == std::vector<std::uint8_t>{1});
+    CHECK(proto::decode_clients_request({}) == client_rows::basic);
+    const std::vector<std::uint8_t> zero{0}, one{1}, two{2}, long_one{1, 0};
+    CHECK(proto::decode_clients_request(zero) == client_rows::basic);
+    CHECK(proto::decode_clients_request(one) == client_rows::identity);
+    CHECK_FALSE(proto::decode_clients_request(two));
+    CHECK_FALSE(proto::decode_clients_request(long_one));
   }
 
   TEST_CASE("a page table round-trips and is refused unless its pages add up") {
@@ -467,6 +674,78 @@ TEST_SUITE("request_handler") {
     CHECK(none.message.find("quota") != std::string::npos);
   }
 
+  TEST_CASE("hello's pid, host and container are the client's, beside the peer's pid, in identity rows only") {
+    test::test_heap t;
+    request_handler rh(*t.heap, {});
+    client_state worker, old, observer;
+    worker.pid = 0;  // SO_PEERCRED across PID namespaces
+    REQUIRE(ask(rh, worker, msg::hello,
+                proto::encode(proto::hello_msg{layout_version, 1, "worker", "web-1", "3f2a9c1b0d4e"}))
+                .status == errc::ok);
+    old.pid = 5150;  // a client from before: no host or container
+    REQUIRE(ask(rh, old, msg::hello, proto::encode(proto::hello_msg{layout_version, 5150, "old"})).status == errc::ok);
+    CHECK(worker.pid_in_client == 1);
+    CHECK(worker.host == "web-1");
+    CHECK(worker.container == "3f2a9c1b0d4e");
+
+    auto got = ask(rh, observer, msg::clients, proto::encode_clients_request(proto::client_rows::identity));
+    REQUIRE(got.status == errc::ok);
+    auto table = proto::decode_client_table(got.body, proto::client_rows::identity);
+    REQUIRE(table);
+    REQUIRE(table->rows.size() == 2);
+    const proto::client_row& w = table->rows[0];
+    CHECK(w.id == worker.id);
+    CHECK(w.pid == 0);
+    CHECK(w.pid_in_client == 1);
+    CHECK(w.name == "worker");
+    CHECK(w.host == "web-1");
+    CHECK(w.container == "3f2a9c1b0d4e");
+    const proto::client_row& o = table->rows[1];
+    CHECK(o.pid == 5150);
+    CHECK(o.pid_in_client == 5150);
+    CHECK(o.host.empty());
+    CHECK(o.container.empty());
+    // An empty request gets the rows of the first protocol, for shmallocctl builds from before.
+    got = ask(rh, observer, msg::clients);
+    REQUIRE(got.status == errc::ok);
+    table = proto::decode_client_table(got.body);
+    REQUIRE(table);
+    CHECK(table->rows.size() == 2);
+    CHECK(table->rows[0].name == "worker");
+    // A format it does not know is refused, and the connection stays.
+    got = ask(rh, observer, msg::clients, {2});
+    CHECK(got.status == errc::protocol_error);
+    CHECK_FALSE(got.close);
+
+    CHECK(describe(worker) == "client " + std::to_string(worker.id) +
+                                  " \"worker\" (pid unknown here: another PID namespace, pid 1 in its own, host web-1, "
+                                  "container 3f2a9c1b0d4e)");
+    CHECK(describe(old) == "client " + std::to_string(old.id) + " \"old\" (pid 5150)");
+    client_state odd;
+    odd.id = 3;
+    odd.pid = 10;
+    odd.pid_in_client = 10;
+    odd.name = "a\x1b[2Jb";  // a terminal escape, from an untrusted client
+    CHECK(describe(odd) == "client 3 \"a?[2Jb\" (pid 10)");
+  }
+
+  TEST_CASE("a hello with a malformed host or container is refused and registers nothing") {
+    test::test_heap t;
+    request_handler rh(*t.heap, {});
+    client_state c;
+    auto got = ask(rh, c, msg::hello, proto::encode(proto::hello_msg{layout_version, 1, "w", "web 1", ""}));
+    CHECK(got.status == errc::protocol_error);
+    CHECK(c.id == 0);
+    got = ask(rh, c, msg::hello,
+              proto::encode(proto::hello_msg{layout_version, 1, "w", "", std::string(proto::max_container + 1, 'c')}));
+    CHECK(got.status == errc::protocol_error);
+    CHECK(c.id == 0);
+    CHECK(rh.clients() == 0);
+    // The same client may then say a good hello.
+    CHECK(ask(rh, c, msg::hello, proto::encode(proto::hello_msg{layout_version, 1, "w", "web-1", ""})).status == errc::ok);
+    CHECK(c.host == "web-1");
+  }
+
   TEST_CASE("bye closes, and every reply echoes the request id") {
     test::test_heap t;
     request_handler rh(*t.heap, {});
@@ -578,6 +857,18 @@ TEST_SUITE("request_handler reports") {
     CHECK(table->rows.size() == fit);
     CHECK(table->rows.front().id == clients.front().id);  // the lowest ids
     CHECK(table->rows.back().id == clients[fit - 1].id);
+    // Identity rows take more: each the most host and container allow.
+    for (client_state& c : clients) {
+      c.host = std::string(proto::max_host, 'h');
+      c.container = std::string(proto::max_container, 'c');
+    }
+    const proto::client_table_msg wide = rh.client_table(proto::client_rows::identity);
+    CHECK(wide.total == 700);
+    const std::size_t row = proto::client_row_fixed_bytes + proto::client_row_identity_fixed_bytes + proto::max_name +
+                            proto::max_host + proto::max_container;
+    CHECK(wide.rows.size() == (proto::max_reply_body - proto::client_table_header_bytes) / row);
+    CHECK(proto::encode(wide).size() <= proto::max_reply_body);
+    CHECK(proto::decode_client_table(proto::encode(wide), proto::client_rows::identity));
   }
 
   TEST_CASE("the page table and stats agree with the heap's census") {
@@ -610,13 +901,19 @@ TEST_SUITE("request_handler reports") {
     CHECK(s->metrics_port == 9464);
   }
 
-  TEST_CASE("the reports take no body, and other requests before hello are still refused") {
+  TEST_CASE("the reports take no body (clients at most its row format), and other requests before hello are still refused") {
     census_fixture f;
-    for (msg m : {msg::stats, msg::classes, msg::clients, msg::pages, msg::caches}) {
+    for (msg m : {msg::stats, msg::classes, msg::pages, msg::caches}) {
       CAPTURE(static_cast<int>(m));
       auto got = ask(f.rh, f.observer, m, {1});
       CHECK(got.status == errc::protocol_error);
       CHECK(got.message.find("takes no body") != std::string::npos);
+      CHECK_FALSE(got.close);
+    }
+    for (const std::vector<std::uint8_t>& body : {std::vector<std::uint8_t>{7}, std::vector<std::uint8_t>{1, 1}}) {
+      auto got = ask(f.rh, f.observer, msg::clients, body);
+      CHECK(got.status == errc::protocol_error);
+      CHECK(got.message.find("malformed clients") != std::string::npos);
       CHECK_FALSE(got.close);
     }
     CHECK(ask(f.rh, f.observer, msg::refill, proto::encode(proto::refill_msg{10, 1})).status == errc::protocol_error);
