@@ -179,6 +179,9 @@ struct runtime {
   };
   std::vector<cached_large> large_cache;
   std::uint64_t large_cache_bytes = 0;
+  // Handles of large objects freed while the daemon was away (a restart):
+  // freed by the next reconnect.
+  std::vector<std::uint64_t> deferred_large_frees;
   std::uint16_t batch[num_span_classes] = {};
   std::uint64_t last_refill_ns[num_span_classes] = {};
   // Trimming: a process-wide trim bumps the epoch; what was last used two
@@ -345,6 +348,13 @@ bool reconnect_locked(runtime& r) {
   r.client_id = w->client_id;
   r.attached = true;
   r.spare_slots.clear();  // the old connection's: passed on by reattach, or reclaimed
+  for (const std::uint64_t h : std::exchange(r.deferred_large_frees, {})) {
+    auto done = r.conn->request(proto::msg::free_large, proto::encode(proto::free_large_msg{h}));
+    if (done)
+      r.held.erase(g_view.span_of(g_view.pointer(h)).value);
+    else
+      std::fprintf(stderr, "shmalloc: a large object freed while the daemon was away: %s\n", done.err().message.c_str());
+  }
   return true;
 }
 
@@ -378,6 +388,7 @@ void after_fork_in_child() noexcept {
   r.held.clear();
   r.large_cache.clear();
   r.large_cache_bytes = 0;
+  r.deferred_large_frees.clear();  // the parent frees them
   r.attached = false;
   r.client_id = 0;
   t_cache = &empty_cache;
@@ -875,11 +886,22 @@ SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept {
   const std::uint64_t bytes = object_bytes(s);
   {
     std::lock_guard lock(r.mu);
-    if (!r.attached && attach_locked(r, nullptr) != 0) bad_free(p, "the daemon is unavailable to free a large object");
+    const std::uint64_t h = g_view.handle_of(p);
+    if (std::find(r.deferred_large_frees.begin(), r.deferred_large_frees.end(), h) != r.deferred_large_frees.end())
+      bad_free(p, "double free (of a large object)");
+    const bool up = r.attached || attach_locked(r, nullptr) == 0;
     if (!cache_large(r, p, s)) {
-      auto done = request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{g_view.handle_of(p)}));
-      if (!done) bad_free(p, done.err().message.c_str());
-      r.held.erase(g_view.span_id_of(s).value);
+      if (!up) {
+        r.deferred_large_frees.push_back(h);  // the daemon is away: freed when the library reconnects
+      } else {
+        auto done = request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{h}));
+        if (!done && done.code() == errc::unavailable)
+          r.deferred_large_frees.push_back(h);
+        else if (!done)
+          bad_free(p, done.err().message.c_str());
+        else
+          r.held.erase(g_view.span_id_of(s).value);
+      }
     }
     // A process that only allocates large objects trims from here.
     if (const std::uint64_t decay = g_cache_decay_ns.load(std::memory_order_relaxed);

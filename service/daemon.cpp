@@ -356,10 +356,16 @@ void daemon::serve(session& s) {
     const auto notice = proto::make_reply(proto::msg::shutdown, 0, errc::unavailable, "shmallocd is stopping");
     ::send(s.fd, notice.data(), notice.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
   }
-  if (s.client.id != 0) spdlog::info("{} disconnected; {} spans taken back", describe(s.client), s.client.spans.size());
+  const bool keep = stopping_ && settings_.keep_heap;  // the client reattaches to the next daemon
+  if (s.client.id != 0)
+    spdlog::info("{} disconnected; {} spans {}", describe(s.client), s.client.spans.size(),
+                 keep ? "left to it in the kept heap" : "taken back");
   {
     std::lock_guard lock(heap_mutex_);
-    handler_->disconnect(s.client);
+    if (keep)
+      handler_->leave(s.client);
+    else
+      handler_->disconnect(s.client);
 #if SHMALLOC_DEBUG_LEVEL >= 1
     const verify_report r = verify_heap(*heap_);
     SHMALLOC_CHECK(r.ok(), r.summary().c_str());

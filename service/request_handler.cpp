@@ -456,6 +456,17 @@ void request_handler::disconnect(client_state& c) {
   c.id = 0;
 }
 
+void request_handler::leave(client_state& c) {
+  if (c.id == 0) return;
+  by_id_.erase(c.id);
+  --clients_;
+  c.spans.clear();
+  c.large.clear();
+  c.extra_slots.clear();
+  c.bytes_held = 0;
+  c.id = 0;
+}
+
 void request_handler::adopt_orphans() {
   const std::uint64_t now = heap_->now();
   const span_pool_state& pool = heap_->state().span_pool;

@@ -72,6 +72,11 @@ class request_handler {
   // slots return to mcentral. Large objects stay allocated and pass to the
   // daemon (any client may still free them).
   void disconnect(client_state& c);
+  // The daemon stops and keeps the heap: forget the client but leave what it
+  // holds owned by its id in the segment, for the next daemon to adopt as
+  // orphans and the client to reattach (disconnect would hand its spans to
+  // mcentral while the client still allocates from them).
+  void leave(client_state& c);
 
   // Daemon restart: spans and cache slots held by clients of the previous
   // daemon become orphans, grouped by their old client id. A client that
