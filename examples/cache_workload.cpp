@@ -156,11 +156,16 @@ pid_t spawn(int* read_fd, const std::function<report()>& work) {
   int fds[2];
   if (pipe(fds) != 0) return -1;
   const pid_t pid = fork();
-  if (pid == 0) {
+  if (pid == 0) {  // never returns into main: an error ends the worker alone
     close(fds[0]);
-    const report r = work();
-    const bool ok = write(fds[1], &r, sizeof r) == static_cast<ssize_t>(sizeof r);
-    _exit(ok ? 0 : 3);
+    try {
+      const report r = work();
+      const bool ok = write(fds[1], &r, sizeof r) == static_cast<ssize_t>(sizeof r);
+      _exit(ok ? 0 : 3);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "cache_workload: worker %d: %s\n", static_cast<int>(getpid()), e.what());
+      _exit(4);
+    }
   }
   close(fds[1]);
   *read_fd = fds[0];
@@ -194,6 +199,7 @@ int main(int argc, char** argv) {
     std::printf("cache_workload: %d readers (Zipf 0.99 over %u keys, cache-aside), 1 writer refreshing entries,\n"
                 "  1 writer of large values killed mid-run; %.1f s; budget %llu MiB\n",
                 o.readers, o.keys, o.seconds, static_cast<unsigned long long>(o.budget_mib));
+    std::fflush(stdout);  // before the forks, or each child prints it again
 
     std::vector<std::pair<pid_t, int>> readers;
     for (int i = 0; i < o.readers; ++i) {
