@@ -230,6 +230,15 @@ struct child_run {
   std::uint64_t out[8] = {};
   std::string err;
 };
+// Allocates and frees 64-byte objects for how_long (the decay tests' work).
+void work_in_one_class(std::chrono::milliseconds how_long) {
+  void* batch[100];
+  for (const auto t0 = std::chrono::steady_clock::now(); std::chrono::steady_clock::now() - t0 < how_long;) {
+    for (void*& p : batch) p = shmalloc_alloc(64);
+    for (void* p : batch) shmalloc_free(p);
+  }
+}
+
 child_run run_with_decay(const char* decay, void (*body)(const std::string& socket, std::uint64_t* out),
                          const std::string& socket) {
   int data[2], err[2];
@@ -433,25 +442,32 @@ TEST_SUITE("libshmalloc") {
 
   TEST_CASE("what a process caches goes back to the daemon once it sits unused for SHMALLOC_CACHE_DECAY_MS") {
     attached_daemon a;
-    // out[0]: held after the caching; out[1]: after 300 ms of work in one
-    // other class (64 bytes), the only class then in use.
-    auto body = [](const std::string& socket, std::uint64_t* out) {
+    // out[0]: held after the caching; out[1]: after work in one other class
+    // (64 bytes), the only class then in use. Decay happens on the working
+    // thread's slow path, several periods apart, so with decay on the work
+    // goes on until the heap is down to the bound (20 s at most: a loaded
+    // machine may give the child little CPU); with it off, for 300 ms.
+    constexpr std::uint64_t bound = 128u << 10;  // the 64-byte class's spans and the tiny class's, no more
+    auto body_on = [](const std::string& socket, std::uint64_t* out) {
       cache_some(socket, out);
-      void* batch[100];
-      for (const auto t0 = std::chrono::steady_clock::now();
-           std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(300);) {
-        for (void*& p : batch) p = shmalloc_alloc(64);
-        for (void* p : batch) shmalloc_free(p);
-      }
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      do {
+        work_in_one_class(std::chrono::milliseconds(50));
+        out[1] = heap_inuse(socket);
+      } while (out[1] > bound && std::chrono::steady_clock::now() < deadline);
+    };
+    auto body_off = [](const std::string& socket, std::uint64_t* out) {
+      cache_some(socket, out);
+      work_in_one_class(std::chrono::milliseconds(300));
       out[1] = heap_inuse_settled(socket);
     };
-    const child_run on = run_with_decay("50", body, a.d.socket);
-    const child_run off = run_with_decay("off", body, a.d.socket);
+    const child_run on = run_with_decay("50", body_on, a.d.socket);
+    const child_run off = run_with_decay("off", body_off, a.d.socket);
     REQUIRE(on.status == 0);
     REQUIRE(off.status == 0);
     INFO("decay 50 ms: " << on.out[0] << " -> " << on.out[1] << " bytes; off: " << off.out[0] << " -> " << off.out[1]);
     CHECK(on.out[0] >= (512u << 10));
-    CHECK(on.out[1] <= (128u << 10));  // the 64-byte class's spans and the tiny class's, no more
+    CHECK(on.out[1] <= bound);
     CHECK(off.out[1] >= (1u << 20));    // without decay, the pool, spares and large objects stay
     CHECK(on.err.empty());
     a.check_heap();
