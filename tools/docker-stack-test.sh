@@ -340,7 +340,7 @@ check_clients() {
     return
   fi
   local listing
-  listing=$(clients_json | json "'; '.join('%s id %d pid %d: %d spans, %d objects live, %d bytes' % (c['name'], c['id'], c['pid'], c['spans_held'], c['objects_live'], c['bytes_held']) for c in d['clients'])")
+  listing=$(clients_json | json "'; '.join('%s id %d pid %s (%s in its container %s): %d spans, %d objects live, %d bytes' % (c['name'], c['id'], c['pid'], c.get('pid_in_client'), c.get('container'), c['spans_held'], c['objects_live'], c['bytes_held']) for c in d['clients'])")
   pass "a: shmallocctl clients in the daemon's container lists the workers: $listing"
 
   # The same heap object: the daemon's /dev/shm/shmalloc and the worker's are one file.
@@ -379,10 +379,25 @@ check_clients() {
   else
     fail "a: span-workers shows no completed round: $(docker logs --tail 5 "$span_workers" 2>&1)"
   fi
-  # To come: once shmallocctl clients shows each client's pid in its own
-  # namespace and its container (the pids are 0 here: SO_PEERCRED across pid
-  # namespaces), check them here from the same clients_json: alloc-churn's
-  # clients name "$churn"'s container and pids that `docker top` lists.
+  # Which container each client runs in: the daemon cannot see the pids of
+  # other PID namespaces (SO_PEERCRED gives 0, shown as null), so each client
+  # says its own pid and container in hello. alloc-churn's clients must name
+  # its container (docker's short id) and pids its container has.
+  local churn_short own_pids named
+  churn_short=$(inspect "$churn" '{{.Id}}' | cut -c1-12)
+  own_pids=" $(docker exec "$churn" sh -c 'echo /proc/[0-9]*' | tr ' ' '\n' | sed 's|/proc/||' | tr '\n' ' ') "
+  named=$(clients_json | json "' '.join('%s:%s' % (c.get('container'), c.get('pid_in_client')) for c in d['clients'] if c['name'] == 'alloc-churn')")
+  local ok=1 item
+  [ -n "$named" ] || ok=0
+  for item in $named; do
+    [ "${item%%:*}" = "$churn_short" ] || ok=0
+    case $own_pids in *" ${item##*:} "*) ;; *) ok=0 ;; esac
+  done
+  if [ "$ok" = 1 ]; then
+    pass "a: alloc-churn's clients name their container ($churn_short) and pids of their own namespace: $named"
+  else
+    fail "a: alloc-churn's clients give container:pid '$named', expected $churn_short and pids among$own_pids"
+  fi
 }
 
 check_reclaim() {
@@ -406,7 +421,7 @@ check_reclaim() {
   fi
   local id line spans
   for id in $ids; do
-    line=$(docker logs --since "$since" "$daemon" 2>&1 | grep -m1 "client $id (pid [0-9]*, alloc-churn) disconnected")
+    line=$(docker logs --since "$since" "$daemon" 2>&1 | grep -m1 "client $id \"alloc-churn\" (.*) disconnected")
     spans=$(printf '%s' "$line" | sed -n 's/.*disconnected; \([0-9]*\) spans taken back.*/\1/p')
     if [ "${spans:-0}" -gt 0 ]; then
       pass "b: the daemon took back client $id's spans: ${line#*] }"
@@ -686,20 +701,24 @@ check_restart() {
 }
 
 # Host-side view of a container's processes: uid, gid, capabilities, no_new_privs.
-proc_field() { awk -v k="$2:" '$1 == k { print $2; exit }' "/proc/$1/status" 2>/dev/null; }
+# A field of a /proc/<pid>/status text read before.
+status_field() { printf '%s\n' "$1" | awk -v k="$2:" '$1 == k { print $2; exit }'; }
 
 check_security() {
-  local service c pid ok detail
+  local service c pid ok detail st
   for service in shmallocd span-workers alloc-churn cache-workload; do
     c=$(container_of "$service")
     ok=1
     detail=
     [ "$(inspect "$c" '{{.Config.User}}')" = 10001:10001 ] || { ok=0; detail+=" user $(inspect "$c" '{{.Config.User}}');"; }
     for pid in $(docker top "$c" -o pid 2>/dev/null | tail -n +2); do
-      [ "$(proc_field "$pid" Uid)" = 10001 ] || { ok=0; detail+=" pid $pid uid $(proc_field "$pid" Uid);"; }
-      [ "$(proc_field "$pid" Gid)" = 10001 ] || { ok=0; detail+=" pid $pid gid $(proc_field "$pid" Gid);"; }
-      [ "$(proc_field "$pid" CapEff)" = 0000000000000000 ] || { ok=0; detail+=" pid $pid CapEff $(proc_field "$pid" CapEff);"; }
-      [ "$(proc_field "$pid" NoNewPrivs)" = 1 ] || { ok=0; detail+=" pid $pid NoNewPrivs $(proc_field "$pid" NoNewPrivs);"; }
+      # Read once: a short-lived worker may have ended since docker top.
+      st=$(cat "/proc/$pid/status" 2>/dev/null) || continue
+      [ -n "$st" ] || continue
+      [ "$(status_field "$st" Uid)" = 10001 ] || { ok=0; detail+=" pid $pid uid $(status_field "$st" Uid);"; }
+      [ "$(status_field "$st" Gid)" = 10001 ] || { ok=0; detail+=" pid $pid gid $(status_field "$st" Gid);"; }
+      [ "$(status_field "$st" CapEff)" = 0000000000000000 ] || { ok=0; detail+=" pid $pid CapEff $(status_field "$st" CapEff);"; }
+      [ "$(status_field "$st" NoNewPrivs)" = 1 ] || { ok=0; detail+=" pid $pid NoNewPrivs $(status_field "$st" NoNewPrivs);"; }
     done
     [ "$(docker exec "$c" id -u 2>/dev/null)" = 10001 ] || { ok=0; detail+=" exec id -u $(docker exec "$c" id -u 2>&1);"; }
     if [ $ok = 1 ]; then

@@ -4,7 +4,8 @@
 set -euo pipefail
 packages=(g++ cmake ninja-build pkg-config libboost-dev libasio-dev doctest-dev
           prometheus-cpp-dev libcli11-dev libspdlog-dev libfmt-dev libtomlplusplus-dev
-          nlohmann-json3-dev libxxhash-dev curl prometheus docker-compose)
+          nlohmann-json3-dev libxxhash-dev curl prometheus docker-compose
+          docker.io debootstrap)  # the last two: tools/docker-stack-test.sh
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -5,7 +5,8 @@
 # then, under TSan, the stress suite (the lock-free remote-free bitmaps from
 # threads and processes), libshmalloc's multi-thread tests (the span pool),
 # the shared cache's lock-free reads beside its writers, and the daemon
-# serving while its metrics endpoint scrapes the heap.
+# serving while its metrics endpoint scrapes the heap; last, the docker
+# compose stack built from this tree and checked end to end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
@@ -33,6 +34,16 @@ TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/client_tests -tc="four threads*,st
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/cache_tests -tc="cache threads*"
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/service_unit_tests -ts="daemon in process"
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/metrics/metrics_tests
+
+echo "== the docker compose stack, built and run (tools/docker-stack-test.sh)"
+rc=0
+tools/docker-stack-test.sh || rc=$?
+if [ "$rc" = 77 ]; then
+  echo "test-all: the docker stack test was skipped: no Docker engine could be started here"
+elif [ "$rc" != 0 ]; then
+  echo "test-all: the docker stack test failed" >&2
+  exit 1
+fi
 
 leftover=$(comm -13 <(echo "$before" | sort) <(ls /dev/shm | grep '^shmalloc-test-' | sort || true) | grep . || true)
 if [ -n "$leftover" ]; then
