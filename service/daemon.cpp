@@ -264,11 +264,7 @@ daemon::spare_result daemon::refuse_with_spare() {
   const int fd = ::accept4(acceptor_.native_handle(), nullptr, nullptr, SOCK_CLOEXEC);
   const int accept_errno = errno;
   if (fd >= 0) {
-    {
-      std::lock_guard lock(heap_mutex_);
-      ++control_stats_.connections;
-    }
-    turn_away(fd, errc::unavailable, "shmallocd is out of file descriptors");
+    turn_away(fd, errc::unavailable, "shmallocd is out of file descriptors", /*unseen=*/true);
     ::close(fd);
   }
   spare_fd_ = open_spare_fd();  // the number just freed, unless another thread took it: then the next call retries
@@ -290,9 +286,11 @@ void daemon::warn_accept_error(const std::string& what) {
 }
 
 // Refused for want of room: over max-connections, no thread, no descriptor.
-void daemon::turn_away(int fd, errc code, const std::string& why) {
+// unseen: accepted here, not counted as a connection yet (one lock for both).
+void daemon::turn_away(int fd, errc code, const std::string& why, bool unseen) {
   {
     std::lock_guard lock(heap_mutex_);
+    if (unseen) ++control_stats_.connections;
     ++control_stats_.connections_refused;
   }
   send_refusal(fd, code, why);

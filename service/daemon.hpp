@@ -89,7 +89,7 @@ class daemon {
   spare_result refuse_with_spare();
   void warn_accept_error(const std::string& what);
   void start_session(asio::local::stream_protocol::socket socket);
-  void turn_away(int fd, errc code, const std::string& why);
+  void turn_away(int fd, errc code, const std::string& why, bool unseen = false);
   void serve(session& s);
   void read_frames(session& s);
   bool fill(session& s, std::vector<std::uint8_t>& in, std::size_t want);
