@@ -105,6 +105,8 @@ struct binding {
   std::uint32_t index = 0;
   std::uint32_t nest = 0;  // open read sections (pins) of this thread
   std::uint64_t generation = 0;
+  std::uint64_t epoch = 0;     // the cache's epoch as this thread last read it
+  std::uint32_t sections = 0;  // read sections begun: the epoch is read again every 16th
 };
 
 void give_back_slot(binding& b) noexcept;
@@ -197,10 +199,17 @@ binding* find_binding(const shmalloc_cache* c) noexcept {
 // The read path: no lock. A read section publishes the epoch it began in.
 // ---------------------------------------------------------------------------
 
+// The exchange is a full barrier: the epoch is visible before the chain is
+// read (Dekker with the reclaimer's fetch_add and slot loads). The epoch
+// published may be one this thread read up to 15 sections ago: an older
+// value only holds back more (entries retired since wait for the next
+// read), and the acquire load that gave it already ordered every unlink
+// before it ahead of this thread's reads. Reading it on every get would take
+// a line that every put writes.
 inline void enter(shmalloc_cache* c, binding& b) noexcept {
-  // The exchange is a full barrier: the epoch is visible before the chain is
-  // read (Dekker with the reclaimer's fetch_add and slot loads).
-  if (b.nest++ == 0) b.slot->epoch.exchange(c->header->epoch.load(acquire), std::memory_order_seq_cst);
+  if (b.nest++ != 0) return;
+  if ((b.sections++ & 15) == 0) b.epoch = c->header->epoch.load(acquire);
+  b.slot->epoch.exchange(b.epoch, std::memory_order_seq_cst);
 }
 inline void leave(binding& b) noexcept {
   if (b.nest > 0 && --b.nest == 0) b.slot->epoch.store(0, release);
