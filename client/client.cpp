@@ -709,7 +709,9 @@ void* take_cached_large(runtime& r, std::size_t size) noexcept {
       r.held.erase(c.span);
       return take_cached_large(r, size);
     }
-    return g_view.span_base(g_view.span(span_id{c.span}));
+    mspan& s = g_view.span(span_id{c.span});
+    s.alloc_bits[0] |= 1;  // allocated again, before it is returned (cache_large)
+    return g_view.span_base(s);
   }
   return nullptr;
 }
@@ -726,6 +728,10 @@ bool cache_large(runtime& r, void* p, const mspan& s) noexcept {
     return false;
   r.large_cache.push_back({id, s.npages, s.start.value, r.trim_epoch.load(std::memory_order_relaxed)});
   r.large_cache_bytes += bytes;
+  // Free in the heap's eyes while it waits here, so that if this process
+  // dies the daemon frees it instead of keeping it as a live object
+  // (request_handler::reclaim); its holder writes a span's alloc bits.
+  g_view.span(span_id{id}).alloc_bits[0] &= ~std::uint64_t{1};
   return true;
 }
 

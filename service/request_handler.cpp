@@ -436,8 +436,15 @@ void request_handler::reclaim(std::uint32_t owner, const std::set<std::uint32_t>
     reclaimed += span_bytes(id);
     heap_->central(span_class{heap_->span(span_id{id}).span_class}).uncache_span(span_id{id});
   }
-  for (std::uint32_t id : large)
-    if (holds(owner, id, mspan_state::large)) heap_->span(span_id{id}).owner_client = 0;  // stays allocated
+  for (std::uint32_t id : large) {
+    if (!holds(owner, id, mspan_state::large)) continue;
+    if (is_allocated(heap_->span(span_id{id}), 0)) {
+      heap_->span(span_id{id}).owner_client = 0;  // stays allocated: another process may use it
+    } else {  // freed, and kept in the dead process's cache of large objects
+      reclaimed += span_bytes(id);
+      heap_->free_span(span_id{id});
+    }
+  }
   for (std::uint32_t slot : slots) heap_->retire_cache(slot);
   bump(heap_->accounts().reclaimed_bytes_total, reclaimed);
 }

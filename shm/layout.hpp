@@ -84,7 +84,10 @@
 //                    while the object is live.
 //   mspan            geometry and list links: the daemon, while it holds the
 //                    span (state central) or hands it out. alloc_bits: only
-//                    the current holder (one client thread, or the daemon).
+//                    the current holder (one client thread, or the daemon);
+//                    a large span's one bit is clear while its holder keeps
+//                    it freed in its cache of large objects, so a holder
+//                    that dies leaves it free, not live.
 //                    owner_cache: the holding client thread (relaxed atomic;
 //                    only it ever stores its own id there, so a racing reader
 //                    can never mistake itself for the holder). remote_bits:

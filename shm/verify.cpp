@@ -84,7 +84,8 @@ class checker {
     const std::uint8_t c = spc.size_class();
     const std::uint32_t live = count_allocated(s);
     if (st == mspan_state::large) {
-      if (c != 0 || s.nelems != 1 || live != 1 || s.div_magic != 0)
+      // live 0: freed and kept in its holder's cache of large objects.
+      if (c != 0 || s.nelems != 1 || live > 1 || (live == 0 && s.owner_client == 0) || s.div_magic != 0)
         fail("large span ", id.value, " has bad geometry or bits");
       return;
     }

@@ -1280,3 +1280,46 @@ TEST_SUITE("where clients run") {
     CHECK(plain.finish() == 0);
   }
 }
+
+// A large object a process freed and keeps in its cache of large objects
+// is free in the heap's eyes: if the process dies, the daemon frees it with
+// the process's spans, while a large object still live stays allocated
+// (another process may use it). Before, both stayed for good.
+TEST_CASE("a killed process's cached large objects are freed; its live ones stay") {
+  daemon_process d;
+  REQUIRE(d.started());
+  int ready[2];
+  REQUIRE(pipe(ready) == 0);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    if (shmalloc_attach(d.socket.c_str()) != 0) _exit(2);
+    void* live = shmalloc_alloc(200000);
+    void* cached = shmalloc_alloc(100000);
+    if (live == nullptr || cached == nullptr) _exit(3);
+    shmalloc_free(cached);  // kept in this process's cache of large objects
+    const char one = 1;
+    if (write(ready[1], &one, 1) != 1) _exit(4);
+    pause();
+    _exit(0);
+  }
+  char got = 0;
+  REQUIRE(read(ready[0], &got, 1) == 1);
+  close(ready[0]);
+  close(ready[1]);
+  auto stats = [&] {
+    raw_client c(d.socket);
+    return daemon_stats(c);
+  };
+  CHECK(stats().large_objects == 2);
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+  // The daemon sees the socket close on its own time: awaited, not assumed.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (stats().clients != 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const auto after = stats();
+  CHECK(after.clients == 0);
+  CHECK(after.large_objects == 1);
+  CHECK(after.large_bytes == 25 * 8192);  // the live one's whole pages
+  CHECK(after.reclaimed_bytes_total >= 106496);
+}
