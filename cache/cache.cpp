@@ -107,6 +107,7 @@ struct binding {
   std::uint64_t generation = 0;
   std::uint64_t epoch = 0;     // the cache's epoch as this thread last read it
   std::uint32_t sections = 0;  // read sections begun: the epoch is read again every 16th
+  bool closing = false;        // closed with a pin held: given back when the last pin goes
 };
 
 void give_back_slot(binding& b) noexcept;
@@ -139,7 +140,11 @@ int claim_slot(shmalloc_cache* c, binding& out) {
     while (used < i + 1 && !hd->readers_used.compare_exchange_weak(used, i + 1, release, relaxed)) {
     }
     c->refs.fetch_add(1, relaxed);
-    out = binding{c, &r, i, 0, g_fork_generation.load(relaxed)};
+    out = binding{};
+    out.cache = c;
+    out.slot = &r;
+    out.index = i;
+    out.generation = g_fork_generation.load(relaxed);
     return 0;
   }
   return fail(errc::no_memory);
@@ -188,10 +193,15 @@ binding* bind(shmalloc_cache* c, int* rc) {
   return *rc == 0 ? &t.b[free_i] : nullptr;
 }
 
+// The calling thread's binding to c made in this process (a forked child's
+// copies of its parent's bindings are not its own: leaving one would end
+// the parent's read section), or nullptr.
 binding* find_binding(const shmalloc_cache* c) noexcept {
+  if (c == nullptr) return nullptr;
   thread_bindings& t = t_bindings;
+  const std::uint64_t gen = g_fork_generation.load(relaxed);
   for (int i = 0; i < t.n; ++i)
-    if (t.b[i].cache == c) return &t.b[i];
+    if (t.b[i].cache == c && t.b[i].generation == gen) return &t.b[i];
   return nullptr;
 }
 
@@ -201,7 +211,7 @@ binding* find_binding(const shmalloc_cache* c) noexcept {
 
 // The exchange is a full barrier: the epoch is visible before the chain is
 // read (Dekker with the reclaimer's fetch_add and slot loads). The epoch
-// published may be one this thread read up to 15 sections ago: an older
+// published may be one this thread read up to 16 sections ago: an older
 // value only holds back more (entries retired since wait for the next
 // read), and the acquire load that gave it already ordered every unlink
 // before it ahead of this thread's reads. Reading it on every get would take
@@ -212,7 +222,9 @@ inline void enter(shmalloc_cache* c, binding& b) noexcept {
   b.slot->epoch.exchange(b.epoch, std::memory_order_seq_cst);
 }
 inline void leave(binding& b) noexcept {
-  if (b.nest > 0 && --b.nest == 0) b.slot->epoch.store(0, release);
+  if (b.nest == 0 || --b.nest != 0) return;
+  b.slot->epoch.store(0, release);
+  if (b.closing) give_back_slot(b);
 }
 
 const cache_entry* find(const shmalloc_cache* c, std::uint64_t h, const void* key, std::size_t len) noexcept {
@@ -283,10 +295,10 @@ bool is_linked(shmalloc_cache* c, cache_shard& s, handle_t h) noexcept {
 // of its sequence (layout.hpp, "Crash consistency"); each leaves a state
 // this puts right.
 void repair_shard(shmalloc_cache* c, cache_shard& s) {
-  std::unordered_set<handle_t> linked;
+  // No allocation here (a throw would leave the shard locked for good):
+  // membership is asked of each entry's own chain.
   std::uint64_t items = 0, bytes = 0;
   for_each_linked(c, s, [&](std::uint32_t, handle_t e) {
-    linked.insert(e);
     ++items;
     bytes += entry_at(c, e)->charge;
   });
@@ -294,7 +306,7 @@ void repair_shard(shmalloc_cache* c, cache_shard& s) {
   std::uint64_t r_items = 0, r_bytes = 0;
   for (handle_t* link = &s.retired; *link != null_handle;) {
     cache_entry* e = entry_at(c, *link);
-    if (linked.count(*link) != 0) {
+    if (is_linked(c, s, *link)) {
       *link = e->retired_next;
       continue;
     }
@@ -307,11 +319,17 @@ void repair_shard(shmalloc_cache* c, cache_shard& s) {
   s.bytes.store(bytes, relaxed);
   s.retired_items.store(r_items, relaxed);
   s.retired_bytes.store(r_bytes, relaxed);
-  // The dead writer's pending entry, if it got linked: nothing to undo.
+  // The dead writer's pending entry, if it got linked: nothing to undo. A
+  // new owner of the slot may store its own pending meanwhile: only ours
+  // is cleared.
   if (s.writer != 0 && s.writer <= c->header->max_readers) {
     cache_reader& r = c->header->readers[s.writer - 1];
     handle_t p = r.pending.load(acquire);
-    if (p != null_handle && linked.count(p) != 0) r.pending.compare_exchange_weak(p, null_handle, release, relaxed);
+    if (p != null_handle && shard_index(entry_at(c, p)->hash) == static_cast<std::uint32_t>(&s - c->header->shards) &&
+        is_linked(c, s, p)) {
+      while (!r.pending.compare_exchange_weak(p, null_handle, release, relaxed) && p == r.pending.load(acquire)) {
+      }
+    }
   }
   s.writer = 0;
   add(s.repairs, 1);
@@ -346,8 +364,12 @@ void resolve_pending(shmalloc_cache* c, std::uint32_t index) {
     cache_shard& s = c->header->shards[si];
     lock_shard(c, s, index);
     if (r.pending.load(acquire) == p && shard_index(entry_at(c, p)->hash) == si) {
-      if (!is_linked(c, s, p)) shmalloc_free(entry_at(c, p));
+      // Cleared before the free: a death between leaks the entry; the other
+      // order would leave pending naming freed memory, freed again later.
+      const bool linked = is_linked(c, s, p);
       r.pending.store(null_handle, release);
+      std::atomic_signal_fence(std::memory_order_seq_cst);
+      if (!linked) shmalloc_free(entry_at(c, p));
       unlock_shard(s);
       return;
     }
@@ -366,7 +388,9 @@ void retire(shmalloc_cache* c, cache_shard& s, shared_atomic<handle_t>* link, ha
   cache_entry* e = entry_at(c, h);
   e->retire_epoch = cache_unstamped;
   e->retired_next = s.retired;
+  std::atomic_signal_fence(std::memory_order_seq_cst);  // a death sees these in this order
   s.retired = h;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
   if (replacement != null_handle) {
     link->store(replacement, release);
   } else {
@@ -492,6 +516,7 @@ void reclaim(shmalloc_cache* c, cache_shard& s) {
       continue;
     }
     *link = e->retired_next;  // off the list before the free: a death between leaks, never double-frees
+    std::atomic_signal_fence(std::memory_order_seq_cst);
     add(s.retired_items, -1);
     add(s.retired_bytes, -static_cast<std::int64_t>(e->charge));
     shmalloc_free(e);
@@ -503,7 +528,10 @@ int put(shmalloc_cache* c, const void* key, std::size_t len, const void* value, 
   if (value == nullptr && value_len != 0) return fail(errc::invalid_argument);
   if (int rc = check_key(c, key, len); rc != 0) return rc;
   const std::size_t bytes = cache_entry::value_offset(static_cast<std::uint32_t>(len)) + value_len;
-  if (value_len > c->shard_budget || bytes > c->shard_budget) return fail(errc::too_large);
+  // Charged its size class: an entry over a shard's share could never fit,
+  // and eviction would empty the shard trying.
+  if (value_len > c->shard_budget || value_len > UINT32_MAX / 2 || charge_of(bytes) > c->shard_budget)
+    return fail(errc::too_large);
   int rc = 0;
   binding* b = bind(c, &rc);
   if (b == nullptr) return rc;
@@ -513,7 +541,8 @@ int put(shmalloc_cache* c, const void* key, std::size_t len, const void* value, 
   e->key_len = static_cast<std::uint32_t>(len);
   e->value_len = static_cast<std::uint32_t>(value_len);
   e->charge = charge_of(bytes);
-  e->expires_ns = ttl_ms == 0 ? 0 : now_ns() + ttl_ms * 1'000'000;
+  constexpr std::uint64_t max_ttl_ms = std::uint64_t{1} << 40;  // 34 years: no overflow below
+  e->expires_ns = ttl_ms == 0 ? 0 : now_ns() + std::min(ttl_ms, max_ttl_ms) * 1'000'000;
   e->referenced.store(0, relaxed);
   e->next.store(null_handle, relaxed);
   const handle_t h = handle_of(c, e);
@@ -614,8 +643,7 @@ cache_header* build(const char* name, std::uint64_t max_bytes, std::byte** base)
   }
   for (cache_reader& r : hd->readers) init_robust(&r.owner);
   hd->layout_version = cache_layout_version;
-  std::atomic_thread_fence(release);
-  hd->magic = cache_magic;
+  std::atomic_ref<std::uint64_t>(hd->magic).store(cache_magic, release);  // last: the header is whole
   return hd;
 }
 
@@ -751,7 +779,12 @@ int shmalloc_cache_open(const char* name, uint64_t max_bytes, shmalloc_cache** c
 
 void shmalloc_cache_close(shmalloc_cache* cache) {
   if (cache == nullptr) return;
-  if (binding* b = find_binding(cache)) give_back_slot(*b);
+  if (binding* b = find_binding(cache)) {
+    if (b->nest == 0)
+      give_back_slot(*b);
+    else
+      b->closing = true;  // a view still pins: its read section stays open until unpinned
+  }
   release_ref(cache);
 }
 

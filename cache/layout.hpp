@@ -23,7 +23,7 @@
 //   reader  slot.epoch = E (the cache's global epoch, as the thread read it
 //           at most 16 read sections ago: an older value is only more
 //           careful, and reading E each time would take the line every put
-//           writes); seq_cst fence; look up; ... use the value ...;
+//           writes), by a seq_cst exchange; look up; ... use the value ...;
 //           slot.epoch = 0 (idle).
 //   writer  unlink the entry (under the shard lock); r = E++ ; stamp the
 //           entry retire_epoch = r and put it on the shard's retire list.

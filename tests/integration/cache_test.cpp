@@ -332,6 +332,65 @@ TEST_SUITE("shared cache") {
     MESSAGE("objects lost to ", kills, " kills: ", live - (base + s.items), "; shard repairs: ", s.repairs);
   }
 
+  // Found by review: a child that dropped a pin it inherited ended its
+  // parent's read section, and the parent's pinned value was freed and
+  // reused under it.
+  TEST_CASE("cache a forked child unpinning what it inherited leaves the parent's pin alone") {
+    attached a;
+    auto c = shmalloc::cache::open("forkpin", 1 << 20);
+    const std::string original(1000, 'A');
+    c.put("k", original);
+    auto pinned = c.get("k");
+    REQUIRE(pinned);
+    const pid_t pid = fork_child([&] {
+      shmalloc_cache_unpin(c.native());  // the parent's pin, inherited
+      return true;
+    });
+    CHECK(wait_exit(pid) == 0);
+    // Replacements retire the pinned entry and reclaim in batches: without
+    // the parent's epoch in its slot, its value would be freed and reused.
+    for (int i = 0; i < 200; ++i) c.put("k", std::string(1000, static_cast<char>('a' + i % 26)));
+    CHECK(pinned->str() == original);
+  }
+
+  TEST_CASE("cache closed while a view lives keeps the view's value until it goes") {
+    attached a;
+    auto writer = shmalloc::cache::open("closing", 1 << 20);
+    const std::string original(1000, 'B');
+    writer.put("k", original);
+    shmalloc_cache* c = nullptr;
+    REQUIRE(shmalloc_cache_open("closing", 0, &c) == 0);
+    const void* v = nullptr;
+    size_t n = 0;
+    REQUIRE(shmalloc_cache_pin(c, "k", 1, &v, &n) == 0);
+    shmalloc_cache_close(c);  // a misuse, but the pin must still hold
+    for (int i = 0; i < 200; ++i) writer.put("k", std::string(1000, static_cast<char>('a' + i % 26)));
+    CHECK(std::string(static_cast<const char*>(v), n) == original);
+    shmalloc_cache_unpin(c);  // the last pin gives the slot back
+    CHECK(writer.check() == 0);
+    CHECK(writer.stats().retired_items == 0);
+  }
+
+  // Found by review: a value within a shard's share of the budget whose
+  // size class was not got put, then evicted with its whole shard.
+  TEST_CASE("cache a value whose size class is over a shard's share is refused, not put and evicted") {
+    attached a;
+    shmalloc_cache* c = nullptr;
+    REQUIRE(shmalloc_cache_open("edge", 1600000, &c) == 0);  // 25,000 bytes a shard
+    const std::string v(24600, 'x');                          // 24,664 bytes with its header: a 27,264-byte class
+    CHECK(shmalloc_cache_put(c, "k", 1, v.data(), v.size(), 0) == -15);
+    const std::string fits(20000, 'y');
+    CHECK(shmalloc_cache_put(c, "k", 1, fits.data(), fits.size(), 0) == 0);
+    size_t n = 0;
+    std::string out(30000, '\0');
+    CHECK(shmalloc_cache_get(c, "k", 1, out.data(), out.size(), &n) == 0);
+    CHECK(n == fits.size());
+    shmalloc_cache_stats st{};
+    REQUIRE(shmalloc_cache_stats_get(c, &st) == 0);
+    CHECK(st.evictions == 0);
+    shmalloc_cache_close(c);
+  }
+
   TEST_CASE("cache a forked child gets reader slots of its own") {
     attached a;
     auto c = shmalloc::cache::open("forked", 1 << 20);

@@ -21,9 +21,15 @@
  *                     slots of the cache are held (one per thread using it)
  *
  * A cache lives as long as its heap; there is no call that deletes one
- * (other processes may be reading it). Close caches before
- * shmalloc_detach(): a thread that used a cache gives its reader slot back
- * when it exits, which needs the heap mapped.
+ * (other processes may be reading it).
+ *
+ * Threads: each thread that uses a cache holds one of its 512 reader slots,
+ * and may use at most 16 caches at once (-1 past either). A thread gives its
+ * slot back when it exits; shmalloc_cache_close gives back only the calling
+ * thread's (after its last pin, if it still holds one). So a long-lived
+ * thread that used a handle another thread closed keeps its slot until it
+ * exits, and every thread that used a cache must have exited before
+ * shmalloc_detach() unmaps the heap (a known limit: no per-thread release).
  */
 #ifndef SHMALLOC_CACHE_H
 #define SHMALLOC_CACHE_H
