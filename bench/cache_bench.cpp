@@ -395,6 +395,18 @@ long read_value(connection& c, std::size_t n, char* buf, std::size_t cap) {
 // Clients: connect() in the client process; get returns the value's length,
 // -1 on a miss; put stores. Each throws on a protocol or connection error.
 
+// Preloading a text-protocol server: batches of 256 sets sent at once, then
+// their replies (each `ok`).
+template <class Client>
+void preload_pipelined(Client& cl, const workload& w, std::string_view ok) {
+  for (u32 k = 0; k < w.nkeys;) {
+    const u32 batch_end = std::min(w.nkeys, k + 256);
+    for (u32 j = k; j < batch_end; ++j) cl.send_set(w.keys[j], w.value(j), w.length[j]);
+    cl.c->flush();
+    for (; k < batch_end; ++k) cl.c->expect(ok);
+  }
+}
+
 // memcached's text protocol.
 struct memcached_client {
   int port;
@@ -422,15 +434,7 @@ struct memcached_client {
     c->expect("END");
     return n;
   }
-  // Preloading: batches of sets sent at once, then their replies.
-  void preload(const workload& w) {
-    for (u32 k = 0; k < w.nkeys;) {
-      const u32 batch_end = std::min(w.nkeys, k + 256);
-      for (u32 j = k; j < batch_end; ++j) send_set(w.keys[j], w.value(j), w.length[j]);
-      c->flush();
-      for (; k < batch_end; ++k) c->expect("STORED");
-    }
-  }
+  void preload(const workload& w) { preload_pipelined(*this, w, "STORED"); }
   void finish() { c.reset(); }
 };
 
@@ -463,14 +467,7 @@ struct redis_client {
     c->expect("");
     return n;
   }
-  void preload(const workload& w) {
-    for (u32 k = 0; k < w.nkeys;) {
-      const u32 batch_end = std::min(w.nkeys, k + 256);
-      for (u32 j = k; j < batch_end; ++j) send_set(w.keys[j], w.value(j), w.length[j]);
-      c->flush();
-      for (; k < batch_end; ++k) c->expect("+OK");
-    }
-  }
+  void preload(const workload& w) { preload_pipelined(*this, w, "+OK"); }
   void finish() { c.reset(); }
 };
 

@@ -97,15 +97,6 @@ std::optional<raw_client::frame> greet(raw_client& c) {
   return c.read_frame(3000);
 }
 
-// Stops the daemon keeping its heap, then checks the heap it left.
-void check_heap_after(daemon_process& d) {
-  REQUIRE(d.stop(SIGTERM) == 0);
-  auto seg = segment::attach(d.heap);
-  REQUIRE(seg);
-  mheap h(*seg.value());
-  const verify_report r = verify_heap(h);
-  CHECK_MESSAGE(r.ok(), r.summary());
-}
 }  // namespace
 
 TEST_SUITE("shmallocd") {

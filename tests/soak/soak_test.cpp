@@ -25,9 +25,6 @@
 #include <thread>
 #include <vector>
 
-#include "shm/mheap.hpp"
-#include "shm/segment.hpp"
-#include "shm/verify.hpp"
 #include "shmalloc/cache.hpp"
 #include "shmalloc/shmalloc.h"
 #include "support/daemon_process.hpp"
@@ -262,10 +259,5 @@ TEST_CASE("soak: the daemon's memory, descriptors and threads stay bounded while
     MESSAGE("cache: ", cache.stats().items, " items, ", cache.stats().repairs, " shard repairs");
   }
   shmalloc_detach();
-  REQUIRE(d.stop(SIGTERM) == 0);
-  auto seg = segment::attach(d.heap);
-  REQUIRE(seg);
-  mheap h(*seg.value());
-  const verify_report r = verify_heap(h);
-  CHECK_MESSAGE(r.ok(), r.summary());
+  check_heap_after(d);
 }

@@ -22,6 +22,8 @@
 #include <thread>
 
 #include "shm/layout.hpp"
+#include "shm/mheap.hpp"
+#include "shm/verify.hpp"
 #include "shm/segment.hpp"
 #include "support/test_heap.hpp"
 
@@ -115,6 +117,15 @@ int daemon_process::stop(int sig) {
   waitpid(pid_, &status, 0);
   pid_ = -1;
   return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+}
+
+void check_heap_after(daemon_process& d) {
+  REQUIRE(d.stop(SIGTERM) == 0);
+  auto seg = segment::attach(d.heap);
+  REQUIRE(seg);
+  mheap h(*seg.value());
+  const verify_report r = verify_heap(h);
+  CHECK_MESSAGE(r.ok(), r.summary());
 }
 
 proto::stats_msg daemon_stats(raw_client& c) {

@@ -58,6 +58,10 @@ pid_t spawn_daemon(const std::vector<std::string>& args, const std::string& sock
 // The tests speak raw frames through the same client shmallocctl uses.
 using raw_client = control_client;
 
+// Stops a daemon started with --keep-heap (SIGTERM) and runs the heap
+// checker on the heap it left (doctest checks).
+void check_heap_after(daemon_process& d);
+
 // The daemon's stats reply (a doctest REQUIRE fails if there is none).
 proto::stats_msg daemon_stats(raw_client& c);
 
