@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <toml++/toml.h>
 
@@ -46,11 +47,15 @@ std::optional<std::uint64_t> parse_duration(const std::string& text) {
       {"ns", 1}, {"us", 1000}, {"ms", 1'000'000}, {"s", 1'000'000'000ULL}, {"m", 60'000'000'000ULL}, {"h", 3'600'000'000'000ULL}};
   if (unit.empty()) return v == 0 ? std::optional<std::uint64_t>(0) : std::nullopt;
   auto it = ns.find(unit);
-  if (it == ns.end()) return std::nullopt;
+  if (it == ns.end() || v > ~0ULL / it->second) return std::nullopt;  // "5124096h" would wrap
   return v * it->second;
 }
 
 namespace {
+
+struct invalid {
+  std::string line;
+};
 
 // One setting's raw text from flag, environment, then file.
 struct layered {
@@ -65,16 +70,14 @@ struct layered {
     std::string toml_key = key;
     for (char& c : toml_key) c = c == '-' ? '_' : c;
     if (auto node = file[toml_key]) {
-      if (auto s = node.value<std::string>()) return *s;
-      if (auto i = node.value<std::int64_t>()) return std::to_string(*i);
-      if (auto b = node.value<bool>()) return *b ? "true" : "false";
+      if (auto s = node.value_exact<std::string>()) return *s;
+      if (auto i = node.value_exact<std::int64_t>()) return std::to_string(*i);
+      if (auto b = node.value_exact<bool>()) return *b ? "true" : "false";
+      // A float, date, array or table: refused, not ignored.
+      throw invalid{"shmallocd: invalid --" + key + " in the config file: a string, an integer or true/false"};
     }
     return std::nullopt;
   }
-};
-
-struct invalid {
-  std::string line;
 };
 
 template <class T>
@@ -95,7 +98,9 @@ std::vector<T> parse_id_list(const std::string& text, const std::string& setting
   while (at <= text.size()) {
     const std::size_t comma = text.find(',', at);
     const std::string part = text.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
-    out.push_back(static_cast<T>(need(parse_uint(part), setting, "a comma-separated list of numeric ids", text)));
+    const auto id = parse_uint(part);  // 10 digits at most: the range is checked here
+    const bool fits = id && *id <= std::numeric_limits<T>::max();  // not cut: 4294967297 is not uid 1
+    out.push_back(static_cast<T>(need(fits ? id : std::nullopt, setting, "a comma-separated list of numeric ids", text)));
     if (comma == std::string::npos) break;
     at = comma + 1;
   }
@@ -238,6 +243,9 @@ std::optional<daemon_settings> load_layers(const daemon_settings& base, std::str
     apply(in, s);
   } catch (const invalid& e) {
     *why = e.line;
+    // One line: a value quoted in it may hold a newline or escape codes.
+    for (char& c : *why)
+      if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
     return std::nullopt;
   }
   return s;
