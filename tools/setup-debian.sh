@@ -5,7 +5,7 @@ set -euo pipefail
 packages=(g++ cmake ninja-build pkg-config libboost-dev libasio-dev doctest-dev
           prometheus-cpp-dev libcli11-dev libspdlog-dev libfmt-dev libtomlplusplus-dev
           nlohmann-json3-dev libxxhash-dev curl prometheus docker-compose
-          docker.io debootstrap)  # the last two: tools/docker-stack-test.sh
+          docker.io debootstrap clang libclang-rt-14-dev llvm)  # docker.io, debootstrap: tools/docker-stack-test.sh; clang, libclang-rt-14-dev (libFuzzer, sanitizer runtimes), llvm (llvm-symbolizer): tools/fuzz.sh
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
