@@ -17,6 +17,44 @@
  * fork(): the child never uses the parent's caches or connection; they are
  * reset in the child, which attaches again on first use. Pointers the child
  * inherited stay valid (the mapping is kept).
+ *
+ * Bad input. What each call does with what it should not be given
+ * (tests/security/ checks every case; error codes are negative, -13 is
+ * permission_denied and -14 unavailable). shmalloc_free aborts the process
+ * with "shmalloc: free(<p>): <why>" on stderr where it can tell:
+ *   - a pointer the heap never gave out: malloc's, the stack's, the heap's
+ *     own metadata, or any pointer in a process not attached (never
+ *     attached, or after shmalloc_detach, which unmaps the heap): "not a
+ *     pointer into the shared heap";
+ *   - a pointer into the heap where no span is in use (a page never used, a
+ *     large object already freed): "not inside an allocated span (already
+ *     freed?)";
+ *   - a pointer inside a small or large object: "not the start of an object";
+ *   - a double free by the thread holding the object's span: "double free";
+ *     by another thread or process while the first free still waits in the
+ *     span's remote-free bitmap: "double free (freed before by another
+ *     thread or process, and not yet reclaimed)", in the process freeing;
+ *   - a large object freed twice: "double free (of a large object)" while
+ *     it waits in the freeing process's cache; once the daemon has it back
+ *     (freed from another process, or past the cache's 8 objects), a second
+ *     free anywhere: "not inside an allocated span (already freed?)".
+ * Not fatal: a second free from another thread or process after the
+ * holder took the first in is dropped when the holder folds its span's
+ * remote frees, which prints "object <i> of span at page <n> was freed twice
+ * (remote free of a free object)" on the holder's stderr and counts it.
+ * Not caught, so never do them: a second free after the object was
+ * allocated again (it frees the new object, as in any allocator); and, for
+ * tiny objects (shmalloc_alloc_noscan under 16 bytes, packed in 16-byte
+ * blocks counted per block), a pointer inside one or a second free of one,
+ * which can free the block under its other live objects (issue 14: a
+ * defect, reported).
+ * The other calls never abort on bad input; see each below. A peer whose uid
+ * or gid the daemon does not allow (shmallocd --allow-uid, --allow-gid) gets
+ * no heap: shmalloc_attach fails (-14 today, though the daemon's refusal
+ * says permission_denied and names the uid; reported) and allocations
+ * return NULL. An allowed peer must also be able to open the heap's
+ * shared-memory object (shmallocd --heap-mode, default 0600: the daemon's
+ * uid only), else shmalloc_attach fails with -13.
  */
 #ifndef SHMALLOC_SHMALLOC_H
 #define SHMALLOC_SHMALLOC_H
@@ -29,16 +67,35 @@ extern "C" {
 #endif
 
 int shmalloc_attach(const char *socket_path); /* NULL: SHMALLOC_SOCKET or the default; 0 or a negative code */
+/* Gives everything back and unmaps the heap: every pointer into it is dead
+ * (freeing one aborts: not a pointer into the shared heap). */
 void shmalloc_detach(void);
 const char *shmalloc_strerror(int code);
 void *shmalloc_alloc(size_t size);                          /* at least 8-byte aligned; NULL on failure */
-void *shmalloc_alloc_noscan(size_t size);                   /* pointer-free object: may use the tiny allocator */
+/* Pointer-free object: under 16 bytes it is a tiny object, whose double
+ * free or interior free is not caught (see Bad input). */
+void *shmalloc_alloc_noscan(size_t size);
 void *shmalloc_alloc_aligned(size_t size, size_t alignment); /* power of two up to 8192 */
-void shmalloc_free(void *p);                                /* any thread, any process; NULL is a no-op */
+/* Any thread, any process; NULL is a no-op. Anything but NULL or an
+ * object's start that is allocated aborts with a message, except the cases
+ * Bad input lists as reported or not caught. */
+void shmalloc_free(void *p);
 void shmalloc_trim(void); /* give back the calling thread's empty spans, the pool and cached large objects */
+/* The object's size (a tiny object's: to the end of its 16-byte block).
+ * 0 for NULL, when not attached, and for a pointer outside the heap or where
+ * no span is in use (the heap's metadata, a free page, a freed large
+ * object). A pointer inside a small or large object gives the whole
+ * object's size, not what follows the pointer (reported): pass the start. */
 size_t shmalloc_usable_size(const void *p);
-uint64_t shmalloc_handle(const void *p); /* position-independent; 0 for NULL */
-void *shmalloc_pointer(uint64_t handle); /* this process's address for a handle */
+/* Position-independent; 0 for NULL, for a pointer outside this process's
+ * mapping of the heap, and when not attached. */
+uint64_t shmalloc_handle(const void *p);
+/* This process's address for a handle (attaching first if needed). NULL for
+ * 0, for a handle not below the heap's size, and when attach fails. Any
+ * other handle is translated unchecked: a forged one (into the heap's
+ * metadata, a free page, the inside of an object) gives an address that is
+ * no object's (reported); never write through it. */
+void *shmalloc_pointer(uint64_t handle);
 int shmalloc_publish(const char *name, uint64_t handle);
 int shmalloc_lookup(const char *name, uint64_t *handle);
 int shmalloc_unpublish(const char *name);
