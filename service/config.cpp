@@ -156,6 +156,10 @@ void apply(const layered& in, daemon_settings& s) {
   }
   if (auto v = in.get("reattach-grace"))
     s.reattach_grace_ns = need(parse_duration(*v), "reattach-grace", "a duration such as 30s or 0", *v);
+  if (auto v = in.get("sweep-backstop")) {
+    s.sweep_backstop_ns = need(parse_duration(*v), "sweep-backstop", "a duration such as 60s or 1s, above 0", *v);
+    if (s.sweep_backstop_ns == 0) throw invalid{"shmallocd: invalid --sweep-backstop: must be above 0"};
+  }
   if (auto v = in.get("metrics")) {
     const std::size_t colon = v->rfind(':');
     const auto port = colon == std::string::npos ? std::nullopt : parse_uint(v->substr(colon + 1));
@@ -193,6 +197,7 @@ std::optional<daemon_settings> parse_settings(int argc, char** argv, int* exit_c
       {"frame-timeout", "close connections that leave a frame incomplete this long (default 5s)"},
       {"max-connections", "connections served at once, each by a thread of its own; more are refused (default 1024)"},
       {"reattach-grace", "after adopting a heap, how long clients of the old daemon have to reattach (default 30s)"},
+      {"sweep-backstop", "one pass of the backstop sweep over every span, for frees whose freer died mid-push (default 60s)"},
       {"metrics", "ADDR:PORT to serve Prometheus /metrics on, or off (default 127.0.0.1:9464, loopback only; port 0 picks a free port)"},
       {"log-level", "trace, debug, info, warn, error, critical or off"}};
   for (const auto& [name, help] : options) {

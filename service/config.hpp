@@ -28,6 +28,9 @@ struct daemon_settings {
   std::uint64_t frame_timeout_ns = 5'000'000'000ULL;   // and finish any frame it starts within this
   std::uint32_t max_connections = 1024;  // each has a thread in the daemon; more are refused
   std::uint64_t reattach_grace_ns = 30'000'000'000ULL;  // after a restart, orphans wait this long
+  // The backstop sweep's pass over every span, for remote frees whose freer
+  // was killed before it put their span on the sweep queue.
+  std::uint64_t sweep_backstop_ns = 60'000'000'000ULL;
   std::string metrics = "127.0.0.1:9464";  // Prometheus /metrics: ADDR:PORT, or "off"
   std::string log_level = "info";
   std::string config_file;

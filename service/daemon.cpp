@@ -31,14 +31,11 @@ constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
 namespace {
 constexpr auto housekeeping_tick = std::chrono::milliseconds(100);
 constexpr std::uint64_t ticks_per_full_pass = 10;  // once a second
-constexpr std::uint32_t flagged_sweep_max_spans = 4096;  // 32 MiB of 8 KiB spans
-// The backstop looks at a fiftieth of the span table per tick (a pass every
-// 5 s: it is for frees that lost their flag, which are rare), and at most
-// 16,384 spans, about a third of a millisecond under the heap lock; past
-// 800,000 spans (6.5 GB of 8 KiB spans) a pass takes longer. A pass over
-// every list at once held the lock 4 ms per 200,000 spans, so a 100 GB heap
-// would stall every request for a quarter of a second, every second.
-constexpr std::uint32_t backstop_ticks_per_pass = 50;
+// The backstop looks at a stretch of the span table per tick, so that a
+// pass takes --sweep-backstop (a minute: it is only for spans whose freer
+// was killed between flagging and pushing them on the sweep queue), and at
+// most 16,384 spans, about a third of a millisecond under the heap lock. A
+// pass over every list at once held the lock 4 ms per 200,000 spans.
 constexpr std::uint32_t backstop_max_spans_per_tick = 16384;
 // Descriptors the daemon keeps besides its connections: the heap, the
 // socket, epoll, signals, the spare, the metrics server's.
@@ -502,12 +499,11 @@ reply daemon::handle(session& s, const proto::frame_header& h, std::span<const s
   return r;
 }
 
-// Every tick, sweeps the span classes whose sweep_wanted flag a freer set
-// (remote frees into spans the daemon holds come back within a tick), and
-// the next stretch of span ids for pending remote frees (the backstop, for
-// a flag set while the daemon cleared it, and for classes whose lists are
-// too long to walk on a flag); once a second, the slower work: orphans
-// whose grace ran out, and the scavenger.
+// Every tick, sweeps the spans remote freers pushed on the sweep queue
+// (remote frees into spans the daemon holds come back within a tick, at a
+// cost of the spans freed into, whatever the heap's size), and the next
+// stretch of span ids (the backstop, for a freer killed mid-push); once a
+// second, the slower work: orphans whose grace ran out, and the scavenger.
 awaitable<void> daemon::housekeeping() {
   for (std::uint64_t tick = 1; !stopping_; ++tick) {
     housekeeping_timer_.expires_after(housekeeping_tick);
@@ -516,15 +512,7 @@ awaitable<void> daemon::housekeeping() {
     reap_sessions(false);
     std::lock_guard lock(heap_mutex_);
     const bool full = tick % ticks_per_full_pass == 0;
-    for (std::uint32_t c = 2; c < num_span_classes; ++c) {
-      auto& flag = heap_->state().sweep_wanted[c];
-      const bool wanted = flag.load(std::memory_order_relaxed) != 0 && flag.exchange(0, std::memory_order_acquire) != 0;
-      mcentral central = heap_->central(span_class{static_cast<std::uint8_t>(c)});
-      // A sweep walks the class's lists: on a flag, only short ones; the
-      // backstop reaches the spans of long ones.
-      const bool short_lists = central.state().partial_count + central.state().full_count <= flagged_sweep_max_spans;
-      if (wanted && short_lists) central.sweep(~0u);
-    }
+    drain_sweep_queue(heap_->view(), heap_->state().span_pool.high_water, [&](span_id id) { sweep_if_central(id); });
     sweep_backstop_stretch();
     if (!full) continue;
     if (std::size_t n = handler_->expire_orphans(settings_.reattach_grace_ns))
@@ -538,15 +526,23 @@ awaitable<void> daemon::housekeeping() {
 // wrapping at the table's high water.
 void daemon::sweep_backstop_stretch() {
   const std::uint32_t high_water = heap_->state().span_pool.high_water;
-  const std::uint32_t stretch =
-      std::clamp(high_water / backstop_ticks_per_pass, std::min(high_water, 1u), backstop_max_spans_per_tick);
+  const std::uint64_t ticks_per_pass =
+      std::max<std::uint64_t>(1, settings_.sweep_backstop_ns / std::chrono::nanoseconds(housekeeping_tick).count());
+  const auto stretch = static_cast<std::uint32_t>(
+      std::clamp<std::uint64_t>(high_water / ticks_per_pass, std::min(high_water, 1u), backstop_max_spans_per_tick));
   for (std::uint32_t n = 0; n < stretch; ++n) {
     if (backstop_cursor_ >= high_water) backstop_cursor_ = 0;
-    const span_id id{backstop_cursor_++};
-    const mspan& s = heap_->span(id);
-    if (s.state.load(std::memory_order_relaxed) == mspan_state::central)
-      heap_->central(span_class{s.span_class}).sweep_span(id);
+    sweep_if_central(span_id{backstop_cursor_++});
   }
+}
+
+// REQUIRES: heap_mutex_ held. Folds a span's pending remote frees if the
+// daemon holds it (state and class are the daemon's own writes; a client
+// holding the span folds them itself).
+void daemon::sweep_if_central(span_id id) {
+  const mspan& s = heap_->span(id);
+  if (s.state.load(std::memory_order_relaxed) == mspan_state::central)
+    heap_->central(span_class{s.span_class}).sweep_span(id);
 }
 
 void daemon::stop() {
@@ -617,6 +613,7 @@ void daemon::reload() {
   settings_.max_caches_per_client = next->max_caches_per_client;
   settings_.scavenge_delay_ns = next->scavenge_delay_ns;
   settings_.reattach_grace_ns = next->reattach_grace_ns;
+  settings_.sweep_backstop_ns = next->sweep_backstop_ns;
   settings_.allow_uids = next->allow_uids;
   settings_.allow_gids = next->allow_gids;
   if (next->max_connections != settings_.max_connections) warn_if_fd_limit_low(next->max_connections);

@@ -102,6 +102,7 @@ class daemon {
   void shutdown_sessions_locked(int how);
   asio::awaitable<void> housekeeping();
   void sweep_backstop_stretch();
+  void sweep_if_central(span_id id);
   bool peer_allowed(session& s);
   void finish();
   void await_hangup();

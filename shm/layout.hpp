@@ -97,9 +97,12 @@
 //                    holder's fast paths read.
 //                    state: the daemon (relaxed atomic; freers read it).
 //   root_entry       the daemon only; clients ask it (lookup) over the socket.
-//   mheap_state::sweep_wanted
-//                    any process freeing into a span the daemon holds sets
-//                    its class's flag; the daemon clears it and sweeps.
+//   mheap_state::sweep_queue, mspan::sweep_next, mspan::sweep_queued
+//                    a stack of spans with remote frees pending: any
+//                    process pushes (compare-exchange on the head); the
+//                    daemon takes the whole stack at once (exchange) and
+//                    sweeps each span it holds, so its work is the spans
+//                    freed into, not the spans that exist.
 //   mcache_slot      stats: the one client thread owning the slot, relaxed
 //                    single-writer stores (never read-modify-write); the
 //                    daemon reads them. client: the daemon.
@@ -140,7 +143,7 @@ namespace shmalloc {
 // ---------------------------------------------------------------------------
 
 inline constexpr std::uint64_t heap_magic = 0x636f6c6c616d6873ULL;  // "shmalloc", little endian
-inline constexpr std::uint32_t layout_version = 3;  // 2: mheap_state::sweep_wanted; 3: mspan::remote_bits
+inline constexpr std::uint32_t layout_version = 4;  // 2: mheap_state::sweep_wanted; 3: mspan::remote_bits; 4: sweep_queue
 inline constexpr std::uint64_t arena_bytes = 64ULL << 20;           // Go: heapArenaBytes
 inline constexpr std::uint32_t pages_per_arena = arena_bytes / page_size;
 inline constexpr std::uint32_t chunk_pages = 512;                   // Go: pallocChunkPages
@@ -218,7 +221,15 @@ struct mspan {
   std::uint32_t div_magic;  // daemon writes: class_div_magic(size class), 0 for large (the free path's index)
   std::uint16_t alloc_count;               // live objects per alloc_bits (exact while daemon holds it)
   std::uint16_t reserved;
-  std::uint64_t reserved2;
+  // The daemon's sweep queue (mheap_state::sweep_queue). A remote freer
+  // that finds sweep_queued clear sets it and pushes the span, writing
+  // sweep_next just before its compare-exchange; the daemon reads
+  // sweep_next after taking the whole queue, then clears sweep_queued.
+  // Neither is reset when the descriptor is reused: the span may still be
+  // on the queue.
+  shared_atomic<std::uint32_t> sweep_next;  // span id + 1 of the next on the queue, 0 = last
+  shared_atomic<std::uint8_t> sweep_queued;  // 1 from a push until the daemon takes the span off
+  std::uint8_t reserved2[3];
 
   std::uint64_t alloc_bits[bitmap_words];  // 1 = allocated; written by the holder only
   std::uint64_t pad[2];                    // to a line boundary
@@ -316,12 +327,14 @@ struct mheap_state {
   std::uint32_t next_client_id;  // daemon only: client ids stay unique across daemon restarts
   mcentral_state central[num_span_classes];
   stats_block retired;  // counters of cache slots that were recycled (daemon writes)
-  // Per span class: set by any process that pushes a remote free onto a
-  // span the daemon holds (state central), so the daemon sweeps that class
-  // within a tick instead of waiting for its periodic sweep of every span;
-  // cleared by the daemon (exchange) when it sweeps the class. Its own cache
-  // lines: freers write it, the daemon polls it.
-  alignas(64) shared_atomic<std::uint8_t> sweep_wanted[num_span_classes];
+  // Spans with remote frees pending since the daemon last looked, as a
+  // stack of span id + 1 linked through mspan::sweep_next (0 = empty): any
+  // process pushes a span it is the first to free into; the daemon takes
+  // the stack every tick and sweeps the spans it holds. Push-and-take-all
+  // has no ABA: a node pushed again links to whatever is the head then.
+  // Its own cache line: freers write it, the daemon polls it.
+  alignas(64) shared_atomic<std::uint32_t> sweep_queue;
+  std::uint8_t sweep_queue_pad[60];
 };
 
 // ---------------------------------------------------------------------------
@@ -399,6 +412,6 @@ static_assert(sizeof(mcache_slot) == 16 + sizeof(stats_block) + 48 && sizeof(mca
 static_assert(sizeof(mcentral_state) == 24);
 static_assert(sizeof(chunk_info) == 16);
 // The fixed region: a change here is a layout_version bump.
-static_assert(sizeof(mheap_state) == 4800 && sizeof(segment_fixed) == 5056);
+static_assert(sizeof(mheap_state) == 4672 && sizeof(segment_fixed) == 4928);
 
 }  // namespace shmalloc

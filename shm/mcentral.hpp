@@ -38,8 +38,9 @@ class mcentral {
   std::uint32_t sweep(std::uint32_t budget = sweep_budget);
   // Folds the remote frees pending in one span of this class on its lists
   // (state central; any other span is left alone). True if the span went
-  // back to mheap. The daemon's backstop walks span ids with it, a bounded
-  // stretch per tick, instead of walking every list at once.
+  // back to mheap. The daemon calls it for each span on the sweep queue
+  // (mheap_state::sweep_queue), and its backstop for a bounded stretch of
+  // span ids per tick, instead of walking every list.
   bool sweep_span(span_id id);
 
   mcentral_state& state() const noexcept { return *state_; }

@@ -14,7 +14,7 @@ heap_view heap_view::of(const segment& seg) noexcept {
   v.max_pages = h.max_pages;
   v.max_spans = h.max_spans;
   v.committed_pages = &seg.heap().accounts.pages_committed;
-  v.sweep_wanted = seg.heap().sweep_wanted;
+  v.sweep_queue = &seg.heap().sweep_queue;
   return v;
 }
 
@@ -61,25 +61,33 @@ std::uint64_t valid_bits(const mspan& s, std::uint32_t w) noexcept {
 }
 }  // namespace
 
+namespace {
+// The first freer into a span since the daemon last took it off the queue
+// pushes it, whoever holds the span: a span a client holds now may be the
+// daemon's by the time the daemon looks (the daemon skips the others), and
+// reading the state first would race with that hand-back. The loads and
+// the flag's exchange are seq_cst, paired with the daemon's clear-then-fold
+// (drain_sweep_queue): a freer that finds the flag set was ordered before
+// the clear, so the fold after it sees the freer's bit. A freer killed
+// between the flag and the push leaves the span to the daemon's backstop.
+void push_for_sweep(const heap_view& v, mspan& s) noexcept {
+  shared_atomic<std::uint8_t>& queued = s.sweep_queued;
+  if (queued.load(std::memory_order_seq_cst) != 0 || queued.exchange(1, std::memory_order_seq_cst) != 0) return;
+  const std::uint32_t me = v.span_id_of(s).value + 1;
+  std::uint32_t head = v.sweep_queue->load(std::memory_order_relaxed);
+  do {
+    s.sweep_next.store(head, std::memory_order_relaxed);
+  } while (!v.sweep_queue->compare_exchange_weak(head, me, std::memory_order_release, std::memory_order_relaxed));
+}
+}  // namespace
+
 errc span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept {
-  // Read before the push: once pushed, the object may be folded, the span
-  // freed and the descriptor reused by the daemon.
-  const bool daemon_holds = s.state.load(std::memory_order_relaxed) == mspan_state::central;
-  const std::uint8_t spc = s.span_class;
   const std::uint64_t bit = std::uint64_t{1} << (i % 64);
   // Release: what this thread did with the object happens before whoever
-  // folds the bit hands the object out again.
-  if ((s.remote_bits[i / 64].fetch_or(bit, std::memory_order_release) & bit) != 0) return errc::double_free;
+  // folds the bit hands the object out again. seq_cst for push_for_sweep.
+  if ((s.remote_bits[i / 64].fetch_or(bit, std::memory_order_seq_cst) & bit) != 0) return errc::double_free;
   tsan_release_cross_process();
-  // A span the daemon holds is folded by the daemon: ask for a sweep of its
-  // class. Load first, so that many freers of one class mostly share the
-  // line instead of bouncing it. A push the flag misses (the daemon took
-  // the span back just after the state was read, or cleared the flag in
-  // between) waits for the daemon's periodic sweep of every span.
-  if (daemon_holds && v.sweep_wanted != nullptr) {
-    shared_atomic<std::uint8_t>& wanted = v.sweep_wanted[spc];
-    if (wanted.load(std::memory_order_relaxed) == 0) wanted.store(1, std::memory_order_release);
-  }
+  if (v.sweep_queue != nullptr) push_for_sweep(v, s);
   return errc::ok;
 }
 
@@ -125,8 +133,10 @@ std::uint32_t count_remote_pending(const heap_view&, const mspan& s) noexcept {
 }
 
 bool remote_pending(const mspan& s) noexcept {
+  // seq_cst: the second half of drain_sweep_queue's pairing (a plain load
+  // on x86-64).
   for (std::uint32_t w = 0; w < bitmap_words_of(s); ++w)
-    if (s.remote_bits[w].load(std::memory_order_relaxed) != 0) return true;
+    if (s.remote_bits[w].load(std::memory_order_seq_cst) != 0) return true;
   return false;
 }
 

@@ -36,7 +36,7 @@ struct heap_view {
   // Pages committed so far (mheap's account; it only grows). Lookups never
   // read page_map beyond it: those entries are not backed by memory.
   const shared_atomic<std::uint64_t>* committed_pages = nullptr;
-  shared_atomic<std::uint8_t>* sweep_wanted = nullptr;  // mheap_state's, per span class
+  shared_atomic<std::uint32_t>* sweep_queue = nullptr;  // mheap_state's: nullptr pushes nothing
 
   static heap_view of(const segment& seg) noexcept;
 
@@ -96,8 +96,10 @@ std::int32_t span_alloc_object(mspan& s) noexcept;
 errc span_free_local(mspan& s, std::uint32_t i) noexcept;
 
 // Any process: marks slot i freed in the span's remote-free bitmap (one
-// atomic OR; the object's bytes are not touched). errc::double_free if the
-// bit was already set: the object was freed before and not yet folded.
+// atomic OR; the object's bytes are not touched), and pushes the span on
+// the daemon's sweep queue if no one has since the daemon last took it.
+// errc::double_free if the bit was already set: the object was freed
+// before and not yet folded.
 errc span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept;
 
 // Holder only: takes the remote-free bitmap and clears those slots'
@@ -113,5 +115,27 @@ std::uint32_t count_remote_pending(const heap_view& v, const mspan& s) noexcept;
 // Whether any object waits in the remote-free bitmap (relaxed: a hint for
 // the daemon's sweep, which folds under acquire).
 bool remote_pending(const mspan& s) noexcept;
+
+// The daemon: takes every span on the sweep queue, clearing each one's
+// sweep_queued (so the next freer pushes it again) before the caller
+// looks at its bits, and calls visit(span_id) for each. Clients write the
+// queue, so the walk trusts nothing: an id past the span table, or more
+// ids than the table holds (a cycle), ends it; the backstop finds what such
+// a walk missed. Returns the number of spans visited.
+template <class Visit>
+std::uint32_t drain_sweep_queue(const heap_view& v, std::uint32_t high_water, Visit&& visit) {
+  std::uint32_t n = 0;
+  for (std::uint32_t h = v.sweep_queue->exchange(0, std::memory_order_acquire); h != 0 && h <= high_water && n < high_water;
+       ++n) {
+    const span_id id{h - 1};
+    mspan& s = v.span(id);
+    h = s.sweep_next.load(std::memory_order_relaxed);  // before the clear: a new push rewrites it
+    // seq_cst, paired with the freer's: either the freer saw the clear and
+    // pushes again, or this thread's fold that follows sees its bit.
+    s.sweep_queued.exchange(0, std::memory_order_seq_cst);
+    visit(id);
+  }
+  return n;
+}
 
 }  // namespace shmalloc

@@ -270,22 +270,58 @@ TEST_SUITE("mcentral") {
     require_healthy(h);
   }
 
-  TEST_CASE("a remote free into a span the daemon holds flags its class for a sweep; one into a cached span does not") {
+  // The daemon's sweep work is the spans freed into: each is on the queue
+  // once until the daemon takes it, whatever the span table's size.
+  // Two spans a client holds, with objects 0..n-1 allocated in each.
+  std::pair<span_id, span_id> two_spans(mheap& h, int n) {
+    mcentral c = h.central(span_class::make(6, false));
+    auto a = *c.cache_span(1);
+    auto b = *c.cache_span(1);
+    for (auto id : {a, b})
+      for (int i = 0; i < n; ++i) span_alloc_object(h.span(id));
+    return {a, b};
+  }
+
+  TEST_CASE("remote frees put each span on the sweep queue once until the daemon takes the queue") {
     test_heap t;
     mheap& h = *t.heap;
-    const auto spc = span_class::make(6, false);
-    mcentral c = h.central(spc);
-    auto& wanted = h.state().sweep_wanted[spc.value];
-    auto cached = *c.cache_span(1);
-    span_alloc_object(h.span(cached));
-    span_push_remote(h.view(), h.span(cached), 0);
-    CHECK(wanted.load() == 0);  // its holder folds it
-    auto central = *c.cache_span(1);
-    span_alloc_object(h.span(central));
-    span_alloc_object(h.span(central));
-    REQUIRE(!c.uncache_span(central).message.size());
-    span_push_remote(h.view(), h.span(central), 1);
-    CHECK(wanted.load() == 1);
-    CHECK(h.state().sweep_wanted[spc.value + 2].load() == 0);  // only that class
+    const heap_view& v = h.view();
+    const auto [a, b] = two_spans(h, 4);
+    auto drain = [&] {
+      std::vector<std::uint32_t> seen;
+      drain_sweep_queue(v, h.state().span_pool.high_water, [&](span_id id) { seen.push_back(id.value); });
+      return seen;
+    };
+    CHECK(drain().empty());
+    REQUIRE(span_push_remote(v, h.span(a), 0) == errc::ok);
+    REQUIRE(span_push_remote(v, h.span(a), 1) == errc::ok);  // already queued: not again
+    REQUIRE(span_push_remote(v, h.span(b), 0) == errc::ok);
+    CHECK(drain() == std::vector<std::uint32_t>{b.value, a.value});  // a stack
+    CHECK(h.span(a).sweep_queued.load() == 0);
+    CHECK(drain().empty());
+    REQUIRE(span_push_remote(v, h.span(a), 2) == errc::ok);  // taken off: the next free queues it again
+    CHECK(drain() == std::vector<std::uint32_t>{a.value});
+  }
+
+  TEST_CASE("the daemon's walk of the sweep queue survives a queue a client scribbled on") {
+    test_heap t;
+    mheap& h = *t.heap;
+    const heap_view& v = h.view();
+    const auto [a, b] = two_spans(h, 1);
+    const std::uint32_t high_water = h.state().span_pool.high_water;
+    std::uint32_t visits = 0;
+    auto count = [&](span_id) { ++visits; };
+    // A cycle: a -> b -> a.
+    REQUIRE(span_push_remote(v, h.span(a), 0) == errc::ok);
+    REQUIRE(span_push_remote(v, h.span(b), 0) == errc::ok);
+    h.span(a).sweep_next.store(b.value + 1);
+    CHECK(drain_sweep_queue(v, high_water, count) == high_water);
+    CHECK(visits == high_water);
+    // An id past the span table.
+    visits = 0;
+    h.state().sweep_queue.store(high_water + 7);
+    CHECK(drain_sweep_queue(v, high_water, count) == 0);
+    CHECK(h.state().sweep_queue.load() == 0);
+    require_healthy(h);
   }
 }
