@@ -10,7 +10,7 @@
 //
 // A thread starts on a static empty cache whose words are all zero, so the
 // fast path has no "attached yet?" branch: the first allocation misses and
-// the slow path (client.cpp) attaches, opens a cache, and refills.
+// the slow path (slow_path.cpp) attaches, opens a cache, and refills.
 //
 // Freeing: the thread that holds the span (mspan::owner_cache == its token)
 // clears the bit itself; anyone else sets its bit in the span's
@@ -94,7 +94,7 @@ struct alignas(64) mcache {
   std::byte* tiny = nullptr;
   std::uint32_t tiny_offset = tiny_size;  // full: the empty cache never fits
   std::uint32_t tiny_count = 0;
-  // Trimming (client.cpp, trim_thread_locked): a span class whose slow path
+  // Trimming (trim.cpp, trim_thread_locked): a span class whose slow path
   // ran, or whose free bits changed, since the last trim is active; the
   // others give their spans back.
   std::uint64_t active[(num_span_classes + 63) / 64] = {};
@@ -116,10 +116,12 @@ static_assert(offsetof(mcache, spares) % 64 == 0, "each spare_queue is one line"
 inline constexpr std::int8_t tiny_bias = 64;  // more than a block's 16 objects
 
 // The calling thread's cache; the static empty cache until its first miss.
-// initial-exec TLS: one load from the thread pointer, never a call.
-extern thread_local mcache* t_cache __attribute__((tls_model("initial-exec")));
+// initial-exec TLS: one load from the thread pointer, never a call. constinit
+// here too: the fast paths are inlined into files that do not define
+// t_cache (c_api.cpp), and without it they would call its TLS init function.
+extern constinit thread_local mcache* t_cache __attribute__((tls_model("initial-exec")));
 
-// Slow paths (client.cpp): out of line and cold.
+// Slow paths (slow_path.cpp): out of line and cold.
 SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexcept;
 
 SHMALLOC_FAST_PATH void* alloc_small(std::uint8_t size_class, bool noscan) noexcept {

@@ -1,0 +1,135 @@
+// large.cpp: objects over max_small_size, each on a span of its own from
+// the daemon. Owns their allocation (alloc_large), their free (free_large:
+// a double free of a large object is caught here, and a free while the
+// daemon is away is deferred to the next reconnect), and the process's
+// cache of freed large objects, which repeated large allocations take
+// without a round trip. Giving that cache back is trim.cpp's.
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <vector>
+
+#include "client/runtime.hpp"
+
+namespace shmalloc::client::detail {
+
+namespace {
+
+constexpr std::size_t large_cache_entries = 8;
+constexpr std::uint64_t large_cache_max_bytes = 64ULL << 20;
+
+}  // namespace
+
+// REQUIRES: r.mu held. Whether a cached large object is still the one this
+// process freed: another process freeing it again (a double free) gives it
+// back to the daemon behind our back, and then neither reusing it nor
+// freeing it again is ours to do.
+bool still_ours(const runtime& r, const runtime::cached_large& c) noexcept {
+  const mspan& s = g_view.span(span_id{c.span});
+  return s.state.load(std::memory_order_relaxed) == mspan_state::large && s.owner_client == r.client_id &&
+         s.npages == c.npages && s.start.value == c.start;
+}
+
+namespace {
+
+// REQUIRES: r.mu held. A cached large span of the right size (at most an
+// eighth bigger), or nullptr.
+void* take_cached_large(runtime& r, std::size_t size) noexcept {
+  const std::uint64_t need = (size + page_size - 1) / page_size;
+  for (std::size_t i = 0; i < r.large_cache.size(); ++i) {
+    const runtime::cached_large c = r.large_cache[i];
+    if (c.npages < need || c.npages > need + need / 8) continue;
+    r.large_cache.erase(r.large_cache.begin() + static_cast<std::ptrdiff_t>(i));
+    r.large_cache_bytes -= std::uint64_t{c.npages} * page_size;
+    if (!still_ours(r, c)) {
+      r.held.erase(c.span);
+      return take_cached_large(r, size);
+    }
+    mspan& s = g_view.span(span_id{c.span});
+    s.alloc_bits[0] |= 1;  // allocated again, before it is returned (cache_large)
+    return g_view.span_base(s);
+  }
+  return nullptr;
+}
+
+// REQUIRES: r.mu held. Keeps a large object this process allocated, if
+// the cache has room; false otherwise.
+bool cache_large(runtime& r, void* p, const mspan& s) noexcept {
+  const std::uint32_t id = g_view.span_id_of(s).value;
+  for (const auto& c : r.large_cache)
+    if (c.span == id) bad_free(p, "double free (of a large object)");
+  const std::uint64_t bytes = std::uint64_t{s.npages} * page_size;
+  if (s.owner_client != r.client_id || r.large_cache.size() >= large_cache_entries ||
+      r.large_cache_bytes + bytes > large_cache_max_bytes)
+    return false;
+  r.large_cache.push_back({id, s.npages, s.start.value, r.trim_epoch.load(std::memory_order_relaxed)});
+  r.large_cache_bytes += bytes;
+  // Free in the heap's eyes while it waits here, so that if this process
+  // dies the daemon frees it instead of keeping it as a live object
+  // (request_handler::reclaim); its holder writes a span's alloc bits.
+  g_view.span(span_id{id}).alloc_bits[0] &= ~std::uint64_t{1};
+  return true;
+}
+
+SHMALLOC_SLOW_PATH void* take_large(std::size_t size, bool noscan) noexcept {
+  runtime& r = rt();
+  std::lock_guard lock(r.mu);
+  if (!r.attached && attach_locked(r, nullptr) != 0) return nullptr;
+  if (void* p = take_cached_large(r, size)) return p;
+  auto body = request_locked(r, proto::msg::alloc_large, proto::encode(proto::alloc_large_msg{size, noscan}));
+  if (!body) return nullptr;
+  auto large = proto::decode_large(body.value());
+  if (!large) return nullptr;
+  tsan_acquire_cross_process();  // as for a refill: its pages may have held pushed objects
+  r.held.insert(large->span_id);
+  return g_view.pointer(large->handle);
+}
+
+}  // namespace
+
+SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
+  void* p = take_large(size, noscan);
+  if (p == nullptr) return nullptr;
+  // Counted in this thread's block, which a thread whose first object is
+  // large must open (else a free counted elsewhere would leave it one short).
+  if (mcache* mc = ensure_cache(); mc != nullptr) {
+    bump(mc->stats->large_allocs, std::uint64_t{1});
+    bump(mc->stats->large_alloc_bytes, (size + page_size - 1) / page_size * page_size);
+  }
+  return p;
+}
+
+SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept {
+  runtime& r = rt();
+  const std::uint64_t bytes = object_bytes(s);
+  {
+    std::lock_guard lock(r.mu);
+    const std::uint64_t h = g_view.handle_of(p);
+    if (std::find(r.deferred_large_frees.begin(), r.deferred_large_frees.end(), h) != r.deferred_large_frees.end())
+      bad_free(p, "double free (of a large object)");
+    const bool up = r.attached || attach_locked(r, nullptr) == 0;
+    if (!cache_large(r, p, s)) {
+      if (!up) {
+        r.deferred_large_frees.push_back(h);  // the daemon is away: freed when the library reconnects
+      } else {
+        auto done = request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{h}));
+        if (!done && done.code() == errc::unavailable)
+          r.deferred_large_frees.push_back(h);
+        else if (!done)
+          bad_free(p, done.err().message.c_str());
+        else
+          r.held.erase(g_view.span_id_of(s).value);
+      }
+    }
+    // A process that only allocates large objects trims from here.
+    if (const std::uint64_t decay = g_cache_decay_ns.load(std::memory_order_relaxed);
+        ++r.large_calls % trim_check_every == 0 && decay != never)
+      trim_process_if_due_locked(r, decay, now_ns());
+  }
+  if (mcache* mc = ensure_cache(); mc != nullptr) {
+    bump(mc->stats->large_frees, std::uint64_t{1});
+    bump(mc->stats->large_free_bytes, bytes);
+  }
+}
+
+}  // namespace shmalloc::client::detail

@@ -1,0 +1,195 @@
+// runtime.hpp: libshmalloc's process-wide runtime, shared by the client's
+// source files and by nothing else (not installed, not included by users).
+//
+// Who owns what (each file opens by saying the same of itself):
+//
+//   mcache.hpp      the per-thread cache and the allocation fast path
+//                   (alloc_small, alloc_tiny): no lock, no call.
+//   free.hpp        the free fast path (free_object), inlined into
+//                   shmalloc_free, and the slow paths it jumps to.
+//   runtime.hpp     this file: the runtime struct and what the files share.
+//   span_pool.hpp   the lock-free per-process pool of spans (span_pool,
+//                   span_links).
+//   attach.cpp      attach, reconnect, fork, this process's identity, the
+//                   control connection (request_locked), and the heap view
+//                   the fast paths read (g_view, g_size, g_committed).
+//   slow_path.cpp   the thread caches: the static empty cache and t_cache,
+//                   opening and releasing a thread's cache, refills, spans
+//                   taken and dropped, spares, the full list, the tiny
+//                   allocator's slow path (alloc_slow, alloc_tiny_slow).
+//   large.cpp       large objects: allocation, free, and the process's cache
+//                   of freed large objects.
+//   trim.cpp        trimming and decay: what a thread or the process caches
+//                   goes back to the daemon after SHMALLOC_CACHE_DECAY_MS.
+//   free.cpp        the free slow paths: remote, tiny, large and bad frees.
+//   c_api.cpp       the extern "C" functions of shmalloc.h.
+//
+// The process-wide runtime (rt()) holds the control connection (under a
+// mutex: only slow paths use it), the mapping of the heap, the lock-free
+// pool of spans refilled from the daemon in batches, and the list of full
+// spans waiting to be given back in a batch. What the fast paths read
+// without that mutex is outside it: the heap view (set at attach, before any
+// cache can hold a span, cleared only by detach) and each thread's cache.
+//
+// Everything here is in shmalloc::client::detail, hidden: libshmalloc.so
+// exports none of it. What only one file uses stays in that file's
+// anonymous namespace.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "client/mcache.hpp"
+#include "client/span_pool.hpp"
+#include "shm/control_client.hpp"
+#include "shm/segment.hpp"
+
+namespace shmalloc::client {
+namespace detail __attribute__((visibility("hidden"))) {
+
+// What allocation and free read without the runtime's lock: set at attach
+// (attach.cpp), before any cache can hold a span, and cleared only by
+// detach.
+extern constinit heap_view g_view;
+extern constinit std::uint64_t g_size;
+// A lower bound of the heap's committed pages (g_view.committed_pages),
+// in process memory: the free fast path compares with it without following
+// a pointer into the segment. The heap's count only grows, so a stale bound
+// only sends a free to the slow path, which raises it. 0 when detached.
+extern constinit std::atomic<std::uint64_t> g_committed;
+
+// The thread cache every thread starts on (slow_path.cpp).
+extern constinit mcache empty_cache;
+
+constexpr std::uint16_t first_batch = 2;
+
+// Trimming: what a process caches for speed (each thread's spans, the pool,
+// freed large objects) goes back to the daemon once it has sat unused for a
+// decay period, so that other processes can have it. There is no background
+// thread: a thread checks the clock every trim_check_every slow-path calls.
+constexpr std::uint64_t default_cache_decay_ns = 500'000'000;
+constexpr std::uint64_t never = ~std::uint64_t{0};
+constexpr std::uint32_t trim_check_every = 64;
+extern std::atomic<std::uint64_t> g_cache_decay_ns;  // SHMALLOC_CACHE_DECAY_MS, read at attach (trim.cpp)
+
+inline std::uint64_t now_ns() {
+  return static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+}
+
+struct runtime {
+  std::mutex mu;  // the connection, the full list, batch sizes, attach state
+  std::unique_ptr<control_client> conn;
+  std::string socket;  // of the last attach: a forked child or a reconnect uses it again
+  // Where this process runs, read at attach and said in each hello (a
+  // reconnect says it again): its hostname and its container's short id.
+  std::string host;
+  std::string container;
+  std::unique_ptr<segment> seg;
+  std::uint32_t client_id = 0;
+  std::uint32_t main_slot = 0;
+  bool main_slot_free = false;  // the slot hello gave serves the first thread that needs one
+  // Cache slots of threads that ended, kept for the next threads on this
+  // connection: a thread that starts then costs no cache_open round trip,
+  // and one that ends no cache_close. The daemon retires them at bye.
+  std::vector<std::uint32_t> spare_slots;
+  bool attached = false;
+  bool atfork_registered = false;
+  span_pool pool;
+  std::vector<std::uint32_t> full;  // spans to give back, in batches
+  std::set<std::uint32_t> held;     // every span and large object the daemon records as ours
+  bool lost_heap = false;  // the daemon came back with another heap: nothing can be recovered
+  // Large objects this process freed, kept (still held from the daemon's
+  // point of view) so that repeated large allocations skip the round trip.
+  struct cached_large {
+    std::uint32_t span;
+    std::uint32_t npages;
+    std::uint32_t start;  // first page
+    std::uint32_t epoch;  // trim_epoch when it was freed
+  };
+  std::vector<cached_large> large_cache;
+  std::uint64_t large_cache_bytes = 0;
+  // Handles of large objects freed while the daemon was away (a restart):
+  // freed by the next reconnect.
+  std::vector<std::uint64_t> deferred_large_frees;
+  std::uint16_t batch[num_span_classes] = {};
+  std::uint64_t last_refill_ns[num_span_classes] = {};
+  // Trimming: a process-wide trim bumps the epoch; what was last used two
+  // epochs ago has sat unused for a whole decay period.
+  std::uint64_t last_trim_ns = 0;
+  std::atomic<std::uint32_t> trim_epoch{2};
+  // Per span class, spans taken from the pool or refilled into it since the
+  // last trim (the class's recent demand): the trim keeps that many.
+  std::atomic<std::uint32_t> pool_demand[num_span_classes] = {};
+  std::uint32_t large_calls = 0;
+};
+
+inline runtime& rt() {
+  static runtime* r = new runtime;  // never destroyed: threads may free during exit
+  return *r;
+}
+
+inline int fail(errc e) { return -static_cast<int>(e); }
+
+// The shared object count of the tiny block at p (its span's first bytes).
+inline std::atomic_ref<std::int8_t> tiny_count_of(const mspan& s, std::uint32_t block) noexcept {
+  return std::atomic_ref<std::int8_t>(*reinterpret_cast<std::int8_t*>(g_view.span_base(s) + block));
+}
+
+// attach.cpp
+
+// REQUIRES: r.mu held.
+int attach_locked(runtime& r, const char* socket_path);
+// REQUIRES: r.mu held. One request; if the daemon does not answer, one
+// reconnect and one retry. Bounded: each wait is control_client's timeout.
+result<std::vector<std::uint8_t>> request_locked(runtime& r, proto::msg type, const std::vector<std::uint8_t>& body);
+int ensure_attached();
+
+// slow_path.cpp
+
+// REQUIRES: r.mu held. Gives the full list back to the daemon.
+void release_full_locked(runtime& r);
+// Folds the span's remote frees into its bitmap (this thread holds it).
+void fold(mcache* mc, mspan& s) noexcept;
+// The calling thread's cache, opened on first use; nullptr if it gets none.
+mcache* ensure_cache();
+// Gives the calling thread's spans back and its cache slot up (thread exit,
+// detach).
+void release_thread_cache() noexcept;
+
+// large.cpp
+
+// REQUIRES: r.mu held. Whether a cached large object is still the one this
+// process freed.
+bool still_ours(const runtime& r, const runtime::cached_large& c) noexcept;
+SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept;
+SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept;
+
+// trim.cpp
+
+// REQUIRES: r.mu held. Gives every cached large object back (detach).
+void flush_large_cache(runtime& r);
+// REQUIRES: r.mu held. A thread's trim; with `everything`, every span it
+// holds with no live object.
+void trim_thread_locked(runtime& r, mcache* mc, bool everything);
+// REQUIRES: r.mu held. The process's trim: its pool and its large objects.
+void trim_process_locked(runtime& r, bool everything);
+// REQUIRES: r.mu held. The process's trim, if a decay period has passed.
+void trim_process_if_due_locked(runtime& r, std::uint64_t decay, std::uint64_t t);
+// Trims this thread's cache, and the process's, if a decay period has
+// passed since each was last trimmed.
+void maybe_trim(runtime& r, mcache* mc);
+
+// free.cpp
+
+[[noreturn]] SHMALLOC_SLOW_PATH void bad_free(const void* p, const char* why);
+// Frees slot i of span s: cleared by the holder, pushed by anyone else.
+void free_slot(mspan& s, std::uint32_t i, std::uint8_t size_class, const void* p) noexcept;
+
+}  // namespace detail
+}  // namespace shmalloc::client

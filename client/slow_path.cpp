@@ -1,0 +1,310 @@
+// slow_path.cpp: the allocation slow paths and the thread caches. Owns the
+// static empty cache and t_cache (every thread starts on the empty cache),
+// opening a thread's cache and giving it back at thread exit
+// (ensure_cache, release_thread_cache, the process's spare cache slots),
+// alloc_slow (the rest of the current span, spares, the pool, a refill from
+// the daemon), spans taken into and dropped from a thread's cache, the full
+// list given back in batches, and the tiny allocator's slow path.
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "client/runtime.hpp"
+
+namespace shmalloc::client {
+
+namespace detail {
+
+namespace {
+
+constinit stats_block dummy_stats{};
+
+constexpr std::uint16_t max_batch = proto::max_refill;
+constexpr std::size_t release_batch = 32;
+constexpr std::uint64_t hot_refill_ns = 50'000'000;  // refills closer than this grow the batch
+constexpr std::uint64_t max_pool_bytes = 1 << 20;  // per span class: more goes back to the daemon
+// Slots of ended threads a process keeps for new ones (runtime::spare_slots);
+// they count against the daemon's --max-caches-per-client (default 256).
+constexpr std::size_t max_spare_slots = 16;
+
+}  // namespace
+
+constinit mcache empty_cache{.alloc = {}, .token = ~0u, .slot = 0, .stats = &dummy_stats};
+
+// REQUIRES: r.mu held. Gives the full list back to the daemon.
+void release_full_locked(runtime& r) {
+  for (std::size_t at = 0; at < r.full.size(); at += proto::max_release) {
+    const std::size_t n = std::min<std::size_t>(proto::max_release, r.full.size() - at);
+    std::vector<std::uint32_t> part(r.full.begin() + static_cast<std::ptrdiff_t>(at),
+                                    r.full.begin() + static_cast<std::ptrdiff_t>(at + n));
+    if (request_locked(r, proto::msg::release, proto::encode(proto::span_list_msg{part})))
+      for (std::uint32_t id : part) r.held.erase(id);
+  }
+  r.full.clear();
+}
+
+namespace {
+
+bool has_free_slot(const mspan& s) noexcept {
+  for (std::uint32_t w = 0; w * 64 < s.nelems; ++w) {
+    const std::uint32_t valid = s.nelems - w * 64;
+    const std::uint64_t mask = valid >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << valid) - 1;
+    if ((~s.alloc_bits[w] & mask) != 0) return true;
+  }
+  return false;
+}
+
+// Loads into e the first word of s in [from, to) with a free slot.
+// When there is none, e keeps pointing at s (its span() stays s) with no
+// free bits.
+bool load_word(mcache_entry& e, mspan& s, std::uint32_t from, std::uint32_t to = bitmap_words) noexcept {
+  for (std::uint32_t w = from; w < to && w * 64 < s.nelems; ++w) {
+    std::uint64_t free = ~s.alloc_bits[w];
+    const std::uint32_t valid = s.nelems - w * 64;
+    if (valid < 64) free &= (std::uint64_t{1} << valid) - 1;
+    if (free != 0) {
+      e.word = w;
+      e.bits = &s.alloc_bits[w];
+      e.word_base = g_view.span_base(s) + std::size_t{w} * 64 * e.elem_size;
+      e.free_bits = free;
+      return true;
+    }
+  }
+  e.free_bits = 0;
+  return false;
+}
+
+// Gives up the entry's span: to the pool if a slot is free, else to the
+// full list (released to the daemon in batches).
+void drop_span(runtime& r, std::uint8_t spc, mspan& s) {
+  s.owner_cache.store(0, std::memory_order_release);
+  const std::uint32_t id = g_view.span_id_of(s).value;
+  const std::uint64_t pooled = std::uint64_t{r.pool.size(spc) + 1} * class_span_bytes(span_class{spc}.size_class());
+  if (has_free_slot(s) && pooled <= max_pool_bytes) {
+    r.pool.push(spc, id);
+    return;
+  }
+  std::lock_guard lock(r.mu);
+  r.full.push_back(id);
+  if (r.full.size() >= release_batch) release_full_locked(r);
+}
+
+}  // namespace
+
+// Folds the span's remote frees into its bitmap (this thread holds it). A
+// remote double free is reported and counted, not fatal: the process that
+// made it is not this one.
+void fold(mcache* mc, mspan& s) noexcept {
+  errc status = errc::ok;
+  std::string why;
+  span_fold_remote(g_view, s, &status, &why);
+  if (SHMALLOC_UNLIKELY(status != errc::ok)) {
+    std::fprintf(stderr, "shmalloc: %s\n", why.c_str());
+    bump(mc->stats->double_frees, std::uint64_t{1});
+  }
+}
+
+namespace {
+
+// Takes span id into the thread's entry for spc: this thread now holds it.
+// Makes s the entry's current span; true if it has a free slot.
+bool install(mcache_entry& e, mspan& s) noexcept {
+  e.elem_size = s.elem_size;
+  e.word = 0;
+  e.bits = &s.alloc_bits[0];
+  return load_word(e, s, 0);
+}
+
+bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
+  mspan& s = g_view.span(span_id{id});
+  s.owner_cache.store(mc->token, std::memory_order_relaxed);
+  fold(mc, s);
+  bump(mc->stats->refills, std::uint64_t{1});
+  return install(mc->alloc[spc], s);
+}
+
+// The current span ran dry: switch to a spare that has a free slot (after
+// folding its remote frees), or keep the dry one as a spare, dropping the
+// oldest spare if there are too many. True if e now has a free slot.
+//
+// The spares are a queue, oldest first. The search takes spans from the
+// front, and every span it finds dry, the current one included, goes to the
+// back: the front is always the span that went dry longest ago, which has
+// had the most time to get its objects back. When a class's working set
+// cycles through its spans, the first spare looked at has room, and spans
+// held full by long-lived objects drift behind those that cycle. (Taking a
+// spare in place, as this once did, left the dry spans at the front to be
+// looked at again on every switch: a cycle through k spans cost k^2 / 2.)
+bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
+  mcache_entry& e = mc->alloc[spc];
+  spare_queue& q = mc->spares[spc];
+  const std::uint32_t current = g_view.span_id_of(*e.span()).value;
+  for (std::uint8_t looked = 0, n = q.n; looked < n; ++looked) {
+    const spare_queue::entry front = q.pop_front();
+    mspan& s = g_view.span(span_id{front.id});
+    fold(mc, s);
+    if (has_free_slot(s)) {  // front becomes current; the dry current goes to the back
+      q.push_back({current, true});
+      return install(e, s);
+    }
+    q.push_back(front);  // dry: to the back
+  }
+  // Every spare was dry (and the queue is back in its order). Keep at most
+  // a queue's capacity, and max_spare_bytes, per class.
+  const std::uint64_t span_bytes = class_span_bytes(span_class{spc}.size_class());
+  while (q.n > 0 && (q.n == spare_queue::capacity || (q.n + 1) * span_bytes > mcache::max_spare_bytes))
+    drop_span(r, spc, g_view.span(span_id{q.pop_front().id}));
+  q.push_back({current, true});
+  e = mcache_entry{};
+  return false;
+}
+
+// Retires the thread's current tiny block: its count loses the bias and
+// gains the objects packed into it; whoever brings the count to zero (now,
+// or a later free) frees the block.
+void retire_tiny(mcache* mc) noexcept {
+  if (mc->tiny == nullptr) return;
+  const span_id id = g_view.span_at(g_view.handle_of(mc->tiny));
+  mspan& s = g_view.span(id);
+  const auto block = static_cast<std::uint32_t>((mc->tiny - g_view.span_base(s)) / tiny_size);
+  const auto delta = static_cast<std::int8_t>(static_cast<int>(mc->tiny_count) - tiny_bias);
+  if (tiny_count_of(s, block).fetch_add(delta, std::memory_order_acq_rel) + delta == 0)
+    free_slot(s, block, tiny_size_class, mc->tiny);
+  mc->tiny = nullptr;
+  mc->tiny_offset = tiny_size;
+  mc->tiny_count = 0;
+}
+
+// REQUIRES: r.mu not held. Asks the daemon for a batch of spans; returns one
+// and pools the rest, or -1.
+std::int64_t refill(runtime& r, std::uint8_t spc) {
+  std::lock_guard lock(r.mu);
+  if (!r.attached && attach_locked(r, nullptr) != 0) return -1;
+  const std::uint64_t t = now_ns();
+  std::uint16_t& n = r.batch[spc];
+  if (t - r.last_refill_ns[spc] < hot_refill_ns) n = std::min<std::uint16_t>(max_batch, static_cast<std::uint16_t>(n * 2));
+  r.last_refill_ns[spc] = t;
+  auto body = request_locked(r, proto::msg::refill, proto::encode(proto::refill_msg{spc, n}));
+  if (!body) return -1;
+  auto list = proto::decode_span_list(body.value(), proto::max_refill);
+  if (!list || list->span_ids.empty()) return -1;
+  tsan_acquire_cross_process();  // the daemon folded what was pushed into these spans' memory
+  r.held.insert(list->span_ids.begin(), list->span_ids.end());
+  r.pool_demand[spc].fetch_add(1, std::memory_order_relaxed);  // the span returned; pooled ones count when taken
+  for (std::size_t i = 1; i < list->span_ids.size(); ++i) r.pool.push(spc, list->span_ids[i]);
+  return list->span_ids[0];
+}
+
+struct thread_cache_guard {
+  ~thread_cache_guard() { release_thread_cache(); }
+};
+thread_local thread_cache_guard t_guard;
+
+}  // namespace
+
+mcache* ensure_cache() {
+  if (t_cache != &empty_cache) return t_cache;
+  runtime& r = rt();
+  std::lock_guard lock(r.mu);
+  if (!r.attached && attach_locked(r, nullptr) != 0) return nullptr;
+  std::uint32_t slot = r.main_slot;
+  if (r.main_slot_free) {
+    r.main_slot_free = false;
+  } else if (!r.spare_slots.empty()) {
+    slot = r.spare_slots.back();
+    r.spare_slots.pop_back();
+  } else {
+    auto body = request_locked(r, proto::msg::cache_open, {});
+    if (!body) {
+      // Each allocation of this thread asks again (a slot may have come
+      // free), but says why only once per process.
+      static std::atomic<bool> said{false};
+      if (!said.exchange(true, std::memory_order_relaxed))
+        std::fprintf(stderr, "shmalloc: a thread gets no cache, so its allocations fail: %s\n", body.err().message.c_str());
+      errno = ENOMEM;
+      return nullptr;
+    }
+    auto opened = proto::decode_slot(body.value());
+    if (!opened) return nullptr;
+    slot = opened->slot;
+  }
+  auto* mc = new mcache;
+  mc->slot = slot;
+  mc->token = slot + 1;
+  mc->stats = &r.seg->at<mcache_slot>(r.seg->regions().caches.offset)[slot].stats;
+  (void)&t_guard;  // constructs the guard, so the thread's exit gives the cache back
+  t_cache = mc;
+  return mc;
+}
+
+void release_thread_cache() noexcept {
+  mcache* mc = t_cache;
+  if (mc == &empty_cache) return;
+  retire_tiny(mc);
+  runtime& r = rt();
+  for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
+    const auto c = static_cast<std::uint8_t>(spc);
+    if (mspan* s = mc->alloc[spc].span(); s != nullptr) drop_span(r, c, *s);
+    for (std::uint8_t k = 0; k < mc->spares[spc].n; ++k) drop_span(r, c, g_view.span(span_id{mc->spares[spc].ids[k]}));
+  }
+  t_cache = &empty_cache;
+  std::lock_guard lock(r.mu);
+  if (r.attached && mc->slot == r.main_slot) r.main_slot_free = true;  // retired with the connection
+  else if (r.attached && r.spare_slots.size() < max_spare_slots) r.spare_slots.push_back(mc->slot);
+  else if (r.attached) request_locked(r, proto::msg::cache_close, proto::encode(proto::slot_msg{mc->slot}));
+  delete mc;
+}
+
+}  // namespace detail
+
+using namespace detail;
+
+constinit thread_local mcache* t_cache __attribute__((tls_model("initial-exec"))) = &empty_cache;
+
+SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexcept {
+  mcache* mc = ensure_cache();
+  if (mc == nullptr) return nullptr;
+  runtime& r = rt();
+  const std::uint8_t spc = span_class::make(size_class, noscan).value;
+  mcache_entry& e = mc->alloc[spc];
+  mc->active[spc / 64] |= std::uint64_t{1} << (spc % 64);
+  if (SHMALLOC_UNLIKELY(++mc->slow_calls % trim_check_every == 0)) maybe_trim(r, mc);
+  // First what this thread freed into the word it allocates from: in a
+  // steady state that is where the next objects are, and reading one word
+  // is the cheapest refill there is (it also keeps objects packed low).
+  if (mspan* s = e.span(); s != nullptr && load_word(e, *s, e.word, e.word + 1)) return alloc_small(size_class, noscan);
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    if (mspan* s = e.span(); s != nullptr) {
+      // The rest of the span, then what other threads and processes freed.
+      if (load_word(e, *s, e.word + 1) || (fold(mc, *s), load_word(e, *s, 0))) return alloc_small(size_class, noscan);
+      if (switch_to_spare(r, mc, spc)) return alloc_small(size_class, noscan);
+    }
+    std::int64_t id = r.pool.pop(spc);
+    if (id >= 0) r.pool_demand[spc].fetch_add(1, std::memory_order_relaxed);
+    if (id < 0) id = refill(r, spc);
+    if (id < 0) return nullptr;
+    if (take_span(mc, spc, static_cast<std::uint32_t>(id))) return alloc_small(size_class, noscan);
+  }
+  return nullptr;
+}
+
+SHMALLOC_SLOW_PATH void* alloc_tiny_slow(std::size_t size) noexcept {
+  mcache* mc = ensure_cache();
+  if (mc == nullptr) return nullptr;
+  retire_tiny(mc);
+  auto* block = static_cast<std::byte*>(alloc_small(tiny_size_class, true));  // a block of a tiny span
+  if (block == nullptr) return nullptr;
+  const mspan& s = g_view.span(g_view.span_at(g_view.handle_of(block)));
+  tiny_count_of(s, static_cast<std::uint32_t>((block - g_view.span_base(s)) / tiny_size))
+      .store(tiny_bias, std::memory_order_relaxed);
+  mc->tiny = block;
+  mc->tiny_offset = 0;
+  mc->tiny_count = 0;
+  return alloc_tiny(size);
+}
+
+}  // namespace shmalloc::client

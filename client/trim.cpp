@@ -1,0 +1,149 @@
+// trim.cpp: trimming and decay. What a process caches for speed (each
+// thread's spans and spares, the pool, freed large objects) goes back to the
+// daemon once it has sat unused for SHMALLOC_CACHE_DECAY_MS, checked from the
+// slow paths (maybe_trim, and free_large for a process that only allocates
+// large objects); shmalloc_trim gives back everything at once, and detach
+// every cached large object (flush_large_cache).
+#include <atomic>
+#include <mutex>
+
+#include "client/runtime.hpp"
+
+namespace shmalloc::client::detail {
+
+std::atomic<std::uint64_t> g_cache_decay_ns{default_cache_decay_ns};  // SHMALLOC_CACHE_DECAY_MS, read at attach
+
+namespace {
+
+// REQUIRES: r.mu held. Gives back the cached large objects that keep(c)
+// does not want kept.
+template <class Keep>
+void trim_large_cache(runtime& r, Keep keep) {
+  std::size_t kept = 0;
+  for (const auto& c : r.large_cache) {
+    if (keep(c)) {
+      r.large_cache[kept++] = c;
+      continue;
+    }
+    r.large_cache_bytes -= std::uint64_t{c.npages} * page_size;
+    if (!still_ours(r, c)) {  // freed twice elsewhere: not ours to free again
+      r.held.erase(c.span);
+      continue;
+    }
+    const handle_t h = g_view.handle_of(g_view.span_base(g_view.span(span_id{c.span})));
+    if (request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{h}))) r.held.erase(c.span);
+  }
+  r.large_cache.resize(kept);
+}
+
+}  // namespace
+
+// REQUIRES: r.mu held. Gives every cached large object back (detach).
+void flush_large_cache(runtime& r) {
+  trim_large_cache(r, [](const runtime::cached_large&) { return false; });
+}
+
+namespace {
+
+// REQUIRES: r.mu held. Gives s, which this thread held, back to the daemon
+// (with the next batch of full spans).
+void give_back_locked(runtime& r, mspan& s) {
+  s.owner_cache.store(0, std::memory_order_release);
+  r.full.push_back(g_view.span_id_of(s).value);
+}
+
+}  // namespace
+
+// REQUIRES: r.mu held. Gives back the thread's spans of every span class it
+// has not allocated from since its last trim, whether or not objects in them
+// are live (their frees become remote frees), and of the other classes the
+// spares that hold no live object and were not current since the last trim,
+// past the first two. (Giving back every such spare slowed the next steady
+// state of the mixed benchmark by up to two times, for a reason not found.)
+// With `everything`, every span of every class that holds no live object.
+// The tiny class keeps its spans: its current block is counted in a way only
+// its thread can retire.
+void trim_thread_locked(runtime& r, mcache* mc, bool everything) {
+  for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
+    if (spc == tiny_span_class) continue;
+    mcache_entry& e = mc->alloc[spc];
+    // Active: its slow path ran (the bit), or its fast path took a slot.
+    const bool active = ((mc->active[spc / 64] >> (spc % 64)) & 1) != 0 || e.free_bits != mc->free_bits_at_trim[spc];
+    const bool idle = !everything && !active;
+    spare_queue& q = mc->spares[spc];
+    std::uint32_t* const spares = q.ids;
+    std::uint8_t& n = q.n;
+    std::uint16_t& used = q.used;
+    std::uint8_t kept = 0;
+    for (std::uint8_t k = 0; k < n; ++k) {
+      mspan& s = g_view.span(span_id{spares[k]});
+      const bool was_current = ((used >> k) & 1) != 0;
+      bool goes = idle;
+      if (!goes && (everything || (!was_current && k >= mcache::spares_kept_by_trim))) {
+        fold(mc, s);
+        goes = count_allocated(s) == 0;
+      }
+      if (goes) {
+        give_back_locked(r, s);
+        continue;
+      }
+      spares[kept++] = spares[k];
+    }
+    n = kept;
+    used = 0;  // a new period starts
+    if (mspan* s = e.span(); s != nullptr && (idle || (everything && (fold(mc, *s), count_allocated(*s) == 0)))) {
+      give_back_locked(r, *s);
+      e = mcache_entry{};
+    }
+    mc->free_bits_at_trim[spc] = e.free_bits;
+  }
+  for (auto& word : mc->active) word = 0;
+  release_full_locked(r);
+}
+
+// REQUIRES: r.mu held. Of each class's pooled spans, those beyond what its
+// threads took (or refilled) during the last decay period; large objects
+// cached that long; with `everything`, all of both. A class whose demand
+// stopped also starts its refill batches small again.
+void trim_process_locked(runtime& r, bool everything) {
+  const std::uint32_t epoch = r.trim_epoch.load(std::memory_order_relaxed);
+  for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
+    const auto c = static_cast<std::uint8_t>(spc);
+    const std::uint32_t demand = r.pool_demand[spc].exchange(0, std::memory_order_relaxed);
+    const std::uint32_t keep = everything ? 0 : demand;
+    const std::uint32_t pooled = r.pool.size(c);
+    for (std::uint32_t k = keep; k < pooled; ++k) {
+      const std::int64_t id = r.pool.pop(c);
+      if (id < 0) break;
+      r.full.push_back(static_cast<std::uint32_t>(id));
+    }
+    if (demand == 0) r.batch[spc] = first_batch;
+  }
+  release_full_locked(r);
+  trim_large_cache(r, [&](const runtime::cached_large& c) { return !everything && c.epoch + 1 >= epoch; });
+  r.trim_epoch.store(epoch + 1, std::memory_order_relaxed);
+}
+
+// REQUIRES: r.mu held. Trims the process's caches if a decay period has
+// passed since they were last trimmed (at time t).
+void trim_process_if_due_locked(runtime& r, std::uint64_t decay, std::uint64_t t) {
+  if (t - r.last_trim_ns < decay) return;
+  trim_process_locked(r, false);
+  r.last_trim_ns = t;
+}
+
+// Trims this thread's cache, and the process's, if a decay period has
+// passed since each was last trimmed.
+void maybe_trim(runtime& r, mcache* mc) {
+  const std::uint64_t decay = g_cache_decay_ns.load(std::memory_order_relaxed);
+  if (decay == never) return;
+  const std::uint64_t t = now_ns();
+  if (t - mc->last_trim_ns < decay) return;
+  std::lock_guard lock(r.mu);
+  if (!r.attached) return;
+  trim_thread_locked(r, mc, false);
+  mc->last_trim_ns = t;
+  trim_process_if_due_locked(r, decay, t);
+}
+
+}  // namespace shmalloc::client::detail
