@@ -15,17 +15,18 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 build=${SHMALLOC_FUZZ_BUILD:-$root/build-fuzz}
 targets=(frame_fuzz decode_fuzz config_fuzz)
 
+work=$(mktemp -d /tmp/shmalloc-fuzz.XXXXXX)
+trap 'rm -rf "$work"' EXIT
 started=$(date +%s)
 echo "fuzz: building ${targets[*]} in $build (clang, libFuzzer, ASan+UBSan)"
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
-  -DSHMALLOC_FUZZ=ON -DSHMALLOC_SANITIZE=address,undefined >"$build.configure.log" 2>&1 ||
-  { cat "$build.configure.log"; exit 1; }
+  -DSHMALLOC_FUZZ=ON -DSHMALLOC_SANITIZE=address,undefined >"$work/configure.log" 2>&1 ||
+  { cat "$work/configure.log"; exit 1; }
 cmake --build "$build" --target "${targets[@]}"
 built=$(date +%s)
 
-work=$(mktemp -d /tmp/shmalloc-fuzz.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+rm -rf "$build/findings"  # a previous run's
 shm_before=$(ls /dev/shm | grep '^shmalloc-test-fuzz-' || true)
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
@@ -38,7 +39,8 @@ for t in "${targets[@]}"; do
   cp "$root/tests/fuzz/corpus/$t/"* "$corpus/"
   before=$(ls "$corpus" | wc -l)
   rc=0
-  "$build/tests/$t" "$corpus" -dict="$root/tests/fuzz/$t.dict" -max_total_time="$seconds" \
+  # The seeds as this build writes them join the copy (SHMALLOC_FUZZ_WRITE_SEEDS).
+  SHMALLOC_FUZZ_WRITE_SEEDS="$corpus" "$build/tests/$t" "$corpus" -dict="$root/tests/fuzz/$t.dict" -max_total_time="$seconds" \
     -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$work/artifacts/$t-" \
     >"$work/$t.log" 2>&1 || rc=$?
   after=$(ls "$corpus" | wc -l)

@@ -9,8 +9,15 @@
 //   - both clients are disconnected, and what the input left in the heap
 //     (large objects the daemon took over, named roots) is freed through
 //     the protocol, so inputs do not pile up in the heap;
-//   - the heap checker passes, no client is left and no root or large
-//     object remains.
+//   - the heap checker passes, no client or orphan is left and no root or
+//     large object remains.
+// A frame of type 0xffff is the harness's own: the daemon restarts on the
+// kept heap (it leaves its clients, as shmallocd --keep-heap stopping; a
+// new mheap and handler check and adopt the heap, and the spans, large
+// objects and cache slots of the old clients become orphans); the clients
+// may say hello again and try to reattach (what a successful reattach
+// needs is not given to them). What is still orphaned after the input is
+// reclaimed as when the grace period ends.
 // One liberty with the bytes: a hello saying layout version 0 is given this
 // build's layout version, so that the corpus survives a layout bump.
 //
@@ -140,17 +147,37 @@ void janitor_request(service::client_state& c, msg type, const std::vector<std::
     fail("the janitor's request " + std::to_string(static_cast<int>(type)) + " failed");
 }
 
+constexpr std::uint16_t restart_type = 0xffff;
+
+void check_heap(const char* when) {
+  const verify_report r = verify_heap(*the_heap().heap);
+  if (!r.ok()) fail(std::string("heap check failed ") + when + ": " + r.summary());
+}
+
+// The daemon stops keeping the heap, and a new one adopts it.
+void restart(service::client_state (&clients)[2]) {
+  fuzz_heap& f = the_heap();
+  for (service::client_state& c : clients) f.handler->leave(c);
+  check_heap("when the daemon left its clients");
+  f.handler.reset();
+  f.heap = std::make_unique<mheap>(*f.seg);
+  check_heap("when a new daemon adopted the heap");
+  f.handler = std::make_unique<service::request_handler>(*f.heap, service::handler_settings{16ULL << 20, 8});
+  f.handler->adopt_orphans();
+}
+
 // Frees what the input left: large objects the daemon took over from its
 // clients and the roots they published; then checks the heap is clean.
 void clean_up(const leftovers& left) {
   fuzz_heap& f = the_heap();
+  f.handler->expire_orphans(0);
+  if (f.handler->orphan_groups() != 0) fail("orphans are left after their grace period");
   service::client_state janitor;
   janitor_request(janitor, msg::hello, proto::encode(proto::hello_msg{layout_version, 1, "janitor"}));
   for (std::uint64_t handle : left.large) janitor_request(janitor, msg::free_large, proto::encode(proto::free_large_msg{handle}));
   for (const std::string& name : left.roots) janitor_request(janitor, msg::unpublish, proto::encode_name(name));
   f.handler->disconnect(janitor);
-  const verify_report r = verify_heap(*f.heap);
-  if (!r.ok()) fail("heap check failed: " + r.summary());
+  check_heap("after the input");
   const proto::stats_msg s = f.handler->stats();
   if (s.clients != 0 || f.handler->clients() != 0) fail("a client is left after every one disconnected");
   if (s.large_objects != 0) fail(std::to_string(s.large_objects) + " large objects are left after the clean-up");
@@ -173,6 +200,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const std::size_t n = std::min<std::size_t>(h.length, size - at);
     payload.assign(data + at, data + at + n);
     at += n;
+    if (h.type == restart_type) {
+      restart(clients);
+      continue;
+    }
     std::uint32_t layout = 0;  // little-endian hosts only, as the heap itself
     if (h.type == static_cast<std::uint16_t>(msg::hello) && n >= 4 && (std::memcpy(&layout, payload.data(), 4), layout == 0)) {
       layout = layout_version;
@@ -258,6 +289,13 @@ std::vector<std::pair<std::string, input>> fuzz_seeds() {
   cut.resize(cut.size() - 3);
   seeds.emplace_back("cut-frame", cut);
   seeds.emplace_back("unknown-type", cat({hello_a, make_request(static_cast<msg>(99), 2)}));
+  // A daemon restart: A and B hold spans, a large object and a thread's
+  // cache slot; A comes back and tries to reattach, B does not.
+  const input restart = make_request(static_cast<msg>(restart_type), 0);
+  seeds.emplace_back("restart-reattach", cat({hello_a, hello_b, frames[0].second, frames[3].second, frames[13].second,
+                                              from_b(frames[0].second), restart, hello_a, frames[6].second,
+                                              frames[2].second, frames[9].second}));
+  seeds.emplace_back("restart-idle", cat({hello_a, restart, frames[7].second, hello_a, frames[6].second}));
   return seeds;
 }
 

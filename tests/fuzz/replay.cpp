@@ -74,12 +74,7 @@ input mutate(input base, const std::vector<input>& pool, std::mt19937_64& rng) {
 int main(int argc, char** argv) {
   const auto seeds = shmalloc::fuzz::fuzz_seeds();
   if (argc == 3 && std::string(argv[1]) == "--write-seeds") {
-    fs::create_directories(argv[2]);
-    for (const auto& [name, in] : seeds) {
-      std::ofstream f(fs::path(argv[2]) / name, std::ios::binary);
-      f.write(reinterpret_cast<const char*>(in.data()), static_cast<std::streamsize>(in.size()));
-    }
-    std::printf("%zu seeds written to %s\n", seeds.size(), argv[2]);
+    std::printf("%zu seeds written to %s\n", shmalloc::fuzz::write_seeds(argv[2]), argv[2]);
     return 0;
   }
   const long inputs = argc > 1 ? std::atol(argv[1]) : 20000;
