@@ -71,14 +71,33 @@ void read_identity(runtime& r) {
 }
 
 // hello, saying where this process runs; the welcome, or nullopt.
-std::optional<proto::welcome_msg> say_hello(control_client& conn, const runtime& r) {
+// The welcome, or the daemon's refusal (permission_denied for a uid it does
+// not admit, say), or unavailable if it did not answer sensibly.
+result<proto::welcome_msg> say_hello(control_client& conn, const runtime& r) {
   const proto::hello_msg m{layout_version, static_cast<std::uint32_t>(getpid()), process_name(), r.host, r.container};
   auto f = conn.call(proto::msg::hello, proto::encode(m));
-  if (!f || f->status() != errc::ok) return std::nullopt;
+  if (!f) return error{errc::unavailable, "the daemon did not answer hello"};
   auto parts = proto::split_reply(f->payload);
-  if (!parts) return std::nullopt;
-  return proto::decode_welcome(parts->body);
+  if (!parts) return error{errc::unavailable, "malformed welcome"};
+  if (f->status() != errc::ok) {
+    std::fprintf(stderr, "shmalloc: the daemon refused this process: %s\n", parts->message.c_str());
+    return error{f->status(), parts->message};
+  }
+  auto w = proto::decode_welcome(parts->body);
+  if (!w) return error{errc::unavailable, "malformed welcome"};
+  return *w;
 }
+
+// REQUIRES: r.mu held, r.seg mapped. Takes the liveness lock of a slot a
+// hello gave us. Without it a restarted daemon would reclaim our spans
+// after its grace period even while we allocate from them: say so.
+void hold_liveness(runtime& r, std::uint32_t slot) {
+  if (r.liveness_fd < 0) r.liveness_fd = r.seg->open_liveness();
+  if (r.liveness_fd >= 0 && segment::liveness_lock(r.liveness_fd, slot)) return;
+  std::fprintf(stderr, "shmalloc: cannot take the liveness lock of '%s' (%s): a restarted daemon may reclaim "
+               "this process's spans if it stays silent past the grace period\n", r.seg->name().c_str(), std::strerror(errno));
+}
+
 
 // SHMALLOC_CACHE_DECAY_MS: milliseconds a cached span or large object may
 // sit unused before it goes back to the daemon; "off" keeps them until the
@@ -100,6 +119,12 @@ std::uint64_t read_cache_decay() {
 
 }  // namespace
 
+// Closing our descriptor drops every liveness lock taken through it.
+void drop_liveness(runtime& r) noexcept {
+  if (r.liveness_fd >= 0) close(r.liveness_fd);
+  r.liveness_fd = -1;
+}
+
 // REQUIRES: r.mu held.
 int attach_locked(runtime& r, const char* socket_path) {
   if (r.attached) return 0;
@@ -109,10 +134,11 @@ int attach_locked(runtime& r, const char* socket_path) {
   if (!conn->connected()) return fail(errc::unavailable);
   read_identity(r);
   auto w = say_hello(*conn, r);
-  if (!w) return fail(errc::unavailable);
+  if (!w) return fail(w.code());
   if (w->layout_version != layout_version || w->size_class_checksum != size_class_table_checksum())
     return fail(errc::layout_mismatch);
   if (!r.seg || r.seg->header().instance_id != w->instance_id) {
+    drop_liveness(r);  // another heap's
     auto att = segment::attach(w->heap_name);
     if (!att) return fail(att.code());
     r.seg = std::move(att.value());
@@ -127,9 +153,11 @@ int attach_locked(runtime& r, const char* socket_path) {
   r.held.clear();
   r.lost_heap = false;
   r.client_id = w->client_id;
+  r.reattach_token = w->reattach_token;
   r.main_slot = w->cache_slot;
   r.main_slot_free = true;
   r.spare_slots.clear();  // a detached or forked process's, retired with its connection
+  hold_liveness(r, w->cache_slot);
   g_view = heap_view::of(*r.seg);
   g_size = r.seg->size();
   g_committed.store(0, std::memory_order_relaxed);  // raised by the first free
@@ -146,6 +174,23 @@ int attach_locked(runtime& r, const char* socket_path) {
 }
 
 namespace {
+
+// REQUIRES: r.mu held. Reattaches every span and large object this process
+// holds, and with them (even if it holds none) its cache slots, under the
+// old id and token. False if the daemon refused.
+bool reattach_all(runtime& r, control_client& conn, std::uint32_t old_id) {
+  const std::vector<std::uint32_t> all(r.held.begin(), r.held.end());
+  std::size_t at = 0;
+  do {
+    const std::size_t n = std::min<std::size_t>(proto::max_release, all.size() - at);
+    std::vector<std::uint32_t> part(all.begin() + static_cast<std::ptrdiff_t>(at),
+                                    all.begin() + static_cast<std::ptrdiff_t>(at + n));
+    auto got = conn.request(proto::msg::reattach, proto::encode(proto::reattach_msg{old_id, r.reattach_token, part}));
+    if (!got) return false;
+    at += n;
+  } while (at < all.size());
+  return true;
+}
 
 // REQUIRES: r.mu held. The daemon went away and (perhaps) came back: say
 // hello again and reattach every span and large object this process holds,
@@ -166,17 +211,24 @@ bool reconnect_locked(runtime& r) {
     r.lost_heap = true;
     return false;
   }
-  const std::vector<std::uint32_t> all(r.held.begin(), r.held.end());
-  for (std::size_t at = 0; at < all.size(); at += proto::max_release) {
-    const std::size_t n = std::min<std::size_t>(proto::max_release, all.size() - at);
-    std::vector<std::uint32_t> part(all.begin() + static_cast<std::ptrdiff_t>(at),
-                                    all.begin() + static_cast<std::ptrdiff_t>(at + n));
-    conn->request(proto::msg::reattach, proto::encode(proto::reattach_msg{old_id, part}));
+  hold_liveness(r, w->cache_slot);
+  if (!reattach_all(r, *conn, old_id)) {
+    // Our old cache slots are no longer ours (another heap's daemon, or
+    // reclaimed): threads still count into them until they end. Only
+    // statistics; no memory is shared by mistake.
+    std::fprintf(stderr, "shmalloc: the restarted daemon did not hand back this process's cache slots; "
+                 "statistics of this process's threads may be counted under another client\n");
+    r.spare_slots.clear();
   }
   r.conn = std::move(conn);
   r.client_id = w->client_id;
+  r.reattach_token = w->reattach_token;
+  // The old main slot, if a thread still uses it, is now one of the
+  // connection's extra slots (passed by reattach): it goes to the spares
+  // when that thread ends. The new hello's slot serves the next thread.
+  r.main_slot = w->cache_slot;
+  r.main_slot_free = true;
   r.attached = true;
-  r.spare_slots.clear();  // the old connection's: passed on by reattach, or reclaimed
   for (const std::uint64_t h : std::exchange(r.deferred_large_frees, {})) {
     auto done = r.conn->request(proto::msg::free_large, proto::encode(proto::free_large_msg{h}));
     if (done)
@@ -216,6 +268,7 @@ void after_fork_in_child() noexcept {
   // keep the daemon from seeing the parent exit), and leak the object: no
   // allocator calls between fork and the child's own use.
   if (r.conn) r.conn.release()->close_inherited();
+  drop_liveness(r);  // our copy: the parent's lock stays the parent's
   r.pool.clear();
   r.full.clear();
   r.held.clear();

@@ -55,6 +55,7 @@ void shmalloc_detach(void) {
   release_full_locked(r);
   if (r.conn) r.conn->request(proto::msg::bye);  // the daemon retires every slot of ours
   r.conn.reset();
+  drop_liveness(r);
   r.attached = false;
   r.client_id = 0;
   g_committed.store(0, std::memory_order_relaxed);
@@ -93,14 +94,32 @@ void shmalloc_trim(void) {
   trim_process_locked(r, true);
 }
 
+namespace {
+// The span of the allocated object that starts at h, or nullptr: h must be
+// inside an in-use span, at an object's start, and the object allocated.
+// Inside a tiny span any byte of an allocated block passes: objects within
+// a block are not recorded.
+const mspan* object_starting_at(handle_t h) noexcept {
+  const span_id id = g_view.span_at(h);
+  if (!id) return nullptr;
+  const mspan& s = g_view.span(id);
+  if (s.span_class == tiny_span_class) {
+    const std::uint64_t block = (h - g_view.handle_of(g_view.span_base(s))) / tiny_size;
+    return block >= tiny_counter_blocks && block < s.nelems && is_allocated(s, static_cast<std::uint32_t>(block)) ? &s
+                                                                                                            : nullptr;
+  }
+  object_ref at;
+  return g_view.object_at(h, &at) == errc::ok && is_allocated(s, at.index) ? &s : nullptr;
+}
+}  // namespace
+
 size_t shmalloc_usable_size(const void* p) {
   if (p == nullptr || g_view.base == nullptr) return 0;
-  const span_id id = g_view.span_at(g_view.handle_of(p));
-  if (!id) return 0;
-  const mspan& s = g_view.span(id);
-  if (s.span_class == tiny_span_class)  // to the end of its block
-    return tiny_size - static_cast<std::size_t>(static_cast<const std::byte*>(p) - g_view.span_base(s)) % tiny_size;
-  return object_bytes(s);
+  const mspan* s = object_starting_at(g_view.handle_of(p));
+  if (s == nullptr) return 0;
+  if (s->span_class == tiny_span_class)  // to the end of its block
+    return tiny_size - static_cast<std::size_t>(static_cast<const std::byte*>(p) - g_view.span_base(*s)) % tiny_size;
+  return object_bytes(*s);
 }
 
 uint64_t shmalloc_handle(const void* p) {
@@ -112,7 +131,7 @@ uint64_t shmalloc_handle(const void* p) {
 void* shmalloc_pointer(uint64_t handle) {
   if (handle == 0) return nullptr;
   if (g_view.base == nullptr && ensure_attached() != 0) return nullptr;
-  return handle < g_size ? g_view.pointer(handle) : nullptr;
+  return handle < g_size && object_starting_at(handle) != nullptr ? g_view.pointer(handle) : nullptr;
 }
 
 namespace {

@@ -92,6 +92,12 @@ struct runtime {
   std::string container;
   std::unique_ptr<segment> seg;
   std::uint32_t client_id = 0;
+  std::uint64_t reattach_token = 0;  // the welcome's: shown by reattach after a daemon restart
+  // Our own descriptor of the heap object, through which we hold the
+  // liveness lock of each slot a hello gave us (segment::liveness_held): a
+  // restarted daemon keeps our spans for us however long we stay silent.
+  // -1 when detached; a forked child closes its copy.
+  int liveness_fd = -1;
   std::uint32_t main_slot = 0;
   bool main_slot_free = false;  // the slot hello gave serves the first thread that needs one
   // Cache slots of threads that ended, kept for the next threads on this
@@ -154,6 +160,8 @@ int ensure_attached();
 
 // REQUIRES: r.mu held. Gives the full list back to the daemon.
 void release_full_locked(runtime& r);
+// REQUIRES: r.mu held. Drops the liveness locks (detach, a forked child).
+void drop_liveness(runtime& r) noexcept;
 // Folds the span's remote frees into its bitmap (this thread holds it).
 void fold(mcache* mc, mspan& s) noexcept;
 // The calling thread's cache, opened on first use; nullptr if it gets none.

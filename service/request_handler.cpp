@@ -1,8 +1,13 @@
 #include "service/request_handler.hpp"
 
+#include <sys/random.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 #include "cache/census.hpp"
 #include "cache/layout.hpp"
@@ -76,6 +81,32 @@ reply request_handler::handle(client_state& c, const proto::frame_header& h, std
   }
 }
 
+namespace {
+// A reattach token: 64 random bits from the kernel. Only the connection
+// that said hello learns it; the heap keeps its hash.
+std::uint64_t new_reattach_token() {
+  std::uint64_t t = 0;
+  while (t == 0)
+    if (getrandom(&t, sizeof t, 0) != static_cast<ssize_t>(sizeof t)) t = 0;
+  return t;
+}
+}  // namespace
+
+// Not a cryptographic hash: a peer that maps the heap can write any of it
+// anyway. The hash keeps the token itself out of the heap, so that the
+// protocol alone cannot be used to claim another client's spans.
+std::uint64_t request_handler::reattach_check_of(std::uint64_t token) const noexcept {
+  const std::uint64_t h = XXH3_64bits_withSeed(&token, sizeof token, heap_->seg().header().instance_id);
+  return h == 0 ? 1 : h;  // 0 marks a slot with no check
+}
+
+// A cache slot now the client's: labelled with its id and its check.
+void request_handler::label_slot(const client_state& c, std::uint32_t slot) noexcept {
+  mcache_slot& s = heap_->cache_slot(slot);
+  s.client.store(c.id, std::memory_order_relaxed);
+  s.reattach_check = c.reattach_check;
+}
+
 reply request_handler::on_hello(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
   if (c.id != 0) return error_reply(msg::welcome, h, errc::protocol_error, "hello was already said");
   auto m = proto::decode_hello(p);
@@ -94,12 +125,15 @@ reply request_handler::on_hello(client_state& c, const proto::frame_header& h, s
   c.host = m->host;
   c.container = m->container;
   c.cache_slot = *slot;
+  const std::uint64_t token = new_reattach_token();
+  c.reattach_check = reattach_check_of(token);
+  label_slot(c, c.cache_slot);
   c.connected_ns = heap_->now();
   by_id_[c.id] = &c;
   ++clients_;
   const segment_header& sh = heap_->seg().header();
   proto::welcome_msg w{c.id, c.cache_slot, sh.instance_id, sh.layout_version, sh.page_size,
-                       sh.size_class_checksum, sh.capacity, heap_->seg().name()};
+                       sh.size_class_checksum, sh.capacity, heap_->seg().name(), token};
   return ok_reply(msg::welcome, h, proto::encode(w));
 }
 
@@ -213,6 +247,7 @@ reply request_handler::on_cache_open(client_state& c, const proto::frame_header&
                        "client holds " + std::to_string(held) + " cache slots, the most one client may (max-caches-per-client)");
   auto slot = heap_->assign_cache(c.id);
   if (!slot) return error_reply(msg::cache_slot, h, slot.code(), slot.err().message);
+  label_slot(c, *slot);
   c.extra_slots.push_back(*slot);
   return ok_reply(msg::cache_slot, h, proto::encode(proto::slot_msg{*slot}));
 }
@@ -491,15 +526,23 @@ void request_handler::adopt_orphans() {
     if (owner == 0 || owner == mheap::daemon_client) continue;
     orphan_group& g = orphans_[owner];
     g.slots.push_back(i);
+    if (g.reattach_check == 0) g.reattach_check = heap_->cache_slot(i).reattach_check;
     g.since_ns = now;
   }
+}
+
+// A group whose client still lives (it holds the liveness lock of one of
+// its slots: segment::liveness_held) waits for it however long it stays
+// silent: it still allocates from its spans without asking.
+bool request_handler::orphan_alive(const orphan_group& g) const noexcept {
+  return std::any_of(g.slots.begin(), g.slots.end(), [&](std::uint32_t slot) { return heap_->seg().liveness_held(slot); });
 }
 
 std::size_t request_handler::expire_orphans(std::uint64_t grace_ns) {
   const std::uint64_t now = heap_->now();
   std::size_t expired = 0;
   for (auto it = orphans_.begin(); it != orphans_.end();) {
-    if (now - it->second.since_ns < grace_ns) {
+    if (now - it->second.since_ns < grace_ns || orphan_alive(it->second)) {
       ++it;
       continue;
     }
@@ -518,6 +561,9 @@ reply request_handler::on_reattach(client_state& c, const proto::frame_header& h
     return error_reply(msg::spans, h, errc::not_found,
                        "no spans of an earlier client " + std::to_string(m->old_client_id) + " wait to be reattached");
   orphan_group& g = it->second;
+  if (g.reattach_check == 0 || reattach_check_of(m->token) != g.reattach_check)
+    return error_reply(msg::spans, h, errc::permission_denied,
+                       "the reattach token is not client " + std::to_string(m->old_client_id) + "'s");
   proto::span_list_msg taken;
   for (std::uint32_t id : m->span_ids) {
     std::set<std::uint32_t>* from = g.spans.count(id) ? &g.spans : g.large.count(id) ? &g.large : nullptr;
@@ -529,13 +575,14 @@ reply request_handler::on_reattach(client_state& c, const proto::frame_header& h
     c.bytes_held += span_bytes(id);
     taken.span_ids.push_back(id);
   }
-  // The group's cache slots pass to the claiming client. Spans not claimed
-  // yet wait for further reattach requests until the grace period ends.
+  // The group's cache slots pass to the claiming client, relabelled, so that
+  // after another restart they are grouped with it. Spans not claimed yet
+  // wait for further reattach requests (with the same token) until the
+  // grace period ends. The reply lists what was taken, perhaps nothing.
+  for (std::uint32_t slot : g.slots) label_slot(c, slot);
   c.extra_slots.insert(c.extra_slots.end(), g.slots.begin(), g.slots.end());
   g.slots.clear();
   if (g.spans.empty() && g.large.empty()) orphans_.erase(it);
-  if (taken.span_ids.empty())
-    return error_reply(msg::spans, h, errc::bad_handle, "none of those spans belonged to that client");
   return ok_reply(msg::spans, h, proto::encode(taken));
 }
 

@@ -34,6 +34,7 @@ struct client_state {
   std::string host;
   std::string container;
   std::uint32_t cache_slot = 0;
+  std::uint64_t reattach_check = 0;  // the hash of its reattach token, written into each of its cache slots
   std::vector<std::uint32_t> extra_slots;  // per-thread cache slots, and those held before a daemon restart
   std::set<std::uint32_t> spans;  // small spans it holds
   std::set<std::uint32_t> large;  // large objects it allocated and holds
@@ -80,10 +81,14 @@ class request_handler {
 
   // Daemon restart: spans and cache slots held by clients of the previous
   // daemon become orphans, grouped by their old client id. A client that
-  // reconnects claims its group with reattach; groups nobody claims within
-  // the grace period are reclaimed as if their client had died.
+  // reconnects claims its group with reattach (showing its old welcome's
+  // reattach token); groups nobody claims within the grace period are
+  // reclaimed as if their client had died, unless their client lives: a
+  // client that has not spoken since the restart still allocates from its
+  // spans, so its group waits for it (segment::liveness_held).
   void adopt_orphans();
-  // Reclaims the groups orphaned longer than grace_ns; returns how many.
+  // Reclaims the groups orphaned longer than grace_ns whose client is
+  // dead; returns how many.
   std::size_t expire_orphans(std::uint64_t grace_ns);
   std::size_t orphan_groups() const noexcept { return orphans_.size(); }
 
@@ -135,10 +140,16 @@ class request_handler {
                const std::vector<std::uint32_t>& slots);
   bool holds(std::uint32_t owner, std::uint32_t id, mspan_state state) const noexcept;
 
+  std::uint64_t reattach_check_of(std::uint64_t token) const noexcept;
+  void label_slot(const client_state& c, std::uint32_t slot) noexcept;
+  struct orphan_group;
+  bool orphan_alive(const orphan_group& g) const noexcept;
+
   struct orphan_group {
     std::set<std::uint32_t> spans;
     std::set<std::uint32_t> large;
     std::vector<std::uint32_t> slots;
+    std::uint64_t reattach_check = 0;  // from its slots; 0: none, no reattach can claim the group
     std::uint64_t since_ns = 0;
   };
 

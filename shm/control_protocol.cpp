@@ -116,7 +116,7 @@ std::vector<std::uint8_t> encode(const hello_msg& m) {
 std::vector<std::uint8_t> encode(const welcome_msg& m) {
   writer w;
   w.u32(m.client_id).u32(m.cache_slot).u64(m.instance_id).u32(m.layout_version).u32(m.page_size);
-  w.u64(m.size_class_checksum).u64(m.capacity).str(m.heap_name);
+  w.u64(m.size_class_checksum).u64(m.capacity).str(m.heap_name).u64(m.reattach_token);
   return std::move(w.bytes());
 }
 std::vector<std::uint8_t> encode(const refill_msg& m) {
@@ -132,9 +132,8 @@ std::vector<std::uint8_t> encode(const span_list_msg& m) {
 }
 std::vector<std::uint8_t> encode(const reattach_msg& m) {
   writer w;
-  w.u32(m.old_client_id);
-  auto list = encode(span_list_msg{m.span_ids});
-  w.bytes().insert(w.bytes().end(), list.begin(), list.end());
+  w.u32(m.old_client_id).u64(m.token).u16(static_cast<std::uint16_t>(m.span_ids.size()));
+  for (std::uint32_t id : m.span_ids) w.u32(id);
   return std::move(w.bytes());
 }
 std::vector<std::uint8_t> encode(const alloc_large_msg& m) {
@@ -259,6 +258,7 @@ std::optional<welcome_msg> decode_welcome(std::span<const std::uint8_t> p) {
   m.size_class_checksum = r.u64();
   m.capacity = r.u64();
   m.heap_name = r.str(255);
+  m.reattach_token = r.u64();
   return finish(r, std::move(m));
 }
 std::optional<refill_msg> decode_refill(std::span<const std::uint8_t> p) {
@@ -270,11 +270,12 @@ std::optional<refill_msg> decode_refill(std::span<const std::uint8_t> p) {
   if (m.span_class < 2 || m.span_class >= 136 || m.count == 0 || m.count > max_refill) return std::nullopt;
   return finish(r, m);
 }
-std::optional<span_list_msg> decode_span_list(std::span<const std::uint8_t> p, std::uint16_t max_count) {
+std::optional<span_list_msg> decode_span_list(std::span<const std::uint8_t> p, std::uint16_t max_count,
+                                              std::uint16_t min_count) {
   reader r(p);
   span_list_msg m;
   const std::uint16_t n = r.u16();
-  if (r.failed() || n == 0 || n > max_count) return std::nullopt;
+  if (r.failed() || n < min_count || n > max_count) return std::nullopt;
   m.span_ids.reserve(n);
   for (std::uint16_t i = 0; i < n; ++i) m.span_ids.push_back(r.u32());
   return finish(r, std::move(m));
@@ -283,11 +284,12 @@ std::optional<reattach_msg> decode_reattach(std::span<const std::uint8_t> p) {
   reader r(p);
   reattach_msg m;
   m.old_client_id = r.u32();
-  if (r.failed() || m.old_client_id == 0) return std::nullopt;
-  auto list = decode_span_list(p.subspan(4), max_release);
-  if (!list) return std::nullopt;
-  m.span_ids = std::move(list->span_ids);
-  return m;
+  m.token = r.u64();
+  const std::uint16_t n = r.u16();
+  if (r.failed() || m.old_client_id == 0 || n > max_release) return std::nullopt;
+  m.span_ids.reserve(n);
+  for (std::uint16_t i = 0; i < n; ++i) m.span_ids.push_back(r.u32());
+  return finish(r, std::move(m));
 }
 std::optional<alloc_large_msg> decode_alloc_large(std::span<const std::uint8_t> p) {
   reader r(p);

@@ -29,7 +29,7 @@
 
 namespace shmalloc::proto {
 
-inline constexpr std::uint16_t protocol_version = 1;
+inline constexpr std::uint16_t protocol_version = 2;  // 2: welcome's reattach_token, reattach shows it
 inline constexpr std::uint32_t header_bytes = 16;
 inline constexpr std::uint32_t max_payload = 64 * 1024;
 inline constexpr std::size_t max_name = 64;          // process and root names
@@ -166,6 +166,9 @@ struct welcome_msg {
   std::uint64_t size_class_checksum = 0;
   std::uint64_t capacity = 0;
   std::string heap_name;
+  // A secret only this connection learns: after a daemon restart, reattach
+  // must show it to take over this client's spans and cache slots.
+  std::uint64_t reattach_token = 0;
 };
 struct refill_msg {
   std::uint8_t span_class = 0;
@@ -176,7 +179,8 @@ struct span_list_msg {  // spans (reply) and release (request)
 };
 struct reattach_msg {  // after a daemon restart: "these spans were mine as old_client_id"
   std::uint32_t old_client_id = 0;
-  std::vector<std::uint32_t> span_ids;
+  std::uint64_t token = 0;               // the old welcome's reattach_token
+  std::vector<std::uint32_t> span_ids;  // may be empty: the cache slots alone
 };
 struct alloc_large_msg {
   std::uint64_t bytes = 0;
@@ -337,7 +341,9 @@ std::vector<std::uint8_t> encode(const cache_table_msg& m);
 std::optional<hello_msg> decode_hello(std::span<const std::uint8_t> p);
 std::optional<welcome_msg> decode_welcome(std::span<const std::uint8_t> p);
 std::optional<refill_msg> decode_refill(std::span<const std::uint8_t> p);
-std::optional<span_list_msg> decode_span_list(std::span<const std::uint8_t> p, std::uint16_t max_count);
+// min_count 0: a reattach's reply, which may take nothing.
+std::optional<span_list_msg> decode_span_list(std::span<const std::uint8_t> p, std::uint16_t max_count,
+                                              std::uint16_t min_count = 1);
 std::optional<reattach_msg> decode_reattach(std::span<const std::uint8_t> p);
 std::optional<alloc_large_msg> decode_alloc_large(std::span<const std::uint8_t> p);
 std::optional<large_msg> decode_large(std::span<const std::uint8_t> p);

@@ -186,7 +186,9 @@ struct stats_block {
 struct mcache_slot {
   shared_atomic<std::uint32_t> client;  // daemon writes: client id using the slot, 0 = free
   std::uint32_t reserved;
-  std::uint64_t reserved2;
+  // Daemon writes: a hash of the client's reattach token (welcome_msg),
+  // kept so that a restarted daemon can check a reattach; never the token.
+  std::uint64_t reattach_check;
   stats_block stats;                  // the slot's thread writes
   std::uint64_t pad[6];               // to whole cache lines: no two threads' counters share one
 };

@@ -300,6 +300,37 @@ std::uint64_t segment::backed_bytes() const noexcept {
 
 bool segment::try_lock_exclusive() noexcept { return flock(impl_->fd(), LOCK_EX | LOCK_NB) == 0; }
 
+namespace {
+// Past any size a heap can have (1 TiB), so the locks never cover data.
+constexpr off_t liveness_lock_base = off_t{1} << 48;
+
+struct flock liveness_byte(short type, std::uint32_t slot) noexcept {
+  struct flock l {};
+  l.l_type = type;
+  l.l_whence = SEEK_SET;
+  l.l_start = liveness_lock_base + static_cast<off_t>(slot);
+  l.l_len = 1;
+  return l;
+}
+}  // namespace
+
+bool segment::liveness_held(std::uint32_t slot) const noexcept {
+  struct flock l = liveness_byte(F_WRLCK, slot);
+  // An error leaves the answer "alive": keeping an orphan's spans a while
+  // longer is safe, handing them out while it allocates from them is not.
+  if (fcntl(impl_->fd(), F_OFD_GETLK, &l) != 0) return true;
+  return l.l_type != F_UNLCK;
+}
+
+int segment::open_liveness() const noexcept {
+  return shm_open(("/" + name_).c_str(), O_RDONLY | O_CLOEXEC, 0);
+}
+
+bool segment::liveness_lock(int fd, std::uint32_t slot) noexcept {
+  struct flock l = liveness_byte(F_RDLCK, slot);
+  return fcntl(fd, F_OFD_SETLK, &l) == 0;
+}
+
 std::uint64_t segment::filesystem_avail_bytes() const noexcept {
   struct statvfs st {};
   if (fstatvfs(impl_->fd(), &st) != 0) return 0;

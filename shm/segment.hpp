@@ -86,6 +86,19 @@ class segment {
   // segment is destroyed or the process dies: one daemon per heap. False if
   // another process holds it.
   bool try_lock_exclusive() noexcept;
+
+  // Whether a client that was given cache slot `slot` still lives, across
+  // PID namespaces and containers (the daemon, after a restart, before it
+  // reclaims an orphan's spans). A client holds a read lock on one byte per
+  // slot hello gave it, past the object's end (liveness_lock below): an
+  // open-file-description lock, which the kernel drops when the process's
+  // last descriptor of it closes, so at its death.
+  bool liveness_held(std::uint32_t slot) const noexcept;
+  // The client: opens the object anew (close-on-exec; a forked child
+  // closes its copy) and locks slot's byte through it. The descriptor, or
+  // -1 (errno set); close it to drop every lock taken through it.
+  int open_liveness() const noexcept;
+  static bool liveness_lock(int fd, std::uint32_t slot) noexcept;
   // Free bytes of the filesystem behind the object (statvfs), or 0.
   std::uint64_t filesystem_avail_bytes() const noexcept;
 

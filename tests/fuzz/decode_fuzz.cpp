@@ -167,7 +167,7 @@ std::vector<std::pair<std::string, input>> fuzz_seeds() {
       {"welcome", seed(1, encode(welcome))},
       {"refill", seed(2, encode(refill_msg{20, 3}))},
       {"span-list", seed(3, encode(span_list_msg{{5, 6, 7}}))},
-      {"reattach", seed(4, encode(reattach_msg{2, {5, 9}}))},
+      {"reattach", seed(4, encode(reattach_msg{2, 7, {5, 9}}))},
       {"alloc-large", seed(5, encode(alloc_large_msg{70000, true}))},
       {"large", seed(6, encode(large_msg{12, 1ULL << 26}))},
       {"free-large", seed(7, encode(free_large_msg{1ULL << 26}))},

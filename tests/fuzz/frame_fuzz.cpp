@@ -108,7 +108,7 @@ void check_reply(const proto::frame_header& req, std::span<const std::uint8_t> r
     case msg::welcome: good = type == msg::hello && proto::decode_welcome(body).has_value(); break;
     case msg::spans:
       good = (type == msg::refill && proto::decode_span_list(body, proto::max_refill)) ||
-             (type == msg::reattach && proto::decode_span_list(body, proto::max_release));
+             (type == msg::reattach && proto::decode_span_list(body, proto::max_release, 0));
       break;
     case msg::large:
       if (auto m = proto::decode_large(body); m && type == msg::alloc_large) {
@@ -235,7 +235,7 @@ std::vector<std::pair<std::string, input>> fuzz_seeds() {
       {"alloc-large", make_request(msg::alloc_large, 10, proto::encode(proto::alloc_large_msg{70000, false}))},
       {"alloc-large-noscan", make_request(msg::alloc_large, 12, proto::encode(proto::alloc_large_msg{1 << 20, true}))},
       {"free-large", make_request(msg::free_large, 14, proto::encode(proto::free_large_msg{1 << 26}))},
-      {"reattach", make_request(msg::reattach, 16, proto::encode(proto::reattach_msg{1, {0, 1}}))},
+      {"reattach", make_request(msg::reattach, 16, proto::encode(proto::reattach_msg{1, 7, {0, 1}}))},
       {"stats", make_request(msg::stats, 18)},
       {"classes", make_request(msg::classes, 20)},
       {"clients", make_request(msg::clients, 22)},

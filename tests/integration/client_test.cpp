@@ -31,6 +31,7 @@
 #include "shm/verify.hpp"
 #include "shmalloc/shmalloc.h"
 #include "support/daemon_process.hpp"
+#include "support/forge.hpp"
 #include "support/test_heap.hpp"
 
 using namespace shmalloc;
@@ -529,7 +530,7 @@ TEST_SUITE("libshmalloc") {
     const std::uint64_t h = shmalloc_handle(l);
     shmalloc_free(l);  // cached in this process, still ours to the daemon
     REQUIRE(run_in_child([h] {  // a double free from another process: the daemon frees it
-      shmalloc_free(shmalloc_pointer(h));
+      shmalloc_free(test::forged_pointer(h));  // shmalloc_pointer(h) is NULL: the object is free
       shmalloc_detach();
       return 0;
     }) == 0);
@@ -1040,6 +1041,83 @@ TEST_SUITE("libshmalloc") {
   // refused the heap), and a large free while it was away aborted.
   TEST_CASE("a daemon stopped with SIGTERM and --keep-heap leaves its clients' spans to them for the next one") {
     come_back_test(SIGTERM);
+  }
+
+  // A restarted daemon used to reclaim every orphan group after its grace
+  // period: a process that stayed silent that long lost the spans it still
+  // allocated from to other processes (the same object handed out twice).
+  // Now a group whose process lives (its liveness lock) waits for it.
+  TEST_CASE("after a daemon restart a silent process keeps its spans past the grace period; a dead one's are reclaimed") {
+    daemon_process d({"--keep-heap"});
+    REQUIRE(d.started());
+    REQUIRE(shmalloc_attach(d.socket.c_str()) == 0);
+    std::vector<std::pair<void*, std::size_t>> live;
+    for (std::size_t n : {24u, 48u, 1000u, 100000u}) {
+      void* p = shmalloc_alloc(n);
+      REQUIRE(p != nullptr);
+      fill(p, n);
+      live.emplace_back(p, n);
+    }
+    int ready[2];
+    REQUIRE(pipe(ready) == 0);
+    const pid_t doomed = fork();
+    if (doomed == 0) {  // holds spans, then is killed while no daemon runs
+      for (int i = 0; i < 100; ++i) shmalloc_alloc(48);
+      if (write(ready[1], "x", 1) != 1) _exit(2);
+      pause();
+      _exit(0);
+    }
+    char byte;
+    REQUIRE(read(ready[0], &byte, 1) == 1);
+    REQUIRE(d.stop(SIGKILL) == 128 + SIGKILL);
+    kill(doomed, SIGKILL);
+    waitpid(doomed, nullptr, 0);
+    const pid_t next = spawn_daemon({"--heap", d.heap, "--socket", d.socket, "--reattach-grace", "100ms",
+                                     "--log-level", "off", "--keep-heap"}, d.socket);
+    REQUIRE(next > 0);
+    // The dead process's group goes at the daemon's first check past the
+    // grace period; ours is looked at in the same check.
+    raw_client observer(d.socket);
+    REQUIRE(observer.hello("observer"));
+    std::uint64_t reclaimed = 0;
+    for (int i = 0; i < 3000 && reclaimed == 0; ++i) {
+      auto st = observer.call(proto::msg::stats);
+      REQUIRE(st);
+      reclaimed = proto::decode_stats(proto::split_reply(st->payload)->body)->reclaimed_bytes_total;
+      if (reclaimed == 0) usleep(10000);
+    }
+    CHECK(reclaimed > 0);  // the dead process's spans
+    {  // ours are still held for us, not back with the daemon
+      auto seg = segment::attach(d.heap);
+      REQUIRE(seg);
+      const heap_view v = heap_view::of(*seg.value());
+      for (auto& [p, n] : live) {
+        const mspan& s = v.span(v.span_at(shmalloc_handle(p)));
+        CHECK(s.state.load() == (n > max_small_size ? mspan_state::large : mspan_state::cached));
+        CHECK(s.owner_client != 0);
+      }
+    }
+    // Another process takes whatever the daemon has to give.
+    REQUIRE(run_in_child([&] {
+      for (int i = 0; i < 4000; ++i)
+        for (std::size_t n : {24u, 48u, 1000u}) fill(shmalloc_alloc(n), n);
+      return 0;
+    }) == 0);
+    // We speak again (allocating reconnects and reattaches): nothing of
+    // ours was handed to anyone.
+    for (int i = 0; i < 500; ++i)
+      for (std::size_t n : {24u, 48u, 1000u}) {
+        void* p = shmalloc_alloc(n);
+        REQUIRE(p != nullptr);
+        fill(p, n);
+        live.emplace_back(p, n);
+      }
+    for (auto& [p, n] : live) {
+      CHECK(intact(p, n));
+      shmalloc_free(p);
+    }
+    shmalloc_detach();
+    check_heap_after(next, d.heap);
   }
 
   TEST_CASE("when the daemon is gone, cached memory keeps working and new spans fail fast") {

@@ -20,6 +20,7 @@
 #include "shm/segment.hpp"
 #include "shmalloc/shmalloc.h"
 #include "support/daemon_process.hpp"
+#include "support/forge.hpp"
 
 using namespace shmalloc;
 using namespace shmalloc::test;
@@ -79,9 +80,9 @@ TEST_SUITE("security: bad input on the C API") {
       int on_stack = 0;
       shmalloc_free(&on_stack);
     });
-    dies_saying(sock, not_in_heap, [] { shmalloc_free(shmalloc_pointer(64)); });  // the heap's own header
+    dies_saying(sock, not_in_heap, [] { shmalloc_free(test::forged_pointer(64)); });  // the heap's own header
     const std::uint64_t unused = b.unused_page_handle();
-    dies_saying(sock, no_span, [unused] { shmalloc_free(shmalloc_pointer(unused)); });
+    dies_saying(sock, no_span, [unused] { shmalloc_free(test::forged_pointer(unused)); });
     // A process that never attached has no heap for any pointer to be in.
     const child_end never = run_child([] {
       shmalloc_free(std::malloc(64));
@@ -190,14 +191,27 @@ TEST_SUITE("security: bad input on the C API") {
     CHECK(shmalloc_usable_size(nullptr) == 0);
     CHECK(shmalloc_usable_size(outside) == 0);
     CHECK(shmalloc_usable_size(&on_stack) == 0);
-    CHECK(shmalloc_usable_size(shmalloc_pointer(64)) == 0);  // the heap's header: no object there
-    CHECK(shmalloc_usable_size(shmalloc_pointer(b.unused_page_handle())) == 0);
+    CHECK(shmalloc_usable_size(test::forged_pointer(64)) == 0);  // the heap's header: no object there
+    CHECK(shmalloc_usable_size(test::forged_pointer(b.unused_page_handle())) == 0);
     void* large = shmalloc_alloc(100000);
     REQUIRE(large != nullptr);
     void* small = shmalloc_alloc(48);
     REQUIRE(small != nullptr);
     CHECK(shmalloc_usable_size(small) == 48);
     CHECK(shmalloc_pointer(shmalloc_handle(small)) == small);
+    CHECK(shmalloc_usable_size(large) == 106496);  // 13 pages
+    // Inside an object: no size (a caller would overrun into the next
+    // object), and no address for such a handle.
+    CHECK(shmalloc_usable_size(static_cast<char*>(small) + 8) == 0);
+    CHECK(shmalloc_usable_size(static_cast<char*>(large) + 50000) == 0);
+    CHECK(shmalloc_pointer(shmalloc_handle(small) + 8) == nullptr);
+    CHECK(shmalloc_pointer(shmalloc_handle(large) + 4096) == nullptr);
+    CHECK(shmalloc_pointer(64) == nullptr);  // the heap's header
+    CHECK(shmalloc_pointer(b.unused_page_handle()) == nullptr);
+    void* gone = shmalloc_alloc(48);
+    const std::uint64_t gone_handle = shmalloc_handle(gone);
+    shmalloc_free(gone);
+    CHECK(shmalloc_pointer(gone_handle) == nullptr);  // freed
     shmalloc_free(large);
     shmalloc_trim();  // the cached large object goes back to the daemon
     CHECK(shmalloc_usable_size(large) == 0);

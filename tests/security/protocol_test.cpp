@@ -86,7 +86,7 @@ int attack(const std::string& socket, const victim_view& v) {
   std::vector<std::uint32_t> all = v.spans;
   all.push_back(v.large_span);
   expect("reattach of the live victim's spans", msg::reattach,
-         proto::encode(proto::reattach_msg{v.client_id, all}), errc::not_found);
+         proto::encode(proto::reattach_msg{v.client_id, 0, all}), errc::not_found);
   for (std::uint32_t slot = 0; slot < 64; ++slot)
     expect("cache_close of a slot not its own", msg::cache_close, proto::encode(proto::slot_msg{slot}), errc::bad_handle);
   expect("publish of a slot the victim freed", msg::publish,

@@ -121,7 +121,15 @@ int daemon_process::stop(int sig) {
 
 void check_heap_after(daemon_process& d) {
   REQUIRE(d.stop(SIGTERM) == 0);
-  auto seg = segment::attach(d.heap);
+  check_heap_after(0, d.heap);
+}
+
+void check_heap_after(pid_t daemon, const std::string& heap) {
+  if (daemon > 0) {
+    kill(daemon, SIGTERM);
+    waitpid(daemon, nullptr, 0);
+  }
+  auto seg = segment::attach(heap);
   REQUIRE(seg);
   mheap h(*seg.value());
   const verify_report r = verify_heap(h);

@@ -61,6 +61,8 @@ using raw_client = control_client;
 // Stops a daemon started with --keep-heap (SIGTERM) and runs the heap
 // checker on the heap it left (doctest checks).
 void check_heap_after(daemon_process& d);
+// The same for a daemon spawned by pid (spawn_daemon) on heap `heap`.
+void check_heap_after(pid_t daemon, const std::string& heap);
 
 // The daemon's stats reply (a doctest REQUIRE fails if there is none).
 proto::stats_msg daemon_stats(raw_client& c);

@@ -50,8 +50,8 @@
  * defect, reported).
  * The other calls never abort on bad input; see each below. A peer whose uid
  * or gid the daemon does not allow (shmallocd --allow-uid, --allow-gid) gets
- * no heap: shmalloc_attach fails (-14 today, though the daemon's refusal
- * says permission_denied and names the uid; reported) and allocations
+ * no heap: shmalloc_attach fails with -13 (permission_denied; the daemon's
+ * reason, which names the uid, is printed on stderr) and allocations
  * return NULL. An allowed peer must also be able to open the heap's
  * shared-memory object (shmallocd --heap-mode, default 0600: the daemon's
  * uid only), else shmalloc_attach fails with -13.
@@ -82,19 +82,19 @@ void *shmalloc_alloc_aligned(size_t size, size_t alignment); /* power of two up 
 void shmalloc_free(void *p);
 void shmalloc_trim(void); /* give back the calling thread's empty spans, the pool and cached large objects */
 /* The object's size (a tiny object's: to the end of its 16-byte block).
- * 0 for NULL, when not attached, and for a pointer outside the heap or where
- * no span is in use (the heap's metadata, a free page, a freed large
- * object). A pointer inside a small or large object gives the whole
- * object's size, not what follows the pointer (reported): pass the start. */
+ * 0 for NULL, when not attached, and for anything but an allocated
+ * object's start: a pointer outside the heap, into its metadata or a free
+ * page, inside an object (a caller would overrun into the next one), or to
+ * a freed object. */
 size_t shmalloc_usable_size(const void *p);
 /* Position-independent; 0 for NULL, for a pointer outside this process's
  * mapping of the heap, and when not attached. */
 uint64_t shmalloc_handle(const void *p);
 /* This process's address for a handle (attaching first if needed). NULL for
- * 0, for a handle not below the heap's size, and when attach fails. Any
- * other handle is translated unchecked: a forged one (into the heap's
- * metadata, a free page, the inside of an object) gives an address that is
- * no object's (reported); never write through it. */
+ * 0, when attach fails, and for any handle that is not an allocated
+ * object's start when asked (outside the heap, its metadata, a free page,
+ * inside an object, a freed object). A handle into a tiny object's 16-byte
+ * block is accepted while the block holds any object. */
 void *shmalloc_pointer(uint64_t handle);
 int shmalloc_publish(const char *name, uint64_t handle);
 int shmalloc_lookup(const char *name, uint64_t *handle);

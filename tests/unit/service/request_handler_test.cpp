@@ -42,8 +42,13 @@ answer ask(request_handler& rh, client_state& c, msg type, const std::vector<std
   return {static_cast<errc>(rh_header.status), parts->message, {parts->body.begin(), parts->body.end()}, r.close};
 }
 
-void say_hello(request_handler& rh, client_state& c, const std::string& name = "unit") {
-  REQUIRE(ask(rh, c, msg::hello, proto::encode(proto::hello_msg{layout_version, 1, name})).status == errc::ok);
+// Returns the reattach token the welcome gave.
+std::uint64_t say_hello(request_handler& rh, client_state& c, const std::string& name = "unit") {
+  auto got = ask(rh, c, msg::hello, proto::encode(proto::hello_msg{layout_version, 1, name}));
+  REQUIRE(got.status == errc::ok);
+  auto w = proto::decode_welcome(got.body);
+  REQUIRE(w);
+  return w->reattach_token;
 }
 
 std::vector<std::uint32_t> refill(request_handler& rh, client_state& c, std::uint8_t spc, std::uint16_t n) {
@@ -596,11 +601,12 @@ TEST_SUITE("request_handler") {
   TEST_CASE("an orphaned large object freed after a restart leaves its group, and its reused span stays with its new holder") {
     test::test_heap t;
     std::uint32_t old_id = 0;
+    std::uint64_t token = 0;
     proto::large_msg orphan{};
     {
       request_handler before(*t.heap, {});  // the daemon that dies with a client holding a large object
       client_state x;
-      say_hello(before, x);
+      token = say_hello(before, x);
       old_id = x.id;
       auto got = ask(before, x, msg::alloc_large, proto::encode(proto::alloc_large_msg{100'000, false}));
       REQUIRE(got.status == errc::ok);
@@ -620,8 +626,10 @@ TEST_SUITE("request_handler") {
     const std::uint64_t held = y.bytes_held;
     // The old client comes back and claims what it held: nothing is left.
     say_hello(rh, x2);
-    auto claim = ask(rh, x2, msg::reattach, proto::encode(proto::reattach_msg{old_id, {orphan.span_id}}));
-    CHECK(claim.status != errc::ok);
+    auto claim = ask(rh, x2, msg::reattach, proto::encode(proto::reattach_msg{old_id, token, {orphan.span_id}}));
+    CHECK(claim.status == errc::ok);
+    CHECK(proto::decode_span_list(claim.body, proto::max_release, 0)->span_ids.empty());  // nothing taken
+    CHECK(x2.extra_slots.size() == 1);  // but its cache slot passed over
     CHECK(x2.large.empty());
     CHECK(x2.bytes_held == 0);
     CHECK(t.heap->span(span_id{mine.span_id}).owner_client == y.id);
