@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "client/runtime.hpp"
+#include "shm/crash_point.hpp"
 
 namespace shmalloc::client::detail {
 
@@ -132,6 +133,7 @@ int attach_locked(runtime& r, const char* socket_path) {
   const std::string path = socket_path != nullptr ? socket_path : !r.socket.empty() ? r.socket : default_socket_path();
   auto conn = std::make_unique<control_client>(path);
   if (!conn->connected()) return fail(errc::unavailable);
+  SHMALLOC_CRASH_POINT("attach.hello");
   read_identity(r);
   auto w = say_hello(*conn, r);
   if (!w) return fail(w.code());
@@ -147,6 +149,7 @@ int attach_locked(runtime& r, const char* socket_path) {
       return fail(errc::os_error);
     }
   }
+  SHMALLOC_CRASH_POINT("attach.welcomed");
   r.conn = std::move(conn);
   r.socket = path;
   g_cache_decay_ns.store(read_cache_decay(), std::memory_order_relaxed);  // each attach (a forked child's too) reads it
@@ -157,6 +160,7 @@ int attach_locked(runtime& r, const char* socket_path) {
   r.main_slot = w->cache_slot;
   r.main_slot_free = true;
   r.spare_slots.clear();  // a detached or forked process's, retired with its connection
+  SHMALLOC_CRASH_POINT("attach.liveness");
   hold_liveness(r, w->cache_slot);
   g_view = heap_view::of(*r.seg);
   g_size = r.seg->size();
@@ -185,6 +189,7 @@ bool reattach_all(runtime& r, control_client& conn, std::uint32_t old_id) {
     const std::size_t n = std::min<std::size_t>(proto::max_release, all.size() - at);
     std::vector<std::uint32_t> part(all.begin() + static_cast<std::ptrdiff_t>(at),
                                     all.begin() + static_cast<std::ptrdiff_t>(at + n));
+    SHMALLOC_CRASH_POINT("reconnect.reattach");
     auto got = conn.request(proto::msg::reattach, proto::encode(proto::reattach_msg{old_id, r.reattach_token, part}));
     if (!got) return false;
     at += n;
@@ -211,6 +216,7 @@ bool reconnect_locked(runtime& r) {
     r.lost_heap = true;
     return false;
   }
+  SHMALLOC_CRASH_POINT("reconnect.hello");
   hold_liveness(r, w->cache_slot);
   if (!reattach_all(r, *conn, old_id)) {
     // Our old cache slots are no longer ours (another heap's daemon, or
@@ -220,6 +226,7 @@ bool reconnect_locked(runtime& r) {
                  "statistics of this process's threads may be counted under another client\n");
     r.spare_slots.clear();
   }
+  SHMALLOC_CRASH_POINT("reconnect.reattached");
   r.conn = std::move(conn);
   r.client_id = w->client_id;
   r.reattach_token = w->reattach_token;
@@ -230,6 +237,7 @@ bool reconnect_locked(runtime& r) {
   r.main_slot_free = true;
   r.attached = true;
   for (const std::uint64_t h : std::exchange(r.deferred_large_frees, {})) {
+    SHMALLOC_CRASH_POINT("reconnect.deferred_free");
     auto done = r.conn->request(proto::msg::free_large, proto::encode(proto::free_large_msg{h}));
     if (done)
       r.held.erase(g_view.span_of(g_view.pointer(h)).value);
@@ -247,6 +255,7 @@ result<std::vector<std::uint8_t>> request_locked(runtime& r, proto::msg type, co
   if (!r.attached && (r.socket.empty() || !reconnect_locked(r))) return error{errc::unavailable, "not attached"};
   auto reply = r.conn->request(type, body);
   if (reply || reply.code() != errc::unavailable) return reply;
+  SHMALLOC_CRASH_POINT("request.retry");
   if (!reconnect_locked(r)) return reply;
   return r.conn->request(type, body);
 }

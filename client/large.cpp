@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "client/runtime.hpp"
+#include "shm/crash_point.hpp"
 
 namespace shmalloc::client::detail {
 
@@ -46,6 +47,7 @@ void* take_cached_large(runtime& r, std::size_t size) noexcept {
       return take_cached_large(r, size);
     }
     mspan& s = g_view.span(span_id{c.span});
+    SHMALLOC_CRASH_POINT("large.cache_take");
     s.alloc_bits[0] |= 1;  // allocated again, before it is returned (cache_large)
     return g_view.span_base(s);
   }
@@ -67,7 +69,9 @@ bool cache_large(runtime& r, void* p, const mspan& s) noexcept {
   // Free in the heap's eyes while it waits here, so that if this process
   // dies the daemon frees it instead of keeping it as a live object
   // (request_handler::reclaim); its holder writes a span's alloc bits.
+  SHMALLOC_CRASH_POINT("large.cache_put");
   g_view.span(span_id{id}).alloc_bits[0] &= ~std::uint64_t{1};
+  SHMALLOC_CRASH_POINT("large.cache_put_done");
   return true;
 }
 
@@ -76,11 +80,13 @@ SHMALLOC_SLOW_PATH void* take_large(std::size_t size, bool noscan) noexcept {
   std::lock_guard lock(r.mu);
   if (!r.attached && attach_locked(r, nullptr) != 0) return nullptr;
   if (void* p = take_cached_large(r, size)) return p;
+  SHMALLOC_CRASH_POINT("large.alloc_request");
   auto body = request_locked(r, proto::msg::alloc_large, proto::encode(proto::alloc_large_msg{size, noscan}));
   if (!body) return nullptr;
   auto large = proto::decode_large(body.value());
   if (!large) return nullptr;
   tsan_acquire_cross_process();  // as for a refill: its pages may have held pushed objects
+  SHMALLOC_CRASH_POINT("large.alloc_reply");
   r.held.insert(large->span_id);
   return g_view.pointer(large->handle);
 }
@@ -94,6 +100,7 @@ SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
   // large must open (else a free counted elsewhere would leave it one short).
   if (mcache* mc = ensure_cache(); mc != nullptr) {
     bump(mc->stats->large_allocs, std::uint64_t{1});
+    SHMALLOC_CRASH_POINT("large.alloc_counted");
     bump(mc->stats->large_alloc_bytes, (size + page_size - 1) / page_size * page_size);
   }
   return p;
@@ -112,7 +119,9 @@ SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept {
       if (!up) {
         r.deferred_large_frees.push_back(h);  // the daemon is away: freed when the library reconnects
       } else {
+        SHMALLOC_CRASH_POINT("large.free_request");
         auto done = request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{h}));
+        SHMALLOC_CRASH_POINT("large.free_reply");
         if (!done && done.code() == errc::unavailable)
           r.deferred_large_frees.push_back(h);
         else if (!done)

@@ -8,6 +8,7 @@
 #include <mutex>
 
 #include "client/runtime.hpp"
+#include "shm/crash_point.hpp"
 
 namespace shmalloc::client::detail {
 
@@ -31,6 +32,7 @@ void trim_large_cache(runtime& r, Keep keep) {
       continue;
     }
     const handle_t h = g_view.handle_of(g_view.span_base(g_view.span(span_id{c.span})));
+    SHMALLOC_CRASH_POINT("trim.large_free");
     if (request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{h}))) r.held.erase(c.span);
   }
   r.large_cache.resize(kept);
@@ -48,6 +50,7 @@ namespace {
 // REQUIRES: r.mu held. Gives s, which this thread held, back to the daemon
 // (with the next batch of full spans).
 void give_back_locked(runtime& r, mspan& s) {
+  SHMALLOC_CRASH_POINT("trim.give_back");
   s.owner_cache.store(0, std::memory_order_release);
   r.full.push_back(g_view.span_id_of(s).value);
 }
@@ -115,11 +118,13 @@ void trim_process_locked(runtime& r, bool everything) {
     for (std::uint32_t k = keep; k < pooled; ++k) {
       const std::int64_t id = r.pool.pop(c);
       if (id < 0) break;
+      SHMALLOC_CRASH_POINT("trim.pool_pop");
       r.full.push_back(static_cast<std::uint32_t>(id));
     }
     if (demand == 0) r.batch[spc] = first_batch;
   }
   release_full_locked(r);
+  SHMALLOC_CRASH_POINT("trim.process_large");
   trim_large_cache(r, [&](const runtime::cached_large& c) { return !everything && c.epoch + 1 >= epoch; });
   r.trim_epoch.store(epoch + 1, std::memory_order_relaxed);
 }

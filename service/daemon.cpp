@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "metrics/process_collector.hpp"
+#include "shm/crash_point.hpp"
 #include "shm/memstats.hpp"
 #include "shm/verify.hpp"
 
@@ -139,6 +140,7 @@ result<std::unique_ptr<daemon>> daemon::open(const daemon_settings& settings) {
     if (!r.ok()) return error{errc::corrupt, "heap '" + name + "' left by an earlier daemon fails its check: " + r.summary()};
   }
   d->handler_ = std::make_unique<request_handler>(*d->heap_, handler_settings{settings.quota_bytes, settings.max_caches_per_client});
+  SHMALLOC_CRASH_POINT("daemon.adopt");
   if (d->adopted_) d->handler_->adopt_orphans();
   if (error e = d->start_metrics(); e.code != errc::ok) {
     if (!d->adopted_ && !settings.keep_heap) segment::remove(name);
@@ -358,6 +360,7 @@ void daemon::serve(session& s) {
                  keep ? "left to it in the kept heap" : "taken back");
   {
     std::lock_guard lock(heap_mutex_);
+    SHMALLOC_CRASH_POINT("daemon.session_end");
     if (keep)
       handler_->leave(s.client);
     else
@@ -490,7 +493,9 @@ reply daemon::handle(session& s, const proto::frame_header& h, std::span<const s
   reply r;
   {
     std::lock_guard lock(heap_mutex_);
+    SHMALLOC_CRASH_POINT("daemon.request");
     r = handler_->handle(s.client, h, payload);
+    SHMALLOC_CRASH_POINT("daemon.handled");
     const auto status = static_cast<errc>(proto::decode_header(r.frame.data()).status);
     control_stats_.record(h.type, status, std::chrono::duration<double>(clock_type::now() - start).count(),
                           r.shortfall);
@@ -512,9 +517,11 @@ awaitable<void> daemon::housekeeping() {
     reap_sessions(false);
     std::lock_guard lock(heap_mutex_);
     const bool full = tick % ticks_per_full_pass == 0;
+    SHMALLOC_CRASH_POINT("daemon.sweep_queue");
     drain_sweep_queue(heap_->view(), heap_->state().span_pool.high_water, [&](span_id id) { sweep_if_central(id); });
     sweep_backstop_stretch();
     if (!full) continue;
+    SHMALLOC_CRASH_POINT("daemon.expire");
     if (std::size_t n = handler_->expire_orphans(settings_.reattach_grace_ns))
       spdlog::info("{} client(s) of the previous daemon did not reattach; their spans were taken back", n);
     if (std::uint64_t released = heap_->scavenge(settings_.scavenge_delay_ns))

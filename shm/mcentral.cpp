@@ -1,3 +1,4 @@
+#include "shm/crash_point.hpp"
 #include "shm/mcentral.hpp"
 
 #include "shm/mheap.hpp"
@@ -45,6 +46,7 @@ bool mcentral::settle(span_id id, error* problem) {
   error e = fold(id);
   if (e.code != errc::ok && problem != nullptr) *problem = std::move(e);
   if (s.alloc_count == reserved_slots(s.span_class)) {
+    SHMALLOC_CRASH_POINT("mcentral.settle_free");
     heap_->free_span(id);
     return true;
   }
@@ -84,12 +86,14 @@ result<span_id> mcentral::cache_span(std::uint32_t owner) {
   if (span_id id = state_->partial) {
     unlink(list::partial, id);
     fold(id);  // fresher bits for the client
+    SHMALLOC_CRASH_POINT("mcentral.take_partial");
     return hand_out(id, owner);
   }
   if (span_id id = take_swept_full()) return hand_out(id, owner);
   const std::uint8_t c = spc_.size_class();
   auto fresh = heap_->alloc_span(class_to_npages(c), spc_, mspan_state::cached, owner);
   if (!fresh) return fresh;
+  SHMALLOC_CRASH_POINT("mcentral.fresh_span");
   ++state_->cached_count;
   return fresh;
 }
@@ -105,6 +109,7 @@ error mcentral::uncache_span(span_id id) {
   s.owner_cache.store(0, std::memory_order_relaxed);
   --state_->cached_count;
   error problem;
+  SHMALLOC_CRASH_POINT("mcentral.uncache");
   settle(id, &problem);
   return problem;
 }
@@ -116,6 +121,7 @@ bool mcentral::sweep_span(span_id id) {
     return false;
   // settle pushed it on the list its count chose; nothing has folded since.
   unlink(s.alloc_count < s.nelems ? list::partial : list::full, id);
+  SHMALLOC_CRASH_POINT("mcentral.sweep_span");
   return settle(id, nullptr);
 }
 

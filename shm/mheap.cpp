@@ -1,3 +1,4 @@
+#include "shm/crash_point.hpp"
 #include "shm/mheap.hpp"
 
 #include <algorithm>
@@ -65,6 +66,7 @@ error mheap::grow(std::uint32_t npages) noexcept {
   }
   bump(a.metadata_committed_bytes, map_to - map_from);
   const page_id first{static_cast<std::uint32_t>(committed)};
+  SHMALLOC_CRASH_POINT("mheap.grow");
   pages_.mark_free(first, static_cast<std::uint32_t>(n));
   note_freed(first, static_cast<std::uint32_t>(n));
   a.pages_committed.store(committed + n, std::memory_order_relaxed);
@@ -125,6 +127,7 @@ result<std::uint32_t> mheap::assign_cache(std::uint32_t client) {
     // retire_cache zeroed it; zero again in case a late bump of the slot's
     // previous thread landed after that (it was already retired).
     std::memset(static_cast<void*>(&cache_slot(i).stats), 0, sizeof(stats_block));
+    SHMALLOC_CRASH_POINT("mheap.assign_cache");
     cache_slot(i).client.store(client, std::memory_order_relaxed);
     bump(a.caches_in_use);
     return i;
@@ -154,6 +157,7 @@ void mheap::retire_cache(std::uint32_t slot) noexcept {
 #define SHMALLOC_X(name, help) bump(r.name, s.stats.name.load(std::memory_order_relaxed));
   SHMALLOC_STAT_COUNTERS(SHMALLOC_X)
 #undef SHMALLOC_X
+  SHMALLOC_CRASH_POINT("mheap.retire_cache");
   std::memset(static_cast<void*>(&s.stats), 0, sizeof s.stats);
   s.client.store(0, std::memory_order_relaxed);
   heap_accounts& a = accounts();
@@ -206,6 +210,7 @@ result<span_id> mheap::alloc_span(std::uint32_t npages, span_class spc, mspan_st
   auto id = new_descriptor();
   if (!id) return id.err();
   pages_.mark_in_use(first, npages);
+  SHMALLOC_CRASH_POINT("mheap.alloc_marked");
   set_page_map(first, npages, id->value + 1);
 
   mspan& s = span(*id);
@@ -228,6 +233,7 @@ result<span_id> mheap::alloc_span(std::uint32_t npages, span_class spc, mspan_st
     for (std::uint32_t i = 0; i < reserved; ++i) s.alloc_bits[i / 64] |= std::uint64_t{1} << (i % 64);
     s.alloc_count = static_cast<std::uint16_t>(reserved);
   }
+  SHMALLOC_CRASH_POINT("mheap.alloc_init");
   s.state.store(st, std::memory_order_relaxed);
   bump(accounts().pages_in_use, std::uint64_t{npages});
   return id;
@@ -240,6 +246,7 @@ result<span_id> mheap::alloc_large(std::uint64_t bytes, bool noscan, std::uint32
   auto id = alloc_span(static_cast<std::uint32_t>(npages), span_class::make(0, noscan), mspan_state::large, owner);
   if (!id) return id;
   mspan& s = span(*id);
+  SHMALLOC_CRASH_POINT("mheap.large_span");
   s.alloc_bits[0] = 1;
   s.alloc_count = 1;
   heap_accounts& a = accounts();
@@ -257,9 +264,11 @@ void mheap::free_span(span_id id) noexcept {
     a.large_pages.store(a.large_pages.load(std::memory_order_relaxed) - s.npages, std::memory_order_relaxed);
   }
   set_page_map(s.start, s.npages, 0);
+  SHMALLOC_CRASH_POINT("mheap.free_unmapped");
   pages_.mark_free(s.start, s.npages);
   note_freed(s.start, s.npages);
   a.pages_in_use.store(a.pages_in_use.load(std::memory_order_relaxed) - s.npages, std::memory_order_relaxed);
+  SHMALLOC_CRASH_POINT("mheap.free_pages");
   free_descriptor(id);
 }
 
