@@ -105,7 +105,7 @@ const mspan* object_starting_at(handle_t h) noexcept {
   const mspan& s = g_view.span(id);
   if (s.span_class == tiny_span_class) {
     const std::uint64_t block = (h - g_view.handle_of(g_view.span_base(s))) / tiny_size;
-    return block >= tiny_counter_blocks && block < s.nelems && is_allocated(s, static_cast<std::uint32_t>(block)) ? &s
+    return block >= tiny_metadata_blocks && block < s.nelems && is_allocated(s, static_cast<std::uint32_t>(block)) ? &s
                                                                                                             : nullptr;
   }
   object_ref at;

@@ -46,7 +46,11 @@ SHMALLOC_FAST_PATH mspan& locate(const void* p, std::uint64_t* offset) noexcept 
 // A tiny object: one less in its block; the last one out frees the block.
 SHMALLOC_SLOW_PATH void free_tiny(mspan& s, std::uint64_t offset, const void* p) noexcept {
   const auto block = static_cast<std::uint32_t>(offset / tiny_size);
-  if (block < tiny_counter_blocks || !is_allocated(s, block)) bad_free(p, "not a live tiny object (double free?)");
+  if (block < tiny_metadata_blocks || !is_allocated(s, block)) bad_free(p, "not a live tiny object (double free?)");
+  // Each offset is freed once per use of the block (the taker cleared it).
+  const auto bit = static_cast<std::uint16_t>(1u << (offset % tiny_size));
+  if ((tiny_freed_mask(g_view, s, block).fetch_or(bit, std::memory_order_acq_rel) & bit) != 0)
+    bad_free(p, "double free (of a tiny object)");
   const std::int8_t before = tiny_count_of(s, block).fetch_sub(1, std::memory_order_acq_rel);
   if (before <= 0) bad_free(p, "double free (of a tiny object)");
   if (before == 1) free_slot(s, block, tiny_size_class, p);

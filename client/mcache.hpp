@@ -89,8 +89,8 @@ struct alignas(64) mcache {
   stats_block* stats = nullptr;  // this thread's slot in the segment
   // The tiny allocator (Go's tiny, tinyoffset): the current 16-byte block of
   // a tiny span, how far it is used, and how many objects it holds. The
-  // block's shared count carries a bias of tiny_bias while it is current, so
-  // frees from anywhere cannot bring it to zero under us.
+  // block's shared count carries a bias of tiny_bias (shm/mspan.hpp) while
+  // it is current, so frees from anywhere cannot bring it to zero under us.
   std::byte* tiny = nullptr;
   std::uint32_t tiny_offset = tiny_size;  // full: the empty cache never fits
   std::uint32_t tiny_count = 0;
@@ -113,7 +113,6 @@ static_assert(offsetof(mcache, slow_calls) / 64 == offsetof(mcache, token) / 64,
               "the fields every slow path reads share the free fast path's line");
 static_assert(offsetof(mcache, spares) % 64 == 0, "each spare_queue is one line");
 
-inline constexpr std::int8_t tiny_bias = 64;  // more than a block's 16 objects
 
 // The calling thread's cache; the static empty cache until its first miss.
 // initial-exec TLS: one load from the thread pointer, never a call. constinit

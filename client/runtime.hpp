@@ -142,9 +142,18 @@ inline runtime& rt() {
 
 inline int fail(errc e) { return -static_cast<int>(e); }
 
-// The shared object count of the tiny block at p (its span's first bytes).
+// The segment's cache slot a thread cache counts into; nullptr for the
+// static empty cache and a cache whose slot was lost (its stats are then
+// process-local).
+inline mcache_slot* slot_of(mcache* mc) noexcept {
+  if (g_view.base == nullptr || mc->stats == nullptr) return nullptr;
+  auto* at = reinterpret_cast<std::byte*>(mc->stats) - offsetof(mcache_slot, stats);
+  return at >= g_view.base && at < g_view.base + g_size ? reinterpret_cast<mcache_slot*>(at) : nullptr;
+}
+
+// The shared object count of a tiny block (shm/mspan.hpp).
 inline std::atomic_ref<std::int8_t> tiny_count_of(const mspan& s, std::uint32_t block) noexcept {
-  return std::atomic_ref<std::int8_t>(*reinterpret_cast<std::int8_t*>(g_view.span_base(s) + block));
+  return tiny_count(g_view, s, block);
 }
 
 // attach.cpp

@@ -171,9 +171,12 @@ void retire_tiny(mcache* mc) noexcept {
   const span_id id = g_view.span_at(g_view.handle_of(mc->tiny));
   mspan& s = g_view.span(id);
   const auto block = static_cast<std::uint32_t>((mc->tiny - g_view.span_base(s)) / tiny_size);
-  const auto delta = static_cast<std::int8_t>(static_cast<int>(mc->tiny_count) - tiny_bias);
-  if (tiny_count_of(s, block).fetch_add(delta, std::memory_order_acq_rel) + delta == 0)
-    free_slot(s, block, tiny_size_class, mc->tiny);
+  // Unrecorded first: killed after this, the block is never retired (one
+  // block lost); recorded still after the retire, the daemon would retire it
+  // a second time.
+  if (mcache_slot* slot = slot_of(mc)) slot->tiny_block = 0;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  if (tiny_retire(g_view, s, block, mc->tiny_count)) free_slot(s, block, tiny_size_class, mc->tiny);
   mc->tiny = nullptr;
   mc->tiny_offset = tiny_size;
   mc->tiny_count = 0;
@@ -299,8 +302,17 @@ SHMALLOC_SLOW_PATH void* alloc_tiny_slow(std::size_t size) noexcept {
   auto* block = static_cast<std::byte*>(alloc_small(tiny_size_class, true));  // a block of a tiny span
   if (block == nullptr) return nullptr;
   const mspan& s = g_view.span(g_view.span_at(g_view.handle_of(block)));
-  tiny_count_of(s, static_cast<std::uint32_t>((block - g_view.span_base(s)) / tiny_size))
-      .store(tiny_bias, std::memory_order_relaxed);
+  const auto index = static_cast<std::uint32_t>((block - g_view.span_base(s)) / tiny_size);
+  tiny_count_of(s, index).store(tiny_bias, std::memory_order_relaxed);
+  tiny_freed_mask(g_view, s, index).store(0, std::memory_order_relaxed);
+  // Recorded for the daemon once the block is set up: a thread that dies
+  // while it holds the block gets it retired with its other state.
+  if (mcache_slot* slot = slot_of(mc)) {
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    slot->tiny_allocs_at_block = mc->stats->tiny_allocs.load(std::memory_order_relaxed);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    slot->tiny_block = g_view.handle_of(block);
+  }
   mc->tiny = block;
   mc->tiny_offset = 0;
   mc->tiny_count = 0;

@@ -463,9 +463,35 @@ bool request_handler::holds(std::uint32_t owner, std::uint32_t id, mspan_state s
   return s.owner_client == owner && s.state.load(std::memory_order_relaxed) == state;
 }
 
+// A dead thread's current tiny block (mcache_slot::tiny_block), retired as
+// the thread would have: its count loses the bias and gains the objects the
+// thread handed out from it; if that empties it, it is freed like a remote
+// free (folded when its span is uncached). Cleared here, so every slot is
+// retired with no block (a thread that ends retires its own). What the slot
+// says is the dead client's to have written: anything that is not a tiny
+// block in use, or a count no thread can reach, leaves the block alone.
+void request_handler::retire_dead_tiny(std::uint32_t slot) {
+  mcache_slot& cs = heap_->cache_slot(slot);
+  const handle_t h = std::exchange(cs.tiny_block, 0);
+  const heap_view& v = heap_->view();
+  const span_id id = h == 0 ? span_id::nil() : v.span_at(h);
+  if (!id) return;
+  mspan& s = v.span(id);
+  const std::uint64_t offset = h - v.handle_of(v.span_base(s));
+  const std::uint64_t block = offset / tiny_size;
+  if (s.span_class != tiny_span_class || offset % tiny_size != 0 || block < tiny_metadata_blocks ||
+      block >= s.nelems || !is_allocated(s, static_cast<std::uint32_t>(block)))
+    return;
+  const std::uint64_t handed_out = cs.stats.tiny_allocs.load(std::memory_order_relaxed) - cs.tiny_allocs_at_block;
+  if (handed_out > tiny_size) return;
+  const auto b = static_cast<std::uint32_t>(block);
+  if (tiny_retire(v, s, b, static_cast<std::uint32_t>(handed_out))) span_push_remote(v, s, b);
+}
+
 void request_handler::reclaim(std::uint32_t owner, const std::set<std::uint32_t>& spans,
                               const std::set<std::uint32_t>& large, const std::vector<std::uint32_t>& slots) {
   std::uint64_t reclaimed = 0;
+  for (std::uint32_t slot : slots) retire_dead_tiny(slot);  // before its span goes back: the fold takes the block
   for (std::uint32_t id : spans) {
     if (!holds(owner, id, mspan_state::cached)) continue;
     reclaimed += span_bytes(id);

@@ -144,6 +144,7 @@ class request_handler {
   void label_slot(const client_state& c, std::uint32_t slot) noexcept;
   struct orphan_group;
   bool orphan_alive(const orphan_group& g) const noexcept;
+  void retire_dead_tiny(std::uint32_t slot);
 
   struct orphan_group {
     std::set<std::uint32_t> spans;

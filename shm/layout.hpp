@@ -143,7 +143,7 @@ namespace shmalloc {
 // ---------------------------------------------------------------------------
 
 inline constexpr std::uint64_t heap_magic = 0x636f6c6c616d6873ULL;  // "shmalloc", little endian
-inline constexpr std::uint32_t layout_version = 4;  // 2: mheap_state::sweep_wanted; 3: mspan::remote_bits; 4: sweep_queue
+inline constexpr std::uint32_t layout_version = 5;  // 2: mheap_state::sweep_wanted; 3: mspan::remote_bits; 4: sweep_queue; 5: tiny freed masks, mcache_slot::tiny_block
 inline constexpr std::uint64_t arena_bytes = 64ULL << 20;           // Go: heapArenaBytes
 inline constexpr std::uint32_t pages_per_arena = arena_bytes / page_size;
 inline constexpr std::uint32_t chunk_pages = 512;                   // Go: pallocChunkPages
@@ -190,7 +190,13 @@ struct mcache_slot {
   // kept so that a restarted daemon can check a reattach; never the token.
   std::uint64_t reattach_check;
   stats_block stats;                  // the slot's thread writes
-  std::uint64_t pad[6];               // to whole cache lines: no two threads' counters share one
+  // The slot's thread writes (its tiny allocator's slow path): the handle of
+  // its current tiny block (0: none) and its stats.tiny_allocs when it took
+  // the block, so that the daemon can retire the block of a thread that
+  // died: the objects handed out from it are the difference.
+  std::uint64_t tiny_block;
+  std::uint64_t tiny_allocs_at_block;
+  std::uint64_t pad[4];               // to whole cache lines: no two threads' counters share one
 };
 
 // ---------------------------------------------------------------------------
@@ -260,18 +266,25 @@ static_assert(sizeof(root_entry) == 80);
 // Tiny spans (Go's tinySpanClass): every span of the 16-byte noscan class
 // packs pointer-free objects under 16 bytes into its 16-byte blocks. Because
 // objects are freed explicitly, each block needs a count of the objects in
-// it: one signed byte per block, kept in the span's first 512 bytes, whose
-// 32 blocks are therefore marked allocated from the moment the span is
-// carved. Any process freeing a tiny object decrements its block's count
-// atomically; the one that brings it to zero frees the block.
+// it: one signed byte per block, kept in the span's first 512 bytes. And so
+// that a second free of a tiny object is caught instead of freeing its
+// block under the other objects in it, a 16-bit mask per block of the
+// offsets freed since the block was handed out, in the next 1,024 bytes.
+// Those 96 blocks are marked allocated from the moment the span is carved.
+// Any process freeing a tiny object sets its offset's bit (a bit already set
+// is a double free) and decrements the block's count, both atomically; the
+// one that brings the count to zero frees the block. The thread that takes
+// a block clears its mask.
 // ---------------------------------------------------------------------------
 
 inline constexpr std::uint8_t tiny_span_class = 2 << 1 | 1;
-inline constexpr std::uint32_t tiny_counter_blocks = 512 / 16;
+inline constexpr std::uint32_t tiny_counts_offset = 0;        // int8 per block
+inline constexpr std::uint32_t tiny_freed_masks_offset = 512;  // uint16 per block
+inline constexpr std::uint32_t tiny_metadata_blocks = (512 + 1024) / 16;
 
 // Slots of a span of class spc that hold metadata, not objects.
 constexpr std::uint32_t reserved_slots(std::uint8_t spc) noexcept {
-  return spc == tiny_span_class ? tiny_counter_blocks : 0;
+  return spc == tiny_span_class ? tiny_metadata_blocks : 0;
 }
 
 // ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 // span's holder, push_remote by anyone, fold_remote by the holder.
 #pragma once
 
+#include <atomic>
 #include <bit>
 #include <cstddef>
 #include <cstdint>
@@ -86,6 +87,25 @@ inline std::uint32_t count_allocated(const mspan& s) noexcept {
   std::uint32_t n = 0;
   for (std::uint64_t w : s.alloc_bits) n += static_cast<std::uint32_t>(std::popcount(w));
   return n;
+}
+
+// A tiny span's per-block metadata (layout.hpp): the count of objects in
+// the block, and the mask of offsets freed since the block was taken. Any
+// process changes them atomically.
+static_assert(std::atomic_ref<std::int8_t>::is_always_lock_free && std::atomic_ref<std::uint16_t>::is_always_lock_free);
+inline constexpr std::int8_t tiny_bias = 64;  // a current block's count carries it: more than a block's 16 objects
+inline std::atomic_ref<std::int8_t> tiny_count(const heap_view& v, const mspan& s, std::uint32_t block) noexcept {
+  return std::atomic_ref<std::int8_t>(*reinterpret_cast<std::int8_t*>(v.span_base(s) + tiny_counts_offset + block));
+}
+inline std::atomic_ref<std::uint16_t> tiny_freed_mask(const heap_view& v, const mspan& s, std::uint32_t block) noexcept {
+  return std::atomic_ref<std::uint16_t>(
+      *reinterpret_cast<std::uint16_t*>(v.span_base(s) + tiny_freed_masks_offset + 2 * std::size_t{block}));
+}
+// A current block stops being current after `handed_out` objects: its
+// count loses the bias. True if that leaves it empty: the caller frees it.
+inline bool tiny_retire(const heap_view& v, const mspan& s, std::uint32_t block, std::uint32_t handed_out) noexcept {
+  const auto delta = static_cast<std::int8_t>(static_cast<int>(handed_out) - tiny_bias);
+  return tiny_count(v, s, block).fetch_add(delta, std::memory_order_acq_rel) + delta == 0;
 }
 
 // Holder only: the lowest free slot, marked allocated, or -1 if the span is

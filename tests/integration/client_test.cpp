@@ -1043,6 +1043,50 @@ TEST_SUITE("libshmalloc") {
     come_back_test(SIGTERM);
   }
 
+  // A thread's current tiny block carries a bias in its count while the
+  // thread packs objects into it; a thread that died with one used to leave
+  // the block, and so its span, allocated for good.
+  TEST_CASE("the current tiny block of a killed process is retired with its other state") {
+    daemon_process d({"--keep-heap"});
+    REQUIRE(d.started());
+    raw_client observer(d.socket);
+    REQUIRE(observer.hello("observer"));
+    int ready[2];
+    REQUIRE(pipe(ready) == 0);
+    const pid_t child = fork();
+    if (child == 0) {
+      if (shmalloc_attach(d.socket.c_str()) != 0) _exit(1);
+      void* objects[5];
+      for (void*& p : objects) p = shmalloc_alloc_noscan(3);
+      for (void* p : objects) shmalloc_free(p);  // all freed; the block is still current
+      if (write(ready[1], "x", 1) != 1) _exit(2);
+      pause();
+      _exit(0);
+    }
+    char byte;
+    REQUIRE(read(ready[0], &byte, 1) == 1);
+    kill(child, SIGKILL);
+    waitpid(child, nullptr, 0);
+    bool gone = false;
+    for (int i = 0; i < 1000 && !gone; ++i) {
+      gone = daemon_stats(observer).clients == 1;
+      if (!gone) usleep(10000);
+    }
+    REQUIRE(gone);
+    // The block was freed, so the tiny span held nothing and went back.
+    auto seg = segment::attach(d.heap);
+    REQUIRE(seg);
+    const heap_view v = heap_view::of(*seg.value());
+    for (std::uint32_t i = 0; i < seg.value()->heap().span_pool.high_water; ++i) {
+      const mspan& s = v.span(span_id{i});
+      if (s.state.load() != mspan_state::dead && s.span_class == tiny_span_class)
+        CHECK(count_allocated(s) == tiny_metadata_blocks);
+    }
+    seg.value().reset();
+    observer.call(proto::msg::bye);
+    check_heap_after(d);
+  }
+
   // A restarted daemon used to reclaim every orphan group after its grace
   // period: a process that stayed silent that long lost the spans it still
   // allocated from to other processes (the same object handed out twice).

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -90,6 +91,36 @@ TEST_SUITE("security: bad input on the C API") {
     });
     CHECK(never.aborted());
     CHECK(never.err.find(not_in_heap) != std::string::npos);
+    check_heap_after(b.d);
+  }
+
+  // A tiny object is counted per 16-byte block: a second free used to
+  // bring the count to zero under the block's other objects, which the
+  // next allocations then overwrote.
+  TEST_CASE("a tiny object freed twice, by its process or another, aborts instead of freeing its block") {
+    bad_input_daemon b;
+    const std::string sock = b.d.socket;
+    dies_saying(sock, "double free (of a tiny object)", [] {
+      void* a = shmalloc_alloc_noscan(8);
+      void* other = shmalloc_alloc_noscan(8);  // the same block
+      std::memset(other, 0x77, 8);
+      shmalloc_free(a);
+      shmalloc_free(a);
+    });
+    REQUIRE(shmalloc_attach(sock.c_str()) == 0);
+    void* a = shmalloc_alloc_noscan(4);
+    void* kept = shmalloc_alloc_noscan(4);
+    REQUIRE(a != nullptr);
+    std::memset(kept, 0x5a, 4);
+    dies_saying(sock, "double free (of a tiny object)", [a] {
+      shmalloc_free(a);
+      shmalloc_free(a);
+    });
+    // The holder's other object in that block is still its own.
+    for (int i = 0; i < 1000; ++i) std::memset(shmalloc_alloc_noscan(4), 0x11, 4);
+    const auto* k = static_cast<const unsigned char*>(kept);
+    CHECK((k[0] == 0x5a && k[1] == 0x5a && k[2] == 0x5a && k[3] == 0x5a));
+    shmalloc_detach();
     check_heap_after(b.d);
   }
 

@@ -42,12 +42,13 @@
  * holder took the first in is dropped when the holder folds its span's
  * remote frees, which prints "object <i> of span at page <n> was freed twice
  * (remote free of a free object)" on the holder's stderr and counts it.
+ *   - a tiny object (shmalloc_alloc_noscan under 16 bytes, packed in
+ *     16-byte blocks) freed twice, by any thread or process, while its block
+ *     is in use: "double free (of a tiny object)".
  * Not caught, so never do them: a second free after the object was
- * allocated again (it frees the new object, as in any allocator); and, for
- * tiny objects (shmalloc_alloc_noscan under 16 bytes, packed in 16-byte
- * blocks counted per block), a pointer inside one or a second free of one,
- * which can free the block under its other live objects (issue 14: a
- * defect, reported).
+ * allocated again (it frees the new object, as in any allocator); and a
+ * pointer inside a tiny object (objects within a block are not recorded:
+ * it counts as a free of whatever starts there).
  * The other calls never abort on bad input; see each below. A peer whose uid
  * or gid the daemon does not allow (shmallocd --allow-uid, --allow-gid) gets
  * no heap: shmalloc_attach fails with -13 (permission_denied; the daemon's
@@ -72,13 +73,13 @@ int shmalloc_attach(const char *socket_path); /* NULL: SHMALLOC_SOCKET or the de
 void shmalloc_detach(void);
 const char *shmalloc_strerror(int code);
 void *shmalloc_alloc(size_t size);                          /* at least 8-byte aligned; NULL on failure */
-/* Pointer-free object: under 16 bytes it is a tiny object, whose double
- * free or interior free is not caught (see Bad input). */
+/* Pointer-free object: under 16 bytes it is a tiny object, whose interior
+ * free is not caught (see Bad input). */
 void *shmalloc_alloc_noscan(size_t size);
 void *shmalloc_alloc_aligned(size_t size, size_t alignment); /* power of two up to 8192 */
 /* Any thread, any process; NULL is a no-op. Anything but NULL or an
  * object's start that is allocated aborts with a message, except the cases
- * Bad input lists as reported or not caught. */
+ * Bad input lists as not caught. */
 void shmalloc_free(void *p);
 void shmalloc_trim(void); /* give back the calling thread's empty spans, the pool and cached large objects */
 /* The object's size (a tiny object's: to the end of its 16-byte block).
