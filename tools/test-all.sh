@@ -5,8 +5,11 @@
 # then, under TSan, the stress suite (the lock-free remote-free bitmaps from
 # threads and processes), libshmalloc's multi-thread tests (the span pool),
 # the shared cache's lock-free reads beside its writers, and the daemon
-# serving while its metrics endpoint scrapes the heap; last, the docker
-# compose stack built from this tree and checked end to end.
+# serving while its metrics endpoint scrapes the heap; then the libFuzzer
+# targets for 30 s each (tools/fuzz.sh, clang); last, the docker compose
+# stack built from this tree and checked end to end. The reliability
+# campaign's short runs are ctest labels of the normal build: soak (60 s),
+# crash (kill points), security (other uids, bad input), fuzz (replays).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
@@ -35,6 +38,9 @@ TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/cache_tests -tc="cache threads*"
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/service_unit_tests -ts="daemon in process"
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/metrics/metrics_tests
 
+echo "== libFuzzer: frame, decode and config targets, 30 s each (tools/fuzz.sh)"
+tools/fuzz.sh 30
+
 echo "== the docker compose stack, built and run (tools/docker-stack-test.sh)"
 rc=0
 tools/docker-stack-test.sh || rc=$?
@@ -50,4 +56,4 @@ if [ -n "$leftover" ]; then
   echo "test-all: tests left shared-memory objects behind: $leftover" >&2
   exit 1
 fi
-echo "test-all: every test passed in all three builds"
+echo "test-all: every test passed in all three builds, the fuzzers found nothing"
