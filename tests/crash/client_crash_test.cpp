@@ -161,7 +161,7 @@ void run_lane(const daemon_process& d, const std::vector<std::uint64_t>& points,
 
 }  // namespace
 
-TEST_CASE("a client killed at any crash point loses at most the object in flight; the daemon takes back the rest") {
+TEST_CASE("a client killed at any crash point loses at most the object in flight and the daemon takes back the rest") {
   const auto t0 = std::chrono::steady_clock::now();
   const std::uint64_t n = count_from_env("SHMALLOC_CRASH_POINTS_CLIENT", 1000);
   std::vector<std::unique_ptr<daemon_process>> daemons;

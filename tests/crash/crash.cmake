@@ -52,7 +52,8 @@ if(NOT SHMALLOC_SANITIZE)
   target_include_directories(crash_workload PRIVATE ${PROJECT_SOURCE_DIR})
   shmalloc_warnings(crash_workload)
 
-  shmalloc_test(crash_tests crash ${CMAKE_CURRENT_LIST_DIR}/client_crash_test.cpp ${CMAKE_CURRENT_LIST_DIR}/crash_support.cpp)
+  shmalloc_test(crash_tests crash ${CMAKE_CURRENT_LIST_DIR}/client_crash_test.cpp
+    ${CMAKE_CURRENT_LIST_DIR}/daemon_crash_test.cpp ${CMAKE_CURRENT_LIST_DIR}/crash_support.cpp)
   target_link_libraries(crash_tests PRIVATE shmalloc::client)
   target_compile_definitions(crash_tests PRIVATE SHMALLOC_CRASH_WORKLOAD_PATH="$<TARGET_FILE:crash_workload>"
     SHMALLOC_CRASH_DAEMON_PATH="$<TARGET_FILE:shmallocd_crash>")

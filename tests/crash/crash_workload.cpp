@@ -27,7 +27,7 @@ using namespace shmalloc::crash_test;
 
 namespace {
 
-constexpr int rounds = 8;
+constexpr int rounds = 5;
 constexpr int foreign_objects = 48;
 constexpr std::size_t small_sizes[] = {8, 24, 48, 100, 256, 500, 1024, 3000, 8192, 20000, 32768};
 
