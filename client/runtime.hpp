@@ -182,8 +182,14 @@ void release_thread_cache() noexcept;
 // large.cpp
 
 // REQUIRES: r.mu held. Whether a cached large object is still the one this
-// process freed.
-bool still_ours(const runtime& r, const runtime::cached_large& c) noexcept;
+// process freed: another process freeing it again (a double free) gives it
+// back to the daemon behind our back, and then neither reusing it nor
+// freeing it again is ours to do. Inline: take_large checks every cache hit.
+inline bool still_ours(const runtime& r, const runtime::cached_large& c) noexcept {
+  const mspan& s = g_view.span(span_id{c.span});
+  return s.state.load(std::memory_order_relaxed) == mspan_state::large && s.owner_client == r.client_id &&
+         s.npages == c.npages && s.start.value == c.start;
+}
 SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept;
 SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept;
 
