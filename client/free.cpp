@@ -8,6 +8,7 @@
 #include <cstdlib>
 
 #include "client/free.hpp"
+#include "shm/crash_point.hpp"
 
 namespace shmalloc::client {
 
@@ -21,9 +22,11 @@ namespace detail {
 namespace {
 
 SHMALLOC_SLOW_PATH void free_remote(mspan& s, std::uint32_t index, std::uint8_t size_class, const void* p) noexcept {
+  SHMALLOC_CRASH_POINT("free.remote_push");
   if (span_push_remote(g_view, s, index) == errc::double_free)
     bad_free(p, "double free (freed before by another thread or process, and not yet reclaimed)");
   mcache* mc = ensure_cache();
+  SHMALLOC_CRASH_POINT("free.remote_pushed");
   if (mc == nullptr) return;  // counted nowhere: the daemon is gone
   bump(mc->stats->small_frees[size_class], std::uint64_t{1});
   bump(mc->stats->remote_frees, std::uint64_t{1});
@@ -51,8 +54,10 @@ SHMALLOC_SLOW_PATH void free_tiny(mspan& s, std::uint64_t offset, const void* p)
   const auto bit = static_cast<std::uint16_t>(1u << (offset % tiny_size));
   if ((tiny_freed_mask(g_view, s, block).fetch_or(bit, std::memory_order_acq_rel) & bit) != 0)
     bad_free(p, "double free (of a tiny object)");
+  SHMALLOC_CRASH_POINT("free.tiny_masked");
   const std::int8_t before = tiny_count_of(s, block).fetch_sub(1, std::memory_order_acq_rel);
   if (before <= 0) bad_free(p, "double free (of a tiny object)");
+  SHMALLOC_CRASH_POINT("free.tiny_last");
   if (before == 1) free_slot(s, block, tiny_size_class, p);
 }
 
