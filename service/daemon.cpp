@@ -136,6 +136,10 @@ result<std::unique_ptr<daemon>> daemon::open(const daemon_settings& settings) {
     return error{errc::exists, "heap '" + name + "' is already served by another shmallocd"};
   d->heap_ = std::make_unique<mheap>(*d->seg_);
   if (d->adopted_) {
+    // The earlier daemon may have died in the middle of a change: derive
+    // its structures from the span table again, then check.
+    if (const std::uint32_t dropped = d->heap_->rebuild())
+      spdlog::warn("heap '{}': {} span(s) half carved or half freed by the earlier daemon were dropped", name, dropped);
     const verify_report r = verify_heap(*d->heap_);
     if (!r.ok()) return error{errc::corrupt, "heap '" + name + "' left by an earlier daemon fails its check: " + r.summary()};
   }

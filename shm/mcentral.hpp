@@ -43,6 +43,10 @@ class mcentral {
   // span ids per tick, instead of walking every list.
   bool sweep_span(span_id id);
 
+  // Files a span the daemon holds on the list its alloc_count calls for, or
+  // frees it if empty (mheap::rebuild, after the lists were emptied).
+  void relink(span_id id) { settle(id, nullptr); }
+
   mcentral_state& state() const noexcept { return *state_; }
 
  private:

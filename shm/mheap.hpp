@@ -43,6 +43,13 @@ class mheap {
   // its descriptor to the span table.
   void free_span(span_id id) noexcept;
 
+  // After a daemon died in the middle of a change (shm/rebuild.cpp): spans
+  // half carved or half freed become dead, and the free page runs, the
+  // page map's stray entries, the span table's free list, the mcentral
+  // lists and the accounts are derived from the span table again. Returns
+  // the spans dropped. The daemon runs it on every heap it adopts.
+  std::uint32_t rebuild() noexcept;
+
   // Commits at least npages more pages (rounded up to whole chunks).
   error grow(std::uint32_t npages) noexcept;
 
@@ -82,6 +89,7 @@ class mheap {
   void note_freed(page_id first, std::uint32_t npages) noexcept;
   std::uint64_t release_run(page_id first, std::uint32_t npages) noexcept;
   std::uint64_t arena_offset(page_id p) const noexcept;
+  void recount_released(std::uint64_t committed) noexcept;
 
   segment* seg_;
   clock_fn clock_;

@@ -30,6 +30,42 @@ std::uint64_t inuse_pages(mheap& h) { return h.accounts().pages_in_use.load(); }
 }  // namespace
 
 TEST_SUITE("mheap") {
+  // What a daemon killed in the middle of a change leaves, each kind once;
+  // the crash campaign (tests/crash) kills it at every point for real.
+  TEST_CASE("rebuild repairs a heap its daemon left half changed: spans half carved or half freed, lists and accounts") {
+    test::test_heap t;
+    mheap& h = *t.heap;
+    const auto spc = span_class::make(5, false);
+    mcentral c = h.central(spc);
+    const span_id kept = *c.cache_span(7);                // a client's, with an object
+    span_alloc_object(h.span(kept));
+    const span_id central = *c.cache_span(7);
+    span_alloc_object(h.span(central));
+    REQUIRE(c.uncache_span(central).code == errc::ok);    // on the partial list, one object
+    const span_id carved = *h.alloc_span(3, span_class::make(0, false), mspan_state::large, 7);
+    const span_id freed = *h.alloc_span(2, span_class::make(0, false), mspan_state::large, 7);
+    // Half carved: its pages named, its state not stored yet.
+    h.span(carved).state.store(mspan_state::dead);
+    // Half freed: its pages unnamed, the rest not done.
+    for (std::uint32_t p = h.span(freed).start.value; p < h.span(freed).start.value + 2; ++p) h.view().page_map[p] = 0;
+    // A list and two accounts caught between two stores.
+    h.state().central[spc.value].partial_count = 5;
+    h.accounts().pages_in_use.store(12345);
+    h.accounts().large_spans.store(0);
+    REQUIRE_FALSE(verify_heap(h).ok());
+    CHECK(h.rebuild() == 1);  // freed (carved was already dead)
+    const verify_report r = verify_heap(h);
+    CHECK_MESSAGE(r.ok(), r.summary());
+    CHECK(h.span(kept).state.load() == mspan_state::cached);
+    CHECK(is_allocated(h.span(kept), 0));
+    CHECK(h.span(central).state.load() == mspan_state::central);
+    CHECK(h.state().central[spc.value].partial_count == 1);
+    CHECK(h.accounts().large_spans.load() == 0);
+    // The pages of both large spans are free again, and reusable.
+    const span_id again = *h.alloc_span(5, span_class::make(0, false), mspan_state::large, 7);
+    CHECK(h.span(again).start.value <= std::min(h.span(carved).start.value, h.span(freed).start.value));
+  }
+
   TEST_CASE("the first span grows the heap by one 4 MiB chunk") {
     test_heap t;
     mheap& h = *t.heap;
