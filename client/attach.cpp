@@ -238,9 +238,11 @@ bool reconnect_locked(runtime& r) {
   r.attached = true;
   for (const std::uint64_t h : std::exchange(r.deferred_large_frees, {})) {
     SHMALLOC_CRASH_POINT("reconnect.deferred_free");
+    // Its span before the free: the daemon clears the page map when it frees.
+    const span_id span = g_view.span_of(g_view.pointer(h));
     auto done = r.conn->request(proto::msg::free_large, proto::encode(proto::free_large_msg{h}));
-    if (done)
-      r.held.erase(g_view.span_of(g_view.pointer(h)).value);
+    if (done && span)
+      r.held.erase(span.value);
     else
       std::fprintf(stderr, "shmalloc: a large object freed while the daemon was away: %s\n", done.err().message.c_str());
   }
