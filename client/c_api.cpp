@@ -10,6 +10,7 @@
 
 #include "client/free.hpp"
 #include "client/runtime.hpp"
+#include "shm/crash_point.hpp"
 #include "shmalloc/shmalloc.h"
 
 namespace shmalloc::client {
@@ -22,7 +23,7 @@ SHMALLOC_FAST_PATH void* alloc(std::size_t size, bool noscan) noexcept {
   const std::uint8_t c = size_to_class_fast(size);
   // The noscan 16-byte span class is the tiny allocator's: other 16-byte
   // objects take the scan class (no collector reads the difference).
-  return alloc_small(c, noscan && c != tiny_size_class);
+  return alloc_small(c, noscan && c != tiny_size_class, size);
 }
 
 }  // namespace shmalloc::client
@@ -78,7 +79,7 @@ void* shmalloc_alloc_aligned(size_t size, size_t alignment) {
   }
   if (alignment <= 8 || size > max_small_size) return client::alloc(size, false);  // large spans are page-aligned
   const std::uint8_t c = size_to_class_aligned(size == 0 ? 1 : size, alignment);
-  return c != 0 ? alloc_small(c, false) : client::alloc(max_small_size + 1, false);
+  return c != 0 ? alloc_small(c, false, size) : client::alloc(max_small_size + 1, false);
 }
 
 // NULL needs no test of its own: it lies below the arenas, so the fast
@@ -140,8 +141,10 @@ int call_daemon(proto::msg type, const std::vector<std::uint8_t>& body, std::vec
   runtime& r = rt();
   std::lock_guard lock(r.mu);
   if (int rc = attach_locked(r, nullptr); rc != 0) return rc;
+  SHMALLOC_CRASH_POINT("api.request");
   auto reply = request_locked(r, type, body);
   if (!reply) return fail(reply.code());
+  SHMALLOC_CRASH_POINT("api.replied");
   if (out != nullptr) *out = std::move(reply.value());
   return 0;
 }

@@ -120,16 +120,17 @@ static_assert(offsetof(mcache, spares) % 64 == 0, "each spare_queue is one line"
 // t_cache (c_api.cpp), and without it they would call its TLS init function.
 extern constinit thread_local mcache* t_cache __attribute__((tls_model("initial-exec")));
 
-// Slow paths (slow_path.cpp): out of line and cold.
-SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexcept;
+// Slow paths (slow_path.cpp): out of line and cold. size is the request's,
+// for the sampled request histogram (mcache_slot::requests); 0: none.
+SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan, std::size_t size) noexcept;
 
-SHMALLOC_FAST_PATH void* alloc_small(std::uint8_t size_class, bool noscan) noexcept {
+SHMALLOC_FAST_PATH void* alloc_small(std::uint8_t size_class, bool noscan, std::size_t request) noexcept {
   mcache* mc = t_cache;
   // span_class::make, in a register-wide index (a byte index costs GCC two
   // extra instructions here).
   mcache_entry& e = mc->alloc[(std::size_t{size_class} << 1) | std::size_t{noscan}];
   const std::uint64_t bits = e.free_bits;
-  if (SHMALLOC_UNLIKELY(bits == 0)) return alloc_slow(size_class, noscan);
+  if (SHMALLOC_UNLIKELY(bits == 0)) return alloc_slow(size_class, noscan, request);
   std::byte* const base = e.word_base;
   const std::uint32_t size = e.elem_size;
   const auto i = static_cast<std::uint32_t>(std::countr_zero(bits));

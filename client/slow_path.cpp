@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "client/runtime.hpp"
+#include "shm/crash_point.hpp"
 
 namespace shmalloc::client {
 
@@ -41,9 +42,11 @@ void release_full_locked(runtime& r) {
     const std::size_t n = std::min<std::size_t>(proto::max_release, r.full.size() - at);
     std::vector<std::uint32_t> part(r.full.begin() + static_cast<std::ptrdiff_t>(at),
                                     r.full.begin() + static_cast<std::ptrdiff_t>(at + n));
+    SHMALLOC_CRASH_POINT("release.request");
     if (request_locked(r, proto::msg::release, proto::encode(proto::span_list_msg{part})))
       for (std::uint32_t id : part) r.held.erase(id);
   }
+  SHMALLOC_CRASH_POINT("release.done");
   r.full.clear();
 }
 
@@ -83,8 +86,10 @@ bool load_word(mcache_entry& e, mspan& s, std::uint32_t from, std::uint32_t to =
 void drop_span(runtime& r, std::uint8_t spc, mspan& s) {
   s.owner_cache.store(0, std::memory_order_release);
   const std::uint32_t id = g_view.span_id_of(s).value;
+  SHMALLOC_CRASH_POINT("drop.unowned");
   const std::uint64_t pooled = std::uint64_t{r.pool.size(spc) + 1} * class_span_bytes(span_class{spc}.size_class());
   if (has_free_slot(s) && pooled <= max_pool_bytes) {
+    SHMALLOC_CRASH_POINT("drop.pool");
     r.pool.push(spc, id);
     return;
   }
@@ -122,6 +127,7 @@ bool install(mcache_entry& e, mspan& s) noexcept {
 bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
   mspan& s = g_view.span(span_id{id});
   s.owner_cache.store(mc->token, std::memory_order_relaxed);
+  SHMALLOC_CRASH_POINT("take.owned");
   fold(mc, s);
   bump(mc->stats->refills, std::uint64_t{1});
   return install(mc->alloc[spc], s);
@@ -176,10 +182,21 @@ void retire_tiny(mcache* mc) noexcept {
   // a second time.
   if (mcache_slot* slot = slot_of(mc)) slot->tiny_block = 0;
   std::atomic_signal_fence(std::memory_order_seq_cst);
+  SHMALLOC_CRASH_POINT("tiny.retire");
   if (tiny_retire(g_view, s, block, mc->tiny_count)) free_slot(s, block, tiny_size_class, mc->tiny);
   mc->tiny = nullptr;
   mc->tiny_offset = tiny_size;
   mc->tiny_count = 0;
+}
+
+// Records a request of `size` bytes of size class c in the thread's slot
+// (layout.hpp's request_stats): one sample per slow path, about one per
+// 64 objects of the class.
+void sample_request(mcache* mc, std::uint8_t c, std::size_t size) noexcept {
+  mcache_slot* slot = slot_of(mc);
+  if (slot == nullptr || size <= request_floor(c) || size > class_to_size(c)) return;  // 0 bytes, or aligned up a class
+  bump(slot->requests.hist[c][request_bucket(c, size)]);
+  bump(slot->requests.bytes[c], std::uint64_t{size});
 }
 
 // REQUIRES: r.mu not held. Asks the daemon for a batch of spans; returns one
@@ -191,13 +208,16 @@ std::int64_t refill(runtime& r, std::uint8_t spc) {
   std::uint16_t& n = r.batch[spc];
   if (t - r.last_refill_ns[spc] < hot_refill_ns) n = std::min<std::uint16_t>(max_batch, static_cast<std::uint16_t>(n * 2));
   r.last_refill_ns[spc] = t;
+  SHMALLOC_CRASH_POINT("refill.request");
   auto body = request_locked(r, proto::msg::refill, proto::encode(proto::refill_msg{spc, n}));
   if (!body) return -1;
   auto list = proto::decode_span_list(body.value(), proto::max_refill);
   if (!list || list->span_ids.empty()) return -1;
   tsan_acquire_cross_process();  // the daemon folded what was pushed into these spans' memory
+  SHMALLOC_CRASH_POINT("refill.reply");
   r.held.insert(list->span_ids.begin(), list->span_ids.end());
   r.pool_demand[spc].fetch_add(1, std::memory_order_relaxed);  // the span returned; pooled ones count when taken
+  SHMALLOC_CRASH_POINT("refill.pool");
   for (std::size_t i = 1; i < list->span_ids.size(); ++i) r.pool.push(spc, list->span_ids[i]);
   return list->span_ids[0];
 }
@@ -221,6 +241,7 @@ mcache* ensure_cache() {
     slot = r.spare_slots.back();
     r.spare_slots.pop_back();
   } else {
+    SHMALLOC_CRASH_POINT("cache.open");
     auto body = request_locked(r, proto::msg::cache_open, {});
     if (!body) {
       // Each allocation of this thread asks again (a slot may have come
@@ -254,8 +275,10 @@ void release_thread_cache() noexcept {
     if (mspan* s = mc->alloc[spc].span(); s != nullptr) drop_span(r, c, *s);
     for (std::uint8_t k = 0; k < mc->spares[spc].n; ++k) drop_span(r, c, g_view.span(span_id{mc->spares[spc].ids[k]}));
   }
+  SHMALLOC_CRASH_POINT("cache.dropped");
   t_cache = &empty_cache;
   std::lock_guard lock(r.mu);
+  SHMALLOC_CRASH_POINT("cache.release");
   if (r.attached && mc->slot == r.main_slot) r.main_slot_free = true;  // retired with the connection
   else if (r.attached && r.spare_slots.size() < max_spare_slots) r.spare_slots.push_back(mc->slot);
   else if (r.attached) request_locked(r, proto::msg::cache_close, proto::encode(proto::slot_msg{mc->slot}));
@@ -268,9 +291,10 @@ using namespace detail;
 
 constinit thread_local mcache* t_cache __attribute__((tls_model("initial-exec"))) = &empty_cache;
 
-SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexcept {
+SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan, std::size_t size) noexcept {
   mcache* mc = ensure_cache();
   if (mc == nullptr) return nullptr;
+  sample_request(mc, size_class, size);
   runtime& r = rt();
   const std::uint8_t spc = span_class::make(size_class, noscan).value;
   mcache_entry& e = mc->alloc[spc];
@@ -279,18 +303,19 @@ SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan) noexce
   // First what this thread freed into the word it allocates from: in a
   // steady state that is where the next objects are, and reading one word
   // is the cheapest refill there is (it also keeps objects packed low).
-  if (mspan* s = e.span(); s != nullptr && load_word(e, *s, e.word, e.word + 1)) return alloc_small(size_class, noscan);
+  if (mspan* s = e.span(); s != nullptr && load_word(e, *s, e.word, e.word + 1)) return alloc_small(size_class, noscan, size);
   for (int attempt = 0; attempt < 8; ++attempt) {
     if (mspan* s = e.span(); s != nullptr) {
       // The rest of the span, then what other threads and processes freed.
-      if (load_word(e, *s, e.word + 1) || (fold(mc, *s), load_word(e, *s, 0))) return alloc_small(size_class, noscan);
-      if (switch_to_spare(r, mc, spc)) return alloc_small(size_class, noscan);
+      if (load_word(e, *s, e.word + 1) || (fold(mc, *s), load_word(e, *s, 0))) return alloc_small(size_class, noscan, size);
+      if (switch_to_spare(r, mc, spc)) return alloc_small(size_class, noscan, size);
     }
     std::int64_t id = r.pool.pop(spc);
     if (id >= 0) r.pool_demand[spc].fetch_add(1, std::memory_order_relaxed);
     if (id < 0) id = refill(r, spc);
     if (id < 0) return nullptr;
-    if (take_span(mc, spc, static_cast<std::uint32_t>(id))) return alloc_small(size_class, noscan);
+    SHMALLOC_CRASH_POINT("alloc.take");
+    if (take_span(mc, spc, static_cast<std::uint32_t>(id))) return alloc_small(size_class, noscan, size);
   }
   return nullptr;
 }
@@ -299,11 +324,12 @@ SHMALLOC_SLOW_PATH void* alloc_tiny_slow(std::size_t size) noexcept {
   mcache* mc = ensure_cache();
   if (mc == nullptr) return nullptr;
   retire_tiny(mc);
-  auto* block = static_cast<std::byte*>(alloc_small(tiny_size_class, true));  // a block of a tiny span
+  auto* block = static_cast<std::byte*>(alloc_small(tiny_size_class, true, 0));  // a block of a tiny span
   if (block == nullptr) return nullptr;
   const mspan& s = g_view.span(g_view.span_at(g_view.handle_of(block)));
   const auto index = static_cast<std::uint32_t>((block - g_view.span_base(s)) / tiny_size);
   tiny_count_of(s, index).store(tiny_bias, std::memory_order_relaxed);
+  SHMALLOC_CRASH_POINT("tiny.block_set");
   tiny_freed_mask(g_view, s, index).store(0, std::memory_order_relaxed);
   // Recorded for the daemon once the block is set up: a thread that dies
   // while it holds the block gets it retired with its other state.
@@ -311,6 +337,7 @@ SHMALLOC_SLOW_PATH void* alloc_tiny_slow(std::size_t size) noexcept {
     std::atomic_signal_fence(std::memory_order_seq_cst);
     slot->tiny_allocs_at_block = mc->stats->tiny_allocs.load(std::memory_order_relaxed);
     std::atomic_signal_fence(std::memory_order_seq_cst);
+    SHMALLOC_CRASH_POINT("tiny.record");
     slot->tiny_block = g_view.handle_of(block);
   }
   mc->tiny = block;

@@ -260,6 +260,26 @@ void add_caches(family_list& out, const std::vector<cache_census>& caches) {
   }
 }
 
+// A client's name is its own: bytes a label should not carry show as '?'.
+std::string label_text(std::string s) {
+  for (char& ch : s)
+    if (ch < 0x20 || ch >= 0x7f) ch = '?';
+  return s;
+}
+
+void add_clients(family_list& out, const std::vector<client_live>& clients) {
+  MetricFamily& f = out.family("shmalloc_client_live_bytes",
+                               "Bytes a client's threads allocated and have not freed, large objects included; "
+                               "the top 10 clients by these bytes (shmallocctl leaks shows all).",
+                               MetricType::Gauge);
+  for (std::size_t i = 0; i < clients.size() && i < max_client_series; ++i) {
+    const client_live& c = clients[i];
+    labelled(f, {{"client", std::to_string(c.id)}, {"name", label_text(c.name)},
+                 {"pid", c.pid != 0 ? std::to_string(c.pid) : std::string()}})
+        .gauge.value = d(c.live_bytes);
+  }
+}
+
 }  // namespace
 
 std::vector<MetricFamily> heap_families(const metrics_sample& s, const build_info& b) {
@@ -273,6 +293,7 @@ std::vector<MetricFamily> heap_families(const metrics_sample& s, const build_inf
   add_allocs_by_size(out, s.census);
   add_classes(out, s.census);
   out.gauge("shmalloc_clients", "Client processes connected to the daemon.", d(s.clients));
+  add_clients(out, s.top_clients);
   add_control(out, s.control);
   out.counter("shmalloc_reclaimed_bytes_total", "Bytes of spans taken back from clients that disconnected, cleanly or by dying.",
               d(s.census.mem.reclaimed_bytes_total));

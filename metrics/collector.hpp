@@ -31,8 +31,9 @@
 // memory dashboard ports by a rename; each HELP says what it mirrors.
 // Label sets are bounded: size_class (67 values), state (3), op (one per
 // request type), reason (one per error code), cache (one per shared cache,
-// at most the 1,024 named roots). No pid or client labels: per-client
-// detail is shmallocctl clients'.
+// at most the 1,024 named roots), and client, pid and name only on
+// shmalloc_client_live_bytes, for the top max_client_series clients by live
+// bytes (more per-client detail is shmallocctl clients' and leaks').
 //
 // This layer depends on shm/, cache_census and prometheus-cpp only (no Asio,
 // nor the caches' client library); the daemon (service/) supplies the
@@ -53,6 +54,16 @@
 
 namespace shmalloc::metrics {
 
+// Clients with a series of shmalloc_client_live_bytes: the top ones by live
+// bytes, so that the label set stays bounded however many clients connect.
+inline constexpr std::size_t max_client_series = 10;
+struct client_live {
+  std::uint32_t id = 0;
+  std::uint32_t pid = 0;  // 0: not in the daemon's PID namespace
+  std::string name;
+  std::uint64_t live_bytes = 0;
+};
+
 // One scrape's worth of daemon state.
 struct metrics_sample {
   heap_census census;
@@ -60,6 +71,7 @@ struct metrics_sample {
   control_stats control;
   std::uint64_t shm_avail_bytes = 0;  // statvfs of the filesystem behind the heap
   std::vector<cache_census> caches;   // the shared caches, read under the heap lock too
+  std::vector<client_live> top_clients;  // at most max_client_series, the most live bytes first
   bool valid = false;  // false: the daemon could not be sampled (stopping)
 };
 

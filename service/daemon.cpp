@@ -184,6 +184,8 @@ metrics::metrics_sample daemon::sample() {
   s.census = read_census(*heap_);
   s.caches = read_caches(heap_->seg());  // the roots that find them change under this lock
   s.clients = handler_->clients();
+  for (const proto::leak_row& r : handler_->top_live_clients(metrics::max_client_series))
+    s.top_clients.push_back({r.id, r.pid, r.name, r.live_bytes});
   s.control = control_stats_;
   s.valid = true;
   return s;

@@ -11,6 +11,7 @@
 
 #include "cache/census.hpp"
 #include "cache/layout.hpp"
+#include "shm/crash_point.hpp"
 #include "shm/memstats.hpp"
 #include "shm/segment.hpp"
 
@@ -28,7 +29,7 @@ reply ok_reply(msg type, const proto::frame_header& h, const std::vector<std::ui
 // Reports that change nothing, so observers such as shmallocctl need not register.
 bool read_only(msg type) {
   return type == msg::stats || type == msg::classes || type == msg::clients || type == msg::pages ||
-         type == msg::caches;
+         type == msg::caches || type == msg::advise || type == msg::leaks;
 }
 reply no_body_error(msg type, const proto::frame_header& h, const char* request) {
   return error_reply(type, h, errc::protocol_error, std::string(request) + " takes no body");
@@ -57,6 +58,7 @@ reply request_handler::handle(client_state& c, const proto::frame_header& h, std
   if (std::string why = proto::check_header(h); !why.empty())
     return error_reply(msg::ok, h, errc::protocol_error, why, true);
   const auto type = static_cast<msg>(h.type);
+  sample_held(heap_->now(), false);  // before the request changes what its client holds
   if (c.id == 0 && type != msg::hello && !read_only(type))
     return error_reply(msg::ok, h, errc::protocol_error, "the first request must be hello");
   switch (type) {
@@ -70,6 +72,8 @@ reply request_handler::handle(client_state& c, const proto::frame_header& h, std
     case msg::clients: return on_clients(c, h, p);
     case msg::pages: return on_pages(c, h, p);
     case msg::caches: return on_caches(c, h, p);
+    case msg::advise: return on_advise(c, h, p);
+    case msg::leaks: return on_leaks(c, h, p);
     case msg::reattach: return on_reattach(c, h, p);
     case msg::cache_open: return on_cache_open(c, h, p);
     case msg::cache_close: return on_cache_close(c, h, p);
@@ -157,11 +161,13 @@ reply request_handler::on_refill(client_state& c, const proto::frame_header& h, 
       failure = {errc::quota_exceeded, "client quota of " + std::to_string(settings_.quota_bytes) + " bytes reached"};
       break;
     }
+    SHMALLOC_CRASH_POINT("handler.refill");
     auto id = heap_->central(spc).cache_span(c.id);
     if (!id) {
       failure = id.err();
       break;
     }
+    SHMALLOC_CRASH_POINT("handler.refilled");
     c.spans.insert(id->value);
     c.bytes_held += bytes;
     out.span_ids.push_back(id->value);
@@ -195,6 +201,7 @@ reply request_handler::on_release(client_state& c, const proto::frame_header& h,
     const mspan& s = heap_->span(span_id{id});
     c.bytes_held -= span_bytes(id);
     c.spans.erase(id);
+    SHMALLOC_CRASH_POINT("handler.release");
     (void)heap_->central(span_class{s.span_class}).uncache_span(span_id{id});
   }
   return ok_reply(msg::ok, h);
@@ -209,8 +216,10 @@ reply request_handler::on_alloc_large(client_state& c, const proto::frame_header
     return error_reply(msg::large, h, m->bytes > heap_->seg().header().capacity ? errc::no_memory : errc::quota_exceeded,
                        "a large object of " + std::to_string(m->bytes) + " bytes does not fit the " +
                            (m->bytes > heap_->seg().header().capacity ? "heap" : "client quota"));
+  SHMALLOC_CRASH_POINT("handler.alloc_large");
   auto id = heap_->alloc_large(m->bytes, m->noscan, c.id);
   if (!id) return error_reply(msg::large, h, id.code(), id.err().message);
+  SHMALLOC_CRASH_POINT("handler.large_recorded");
   c.large.insert(id->value);
   c.bytes_held += bytes;
   const handle_t handle = heap_->view().handle_of(heap_->view().span_base(heap_->span(*id)));
@@ -235,6 +244,7 @@ reply request_handler::on_free_large(client_state& c, const proto::frame_header&
     o->second.large.erase(ref.span.value);
     if (o->second.spans.empty() && o->second.large.empty() && o->second.slots.empty()) orphans_.erase(o);
   }
+  SHMALLOC_CRASH_POINT("handler.free_large");
   heap_->free_span(ref.span);
   return ok_reply(msg::ok, h);
 }
@@ -334,6 +344,18 @@ reply request_handler::on_caches(client_state&, const proto::frame_header& h, st
   return ok_reply(msg::cache_table, h, proto::encode(cache_table()));
 }
 
+reply request_handler::on_advise(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  if (!p.empty()) return no_body_error(msg::advise_table, h, "advise");
+  return ok_reply(msg::advise_table, h, proto::encode(advise_table()));
+}
+
+reply request_handler::on_leaks(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  const auto window = proto::decode_leaks_request(p);
+  if (!window)
+    return error_reply(msg::leak_table, h, errc::protocol_error, "malformed leaks (an empty body, or u32 window 1..600 s)");
+  return ok_reply(msg::leak_table, h, proto::encode(leak_table(*window)));
+}
+
 proto::stats_msg request_handler::stats() const {
   const heap_census census = read_census(*heap_);
   const heap_memstats& m = census.mem;
@@ -373,6 +395,129 @@ proto::class_table_msg request_handler::class_table() const {
                       census.class_unused_bytes(s), k.mallocs, k.frees});
   }
   return t;
+}
+
+proto::advise_table_msg request_handler::advise_table() const {
+  static_assert(proto::advise_buckets == request_buckets);
+  const heap_census census = read_census(*heap_);
+  proto::advise_table_msg t;
+  t.heap_inuse_bytes = census.mem.heap_inuse_bytes;
+  auto add = [&t](const request_stats& r) {
+    for (std::size_t s = 1; s < num_size_classes; ++s) {
+      proto::advise_row& row = t.rows[s - 1];
+      for (std::uint32_t k = 0; k < request_buckets; ++k) row.buckets[k] += r.hist[s][k].load(std::memory_order_relaxed);
+      row.requested_bytes += r.bytes[s].load(std::memory_order_relaxed);
+    }
+  };
+  t.rows.resize(num_size_classes - 1);
+  add(heap_->state().retired_requests);
+  const auto slots = heap_->accounts().caches_committed.load(std::memory_order_relaxed);
+  for (std::uint64_t i = 0; i < slots; ++i) add(heap_->cache_slot(static_cast<std::uint32_t>(i)).requests);
+  for (std::size_t s = 1; s < num_size_classes; ++s) {
+    proto::advise_row& row = t.rows[s - 1];
+    row.size_class = static_cast<std::uint8_t>(s);
+    row.object_size = class_to_size(row.size_class);
+    row.objects_live = census.classes[s].live_objects();
+    row.bytes_in_use = census.class_inuse_bytes(s);
+    // Read while clients write: a bucket bumped after its bytes were read
+    // would break the decoder's check, so clamp as the census clamps.
+    row.requested_bytes = std::min(row.requested_bytes, row.samples() * row.object_size);
+  }
+  return t;
+}
+
+void request_handler::sample_held(std::uint64_t now, bool force) {
+  constexpr std::uint64_t every_ns = 1'000'000'000;
+  constexpr std::uint64_t keep_ns = std::uint64_t{proto::max_leak_window_s} * every_ns;
+  constexpr std::size_t max_samples = proto::max_leak_window_s + 16;
+  if (!force && now - last_held_sample_ns_ < every_ns) return;
+  last_held_sample_ns_ = now;
+  for (auto& [id, c] : by_id_) {
+    auto& hist = c->live_history;
+    if (!hist.empty() && hist.back().ns == now) continue;
+    hist.push_back({now, live_bytes(*c, nullptr)});
+    // Keep one sample at least keep_ns old (the longest window's start).
+    std::size_t drop = 0;
+    while (drop + 1 < hist.size() && now - hist[drop + 1].ns >= keep_ns) ++drop;
+    if (hist.size() - drop > max_samples) drop = hist.size() - max_samples;
+    hist.erase(hist.begin(), hist.begin() + static_cast<std::ptrdiff_t>(drop));
+  }
+}
+
+// Objects the client's threads allocated and have not freed, per size
+// class, from its cache slots' counters: a free counts in the freeing
+// thread's slot, so objects another process frees stay charged here (a
+// class's count is clamped at 0 for the process that frees them).
+std::uint64_t request_handler::live_bytes(const client_state& c, std::uint64_t* per_class) const noexcept {
+  std::int64_t net[num_size_classes] = {};
+  auto add = [&](std::uint32_t slot) {
+    const stats_block& b = heap_->cache_slot(slot).stats;
+    for (std::size_t k = 1; k < num_size_classes; ++k)
+      net[k] += static_cast<std::int64_t>(b.small_allocs[k].load(std::memory_order_relaxed) -
+                                          b.small_frees[k].load(std::memory_order_relaxed));
+  };
+  add(c.cache_slot);
+  for (std::uint32_t slot : c.extra_slots) add(slot);
+  std::uint64_t bytes = 0;
+  for (std::uint32_t id : c.large) bytes += span_bytes(id);
+  for (std::size_t k = 1; k < num_size_classes; ++k) {
+    const std::uint64_t n = net[k] > 0 ? static_cast<std::uint64_t>(net[k]) : 0;
+    if (per_class != nullptr) per_class[k] = n;
+    bytes += n * class_to_size(static_cast<std::uint8_t>(k));
+  }
+  return bytes;
+}
+
+proto::leak_row request_handler::leak_row_of(const client_state& c, std::uint64_t now, std::uint64_t window_ns) const {
+  proto::leak_row row;
+  row.id = c.id;
+  row.pid = static_cast<std::uint32_t>(c.pid);
+  row.name = c.name;
+  row.bytes_held = c.bytes_held;
+  std::uint64_t per_class[num_size_classes] = {};
+  row.live_bytes = live_bytes(c, per_class);
+  // The newest sample at least a window old, else the oldest there is.
+  const client_state::live_sample* then = c.live_history.empty() ? nullptr : &c.live_history.front();
+  for (const auto& h : c.live_history)
+    if (now - h.ns >= window_ns) then = &h;
+  row.live_bytes_then = then != nullptr ? then->bytes : row.live_bytes;
+  row.then_ago_ns = then != nullptr ? now - then->ns : 0;
+  row.large_objects = static_cast<std::uint32_t>(c.large.size());
+  for (std::uint32_t id : c.large) row.large_bytes += span_bytes(id);
+  for (std::size_t k = 1; k < num_size_classes; ++k)
+    if (per_class[k] != 0) row.classes.push_back({static_cast<std::uint8_t>(k), per_class[k]});
+  return row;
+}
+
+proto::leak_table_msg request_handler::leak_table(std::uint32_t window_s) {
+  const std::uint64_t now = heap_->now();
+  sample_held(now, true);
+  proto::leak_table_msg t;
+  t.window_ns = std::uint64_t{window_s} * 1'000'000'000;
+  t.total = static_cast<std::uint32_t>(by_id_.size());
+  std::vector<proto::leak_row> rows;
+  for (const auto& [id, c] : by_id_) rows.push_back(leak_row_of(*c, now, t.window_ns));
+  std::stable_sort(rows.begin(), rows.end(), [](const proto::leak_row& a, const proto::leak_row& b) {
+    return a.growth() != b.growth() ? a.growth() > b.growth() : a.live_bytes > b.live_bytes;
+  });
+  std::size_t room = proto::max_reply_body - proto::leak_table_header_bytes;
+  for (proto::leak_row& row : rows) {
+    const std::size_t size = proto::encoded_size(row);
+    if (size > room) break;  // the rest are counted in total only
+    room -= size;
+    t.rows.push_back(std::move(row));
+  }
+  return t;
+}
+
+std::vector<proto::leak_row> request_handler::top_live_clients(std::size_t k) const {
+  const std::uint64_t now = heap_->now();
+  std::vector<proto::leak_row> rows;
+  for (const auto& [id, c] : by_id_) rows.push_back(leak_row_of(*c, now, 0));
+  std::stable_sort(rows.begin(), rows.end(),
+                   [](const proto::leak_row& a, const proto::leak_row& b) { return a.live_bytes > b.live_bytes; });
+  if (rows.size() > k) rows.resize(k);
+  return rows;
 }
 
 std::uint64_t request_handler::objects_held(const client_state& c) const noexcept {
@@ -485,6 +630,7 @@ void request_handler::retire_dead_tiny(std::uint32_t slot) {
   const std::uint64_t handed_out = cs.stats.tiny_allocs.load(std::memory_order_relaxed) - cs.tiny_allocs_at_block;
   if (handed_out > tiny_size) return;
   const auto b = static_cast<std::uint32_t>(block);
+  SHMALLOC_CRASH_POINT("handler.retire_tiny");
   if (tiny_retire(v, s, b, static_cast<std::uint32_t>(handed_out))) span_push_remote(v, s, b);
 }
 
@@ -492,9 +638,11 @@ void request_handler::reclaim(std::uint32_t owner, const std::set<std::uint32_t>
                               const std::set<std::uint32_t>& large, const std::vector<std::uint32_t>& slots) {
   std::uint64_t reclaimed = 0;
   for (std::uint32_t slot : slots) retire_dead_tiny(slot);  // before its span goes back: the fold takes the block
+  SHMALLOC_CRASH_POINT("handler.reclaim");
   for (std::uint32_t id : spans) {
     if (!holds(owner, id, mspan_state::cached)) continue;
     reclaimed += span_bytes(id);
+    SHMALLOC_CRASH_POINT("handler.reclaim_span");
     heap_->central(span_class{heap_->span(span_id{id}).span_class}).uncache_span(span_id{id});
   }
   for (std::uint32_t id : large) {
@@ -506,6 +654,7 @@ void request_handler::reclaim(std::uint32_t owner, const std::set<std::uint32_t>
       heap_->free_span(span_id{id});
     }
   }
+  SHMALLOC_CRASH_POINT("handler.reclaim_slots");
   for (std::uint32_t slot : slots) heap_->retire_cache(slot);
   bump(heap_->accounts().reclaimed_bytes_total, reclaimed);
 }
@@ -572,6 +721,7 @@ std::size_t request_handler::expire_orphans(std::uint64_t grace_ns) {
       ++it;
       continue;
     }
+    SHMALLOC_CRASH_POINT("handler.expire");
     reclaim(it->first, it->second.spans, it->second.large, it->second.slots);
     it = orphans_.erase(it);
     ++expired;
@@ -591,6 +741,7 @@ reply request_handler::on_reattach(client_state& c, const proto::frame_header& h
     return error_reply(msg::spans, h, errc::permission_denied,
                        "the reattach token is not client " + std::to_string(m->old_client_id) + "'s");
   proto::span_list_msg taken;
+  SHMALLOC_CRASH_POINT("handler.reattach");
   for (std::uint32_t id : m->span_ids) {
     std::set<std::uint32_t>* from = g.spans.count(id) ? &g.spans : g.large.count(id) ? &g.large : nullptr;
     if (from == nullptr) continue;  // not that client's: left alone

@@ -40,6 +40,15 @@ struct client_state {
   std::set<std::uint32_t> large;  // large objects it allocated and holds
   std::uint64_t bytes_held = 0;   // spans and large objects, for the quota
   std::uint64_t connected_ns = 0;
+  // Its live bytes (request_handler::live_bytes) over time, oldest first,
+  // for shmallocctl leaks' growth: a sample at most once a second, taken
+  // when the daemon handles a request, kept for the longest window
+  // (proto::max_leak_window_s).
+  struct live_sample {
+    std::uint64_t ns;
+    std::uint64_t bytes;
+  };
+  std::vector<live_sample> live_history;
 };
 
 // The client for a log line: its id, name and pid, its own pid when that
@@ -107,6 +116,15 @@ class request_handler {
   proto::page_table_msg page_table() const;
   // Caches by name, as many as fit one reply frame; total counts them all.
   proto::cache_table_msg cache_table() const;
+  // Per size class, the sampled requested sizes and what the class holds
+  // (shmallocctl advise).
+  proto::advise_table_msg advise_table() const;
+  // Per client, what it holds and how that grew over the last window_s
+  // seconds, the biggest growth first (shmallocctl leaks).
+  proto::leak_table_msg leak_table(std::uint32_t window_s);
+  // The k clients with the most live bytes, the most first (the metrics'
+  // shmalloc_client_live_bytes).
+  std::vector<proto::leak_row> top_live_clients(std::size_t k) const;
 
  private:
   reply on_hello(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
@@ -126,6 +144,16 @@ class request_handler {
   reply on_clients(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_pages(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_caches(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_advise(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  reply on_leaks(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  // Appends each client's live bytes to its history, if a second has passed
+  // since the last sample (or force).
+  void sample_held(std::uint64_t now, bool force);
+  // Bytes of the objects its threads allocated and did not free (by its
+  // cache slots' counters), plus its large objects; per_class (67 + 1
+  // entries, or nullptr): the objects by size class.
+  std::uint64_t live_bytes(const client_state& c, std::uint64_t* per_class) const noexcept;
+  proto::leak_row leak_row_of(const client_state& c, std::uint64_t now, std::uint64_t window_ns) const;
   proto::client_row row_of(const client_state& c, std::uint64_t now_ns, std::uint64_t unix_now_ns) const;
   // Objects allocated in the client's spans (alloc bits, less tiny spans'
   // counter blocks) plus its large objects.
@@ -159,6 +187,7 @@ class request_handler {
   std::size_t clients_ = 0;
   std::uint64_t requests_ = 0;  // handled, for stats (the daemon's metrics count them by op)
   std::uint16_t metrics_port_ = 0;
+  std::uint64_t last_held_sample_ns_ = 0;
   std::map<std::uint32_t, client_state*> by_id_;  // live clients, for frees of their large objects
   std::map<std::uint32_t, orphan_group> orphans_;  // by old client id
 };

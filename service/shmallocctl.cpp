@@ -3,7 +3,7 @@
 // Each subcommand is one add_<name>() that registers it with CLI11 and returns
 // what to run when it is chosen; main() only parses and dispatches. The
 // commands that talk to the daemon over its Unix socket (stats, ping,
-// classes, clients, spans, caches) share add_daemon_command and ask();
+// classes, clients, spans, caches, leaks, advise) share add_daemon_command and ask();
 // size-classes needs no daemon. Tables print as memcached-tool does (a
 // header row, aligned columns); --json prints the same names as JSON,
 // numbers as numbers.
@@ -23,6 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include "shm/control_client.hpp"
+#include "shm/layout.hpp"
 #include "shm/size_classes.hpp"
 
 #include <algorithm>
@@ -82,6 +83,10 @@ struct daemon_options {
   std::string socket = shmalloc::default_socket_path();
   bool json = false;
   bool all = false;  // classes: every size class, not only those in use
+  // leaks: one client (by id or pid), and the growth window
+  std::uint32_t client = 0;
+  std::uint32_t pid = 0;
+  std::uint32_t window_s = shmalloc::proto::default_leak_window_s;
 };
 
 // Asks the daemon one read-only question and decodes the reply, or prints
@@ -387,6 +392,121 @@ int print_caches(const daemon_options& o) {
   return flush_stdout();
 }
 
+// ---- advise -----------------------------------------------------------------
+
+const std::vector<std::string> advise_columns{"class",        "object_size",     "samples",       "mean_request",
+                                              "waste_pct",    "live_bytes",      "wasted_bytes",  "wasted_heap_pct",
+                                              "split_at",     "split_covers",    "saved_bytes",   "saved_heap_pct"};
+
+double percent(double part, double whole) { return whole > 0 ? std::round(part / whole * 1000.0) / 10.0 : 0.0; }
+
+// One class's internal fragmentation, from its sampled requests: the mean
+// request against the object size, applied to its live bytes; and the one
+// extra class boundary inside it (a multiple of 8, at a bucket's top) that
+// would save most: the sampled requests at or under it would take it.
+json advice_json(const shmalloc::proto::advise_row& r, std::uint64_t heap_inuse) {
+  const double n = static_cast<double>(r.samples());
+  const double size = r.object_size;
+  const double mean = r.requested_bytes / n;
+  const double live_bytes = static_cast<double>(r.objects_live) * size;
+  const double wasted = live_bytes * (size - mean) / size;
+  std::uint64_t best_at = 0, best_lo = 0;
+  double best_saved = 0;
+  std::uint64_t under = 0;
+  for (std::uint32_t k = 0; k + 1 < shmalloc::request_buckets; ++k) {
+    under += r.buckets[k];
+    const std::uint64_t at = (shmalloc::request_bucket_top(r.size_class, k) + 7) / 8 * 8;
+    if (at >= r.object_size) break;
+    const double saved = static_cast<double>(r.objects_live) * (static_cast<double>(under) / n) * (size - static_cast<double>(at));
+    if (saved > best_saved || (best_at == 0 && under != 0)) {
+      best_saved = saved;
+      best_at = at;
+      best_lo = shmalloc::request_floor(r.size_class) + 1;
+    }
+  }
+  const auto bytes = [](double b) { return static_cast<std::uint64_t>(std::llround(b)); };
+  return {{"class", r.size_class},
+          {"object_size", r.object_size},
+          {"samples", r.samples()},
+          {"mean_request", std::round(mean * 10.0) / 10.0},
+          {"waste_pct", percent(size - mean, size)},
+          {"live_bytes", bytes(live_bytes)},
+          {"wasted_bytes", bytes(wasted)},
+          {"wasted_heap_pct", percent(wasted, static_cast<double>(heap_inuse))},
+          {"split_at", best_at != 0 ? json(best_at) : json(nullptr)},
+          {"split_covers", best_at != 0 ? json(std::to_string(best_lo) + ".." + std::to_string(best_at)) : json("-")},
+          {"saved_bytes", bytes(best_saved)},
+          {"saved_heap_pct", percent(best_saved, static_cast<double>(heap_inuse))}};
+}
+
+// Per size class with sampled requests, the most wasted bytes first.
+int print_advice(const daemon_options& o) {
+  auto t = ask(o, msg::advise, &shmalloc::proto::decode_advise_table);
+  if (!t) return exit_failure;
+  json rows = json::array();
+  for (const auto& r : t->rows)
+    if (r.samples() != 0) rows.push_back(advice_json(r, t->heap_inuse_bytes));
+  std::stable_sort(rows.begin(), rows.end(), [](const json& a, const json& b) {
+    return a["wasted_bytes"].get<std::uint64_t>() > b["wasted_bytes"].get<std::uint64_t>();
+  });
+  if (o.json) std::cout << dump(json{{"heap_inuse_bytes", t->heap_inuse_bytes}, {"classes", rows}}) << '\n';
+  else print_table(advise_columns, rows);
+  return flush_stdout();
+}
+
+// ---- leaks ------------------------------------------------------------------
+
+const std::vector<std::string> leak_columns{"id",           "pid",                 "name",       "live_bytes",
+                                            "growth_bytes", "growth_over_seconds", "bytes_held", "large_bytes",
+                                            "top_classes"};
+
+json leak_json(const shmalloc::proto::leak_row& r) {
+  json classes = json::array();
+  for (const auto& c : r.classes) {
+    const std::uint64_t size = shmalloc::class_to_size(c.size_class);
+    classes.push_back({{"class", c.size_class}, {"object_size", size}, {"objects", c.objects}, {"bytes", c.objects * size}});
+  }
+  std::stable_sort(classes.begin(), classes.end(), [](const json& a, const json& b) {
+    return a["bytes"].get<std::uint64_t>() > b["bytes"].get<std::uint64_t>();
+  });
+  std::string top;  // "48x20000 112x5000": object size x objects, the three biggest
+  for (std::size_t i = 0; i < classes.size() && i < 3; ++i)
+    top += (i ? " " : "") + classes[i]["object_size"].dump() + "x" + classes[i]["objects"].dump();
+  return {{"id", r.id},
+          {"pid", r.pid != 0 ? json(r.pid) : json(nullptr)},
+          {"name", printable(r.name)},
+          {"live_bytes", r.live_bytes},
+          {"growth_bytes", r.growth()},
+          {"growth_over_seconds", std::round(static_cast<double>(r.then_ago_ns) / 1e8) / 10.0},
+          {"bytes_held", r.bytes_held},
+          {"large_objects", r.large_objects},
+          {"large_bytes", r.large_bytes},
+          {"top_classes", top.empty() ? "-" : top},
+          {"classes", classes}};
+}
+
+// Per client, the top growers first; --client or --pid keeps one.
+int print_leaks(const daemon_options& o) {
+  using namespace shmalloc::proto;
+  auto t = ask(o, question<leak_table_msg>{msg::leaks, encode_leaks_request(o.window_s), &decode_leak_table});
+  if (!t) return exit_failure;
+  json rows = json::array();
+  for (const auto& r : t->rows)
+    if ((o.client == 0 || r.id == o.client) && (o.pid == 0 || r.pid == o.pid)) rows.push_back(leak_json(r));
+  const std::size_t left_out = t->total - t->rows.size();
+  if (o.json) {
+    std::cout << dump(json{{"window_seconds", t->window_ns / 1'000'000'000}, {"total", t->total},
+                           {"shown", t->rows.size()}, {"left_out", left_out}, {"clients", rows}})
+              << '\n';
+    return flush_stdout();
+  }
+  for (json& row : rows)
+    if (row["pid"].is_null()) row["pid"] = "-";
+  print_table(leak_columns, rows);
+  if (left_out != 0) std::cout << "(" << left_out << " more clients did not fit the reply)\n";
+  return flush_stdout();
+}
+
 // ---- registration -----------------------------------------------------------
 
 // The connection options, on the root command; subcommands fall through to
@@ -419,6 +539,17 @@ subcommand add_classes(CLI::App& root, daemon_options& o) {
   return cmd;
 }
 
+subcommand add_leaks(CLI::App& root, daemon_options& o) {
+  subcommand cmd = add_daemon_command(
+      root, o, "leaks", "Per client: bytes held and their growth over a window, by size class; the top growers first",
+      &print_leaks);
+  cmd.app->add_option("--client", o.client, "only the client with this id");
+  cmd.app->add_option("--pid", o.pid, "only the client with this pid (as the daemon sees it)");
+  cmd.app->add_option("--window", o.window_s, "growth over the last SECONDS (default 60)")
+      ->check(CLI::Range(1u, shmalloc::proto::max_leak_window_s));
+  return cmd;
+}
+
 // ---- main -------------------------------------------------------------------
 
 int usage_error(const CLI::App& root, const std::string& message) {
@@ -446,6 +577,10 @@ int main(int argc, char** argv) {
                          &print_spans),
       add_daemon_command(root, daemon, "caches", "Per shared cache: items, bytes, hits, misses, evictions",
                          &print_caches),
+      add_leaks(root, daemon),
+      add_daemon_command(root, daemon, "advise",
+                         "Per size class: waste from sampled request sizes, and the extra class boundary that would save most",
+                         &print_advice),
   };
 
   try {

@@ -196,6 +196,35 @@ std::vector<std::uint8_t> encode(const class_table_msg& m) {
   return std::move(w.bytes());
 }
 
+std::vector<std::uint8_t> encode(const advise_table_msg& m) {
+  writer w;
+  w.u64(m.heap_inuse_bytes).u16(static_cast<std::uint16_t>(m.rows.size()));
+  for (const advise_row& r : m.rows) {
+    w.u8(r.size_class).u32(r.object_size).u64(r.objects_live).u64(r.bytes_in_use);
+    for (std::uint32_t b : r.buckets) w.u32(b);
+    w.u64(r.requested_bytes);
+  }
+  return std::move(w.bytes());
+}
+
+std::vector<std::uint8_t> encode_leaks_request(std::uint32_t window_s) {
+  if (window_s == default_leak_window_s) return {};  // what a daemon from before the window reads
+  writer w;
+  w.u32(window_s);
+  return std::move(w.bytes());
+}
+
+std::vector<std::uint8_t> encode(const leak_table_msg& m) {
+  writer w;
+  w.u64(m.window_ns).u32(m.total).u16(static_cast<std::uint16_t>(m.rows.size()));
+  for (const leak_row& r : m.rows) {
+    w.u32(r.id).u32(r.pid).str(r.name).u64(r.bytes_held).u64(r.live_bytes).u64(r.live_bytes_then).u64(r.then_ago_ns);
+    w.u32(r.large_objects).u64(r.large_bytes).u8(static_cast<std::uint8_t>(r.classes.size()));
+    for (const leak_class& c : r.classes) w.u8(c.size_class).u64(c.objects);
+  }
+  return std::move(w.bytes());
+}
+
 std::vector<std::uint8_t> encode_clients_request(client_rows format) {
   if (format == client_rows::basic) return {};
   writer w;
@@ -403,6 +432,71 @@ std::optional<class_table_msg> decode_class_table(std::span<const std::uint8_t> 
         row.object_size > max_small_size || row.bytes_wasted > row.bytes_in_use || row.objects_live > row.mallocs)
       return std::nullopt;
     last = row.size_class;
+  }
+  return finish(r, std::move(m));
+}
+
+std::optional<advise_table_msg> decode_advise_table(std::span<const std::uint8_t> p) {
+  reader r(p);
+  advise_table_msg m;
+  m.heap_inuse_bytes = r.u64();
+  const std::uint16_t n = r.u16();
+  if (r.failed() || n >= num_size_classes) return std::nullopt;
+  m.rows.resize(n);
+  std::uint8_t last = 0;
+  for (advise_row& row : m.rows) {
+    row.size_class = r.u8();
+    row.object_size = r.u32();
+    row.objects_live = r.u64();
+    row.bytes_in_use = r.u64();
+    for (std::uint32_t& b : row.buckets) b = r.u32();
+    row.requested_bytes = r.u64();
+    // Each sample is a request no larger than the class's object size.
+    if (r.failed() || row.size_class <= last || row.size_class >= num_size_classes ||
+        row.object_size != class_to_size(row.size_class) || row.requested_bytes > row.samples() * row.object_size)
+      return std::nullopt;
+    last = row.size_class;
+  }
+  return finish(r, std::move(m));
+}
+
+std::optional<std::uint32_t> decode_leaks_request(std::span<const std::uint8_t> p) {
+  if (p.empty()) return default_leak_window_s;
+  reader r(p);
+  const std::uint32_t window = r.u32();
+  if (r.failed() || window == 0 || window > max_leak_window_s) return std::nullopt;
+  return finish(r, window);
+}
+
+std::optional<leak_table_msg> decode_leak_table(std::span<const std::uint8_t> p) {
+  reader r(p);
+  leak_table_msg m;
+  m.window_ns = r.u64();
+  m.total = r.u32();
+  const std::uint16_t n = r.u16();
+  if (r.failed() || n > m.total) return std::nullopt;
+  m.rows.resize(n);
+  for (leak_row& row : m.rows) {
+    row.id = r.u32();
+    row.pid = r.u32();
+    row.name = r.str(max_name);
+    row.bytes_held = r.u64();
+    row.live_bytes = r.u64();
+    row.live_bytes_then = r.u64();
+    row.then_ago_ns = r.u64();
+    row.large_objects = r.u32();
+    row.large_bytes = r.u64();
+    const std::uint8_t classes = r.u8();
+    if (r.failed() || row.id == 0 || classes >= num_size_classes || row.large_bytes > row.live_bytes)
+      return std::nullopt;
+    row.classes.resize(classes);
+    std::uint8_t last = 0;
+    for (leak_class& c : row.classes) {
+      c.size_class = r.u8();
+      c.objects = r.u64();
+      if (r.failed() || c.size_class <= last || c.size_class >= num_size_classes) return std::nullopt;
+      last = c.size_class;
+    }
   }
   return finish(r, std::move(m));
 }

@@ -71,6 +71,11 @@ enum class msg : std::uint16_t {
   page_table = 27,   // d->c  u16 count, count x u64 (SHMALLOC_PROTO_PAGES order)
   caches = 28,       // c->d  (empty); reply cache_table
   cache_table = 29,  // d->c  u32 total, u16 count (<= total), count x cache_row, by name: as many as fit one frame
+  advise = 30,       // c->d  (empty); reply advise_table
+  advise_table = 31, // d->c  u64 heap_inuse_bytes, u16 count (<= 67), count x advise_row, by class
+  leaks = 32,        // c->d  (empty) or u32 window_s; reply leak_table
+  leak_table = 33,   // d->c  u64 window_ns, u32 total, u16 count (<= total), count x leak_row: top growers first,
+                     //       as many as fit one frame
 };
 
 struct frame_header {
@@ -318,6 +323,72 @@ struct cache_table_msg {
   std::vector<cache_row> rows;  // strictly increasing names
 };
 
+// One size class's sampled requested sizes (layout.hpp's request_stats,
+// summed over every cache slot and the retired ones) and what it holds:
+// u8 size_class, u32 object_size, u64 objects_live, u64 bytes_in_use,
+// 8 x u32 buckets, u64 requested_bytes (the samples' sizes summed).
+inline constexpr std::size_t advise_buckets = 8;  // layout.hpp's request_buckets
+struct advise_row {
+  std::uint8_t size_class = 0;
+  std::uint32_t object_size = 0;
+  std::uint64_t objects_live = 0;
+  std::uint64_t bytes_in_use = 0;
+  std::uint32_t buckets[advise_buckets] = {};
+  std::uint64_t requested_bytes = 0;
+  std::uint64_t samples() const noexcept {
+    std::uint64_t n = 0;
+    for (std::uint32_t b : buckets) n += b;
+    return n;
+  }
+};
+struct advise_table_msg {
+  std::uint64_t heap_inuse_bytes = 0;
+  std::vector<advise_row> rows;  // strictly increasing size_class
+};
+
+// A leaks request: the growth window in seconds (1..max_leak_window_s);
+// an empty body asks for default_leak_window_s.
+inline constexpr std::uint32_t default_leak_window_s = 60;
+inline constexpr std::uint32_t max_leak_window_s = 600;
+std::vector<std::uint8_t> encode_leaks_request(std::uint32_t window_s);
+std::optional<std::uint32_t> decode_leaks_request(std::span<const std::uint8_t> p);
+
+// One connected client's memory and its growth: u32 id (> 0), u32 pid,
+// str name (<= 64), u64 bytes_held (its spans and large objects), u64
+// live_bytes (objects its threads allocated and did not free, by their
+// cache slots' counters, plus its large objects), u64 live_bytes_then (at
+// the window's start, or at the oldest sample the daemon has when that is
+// younger), u64 then_ago_ns (that sample's age), u32 large_objects, u64
+// large_bytes (<= live_bytes), u8 count (< 68), count x (u8 size_class, u64
+// objects): live objects by size class, classes strictly increasing.
+struct leak_class {
+  std::uint8_t size_class = 0;
+  std::uint64_t objects = 0;
+};
+struct leak_row {
+  std::uint32_t id = 0;
+  std::uint32_t pid = 0;
+  std::string name;
+  std::uint64_t bytes_held = 0;
+  std::uint64_t live_bytes = 0;
+  std::uint64_t live_bytes_then = 0;
+  std::uint64_t then_ago_ns = 0;
+  std::uint32_t large_objects = 0;
+  std::uint64_t large_bytes = 0;
+  std::vector<leak_class> classes;
+  std::int64_t growth() const noexcept { return static_cast<std::int64_t>(live_bytes - live_bytes_then); }
+};
+inline constexpr std::size_t leak_row_fixed_bytes = 4 + 4 + 2 + 8 + 8 + 8 + 8 + 4 + 8 + 1;
+inline constexpr std::size_t leak_table_header_bytes = 8 + 4 + 2;
+inline std::size_t encoded_size(const leak_row& r) noexcept {
+  return leak_row_fixed_bytes + r.name.size() + r.classes.size() * 9;
+}
+struct leak_table_msg {
+  std::uint64_t window_ns = 0;
+  std::uint32_t total = 0;  // clients connected; rows may hold fewer
+  std::vector<leak_row> rows;  // the biggest growth first
+};
+
 std::vector<std::uint8_t> encode(const hello_msg& m);
 std::vector<std::uint8_t> encode(const welcome_msg& m);
 std::vector<std::uint8_t> encode(const refill_msg& m);
@@ -335,6 +406,8 @@ std::vector<std::uint8_t> encode(const class_table_msg& m);
 std::vector<std::uint8_t> encode(const client_table_msg& m);
 std::vector<std::uint8_t> encode(const page_table_msg& m);
 std::vector<std::uint8_t> encode(const cache_table_msg& m);
+std::vector<std::uint8_t> encode(const advise_table_msg& m);
+std::vector<std::uint8_t> encode(const leak_table_msg& m);
 
 // Each returns nullopt unless the payload is exactly one well-formed
 // message with every field in range.
@@ -358,6 +431,8 @@ std::optional<client_table_msg> decode_client_table(std::span<const std::uint8_t
                                                     client_rows format = client_rows::basic);
 std::optional<page_table_msg> decode_page_table(std::span<const std::uint8_t> p);
 std::optional<cache_table_msg> decode_cache_table(std::span<const std::uint8_t> p);
+std::optional<advise_table_msg> decode_advise_table(std::span<const std::uint8_t> p);
+std::optional<leak_table_msg> decode_leak_table(std::span<const std::uint8_t> p);
 
 // A whole reply frame: header (status, request id) + message text + body.
 std::vector<std::uint8_t> make_reply(msg type, std::uint32_t request_id, errc status, const std::string& message,

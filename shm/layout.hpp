@@ -103,9 +103,10 @@
 //                    daemon takes the whole stack at once (exchange) and
 //                    sweeps each span it holds, so its work is the spans
 //                    freed into, not the spans that exist.
-//   mcache_slot      stats: the one client thread owning the slot, relaxed
-//                    single-writer stores (never read-modify-write); the
-//                    daemon reads them. client: the daemon.
+//   mcache_slot      stats and requests: the one client thread owning the
+//                    slot, relaxed single-writer stores (never
+//                    read-modify-write); the daemon reads them. client: the
+//                    daemon.
 //
 // Every atomic in the segment is static_asserted lock-free (shared_atomic.hpp):
 // lock-based atomics would put a process-local lock around shared data.
@@ -143,7 +144,7 @@ namespace shmalloc {
 // ---------------------------------------------------------------------------
 
 inline constexpr std::uint64_t heap_magic = 0x636f6c6c616d6873ULL;  // "shmalloc", little endian
-inline constexpr std::uint32_t layout_version = 5;  // 2: mheap_state::sweep_wanted; 3: mspan::remote_bits; 4: sweep_queue; 5: tiny freed masks, mcache_slot::tiny_block
+inline constexpr std::uint32_t layout_version = 6;  // 2: mheap_state::sweep_wanted; 3: mspan::remote_bits; 4: sweep_queue; 5: tiny freed masks, mcache_slot::tiny_block; 6: request_stats
 inline constexpr std::uint64_t arena_bytes = 64ULL << 20;           // Go: heapArenaBytes
 inline constexpr std::uint32_t pages_per_arena = arena_bytes / page_size;
 inline constexpr std::uint32_t chunk_pages = 512;                   // Go: pallocChunkPages
@@ -181,6 +182,32 @@ struct stats_block {
 #undef SHMALLOC_X
 };
 
+// Requested sizes, sampled (shmallocctl advise): the allocation slow path
+// records the size asked for, about once per 64 objects of a class (when a
+// thread's bitmap word runs out), which is a fair sample of the class's
+// requests at no cost to the fast path. Bucket k of size class c counts
+// requests in (lo + k*w/8, lo + (k+1)*w/8], lo the previous class's size and
+// w = class_to_size(c) - lo (request_bucket). bytes[c] sums the sampled
+// sizes, for an exact mean. A 0-byte request is not sampled.
+inline constexpr std::uint32_t request_buckets = 8;
+struct request_stats {
+  shared_atomic<std::uint32_t> hist[num_size_classes][request_buckets];
+  shared_atomic<std::uint64_t> bytes[num_size_classes];
+};
+
+// The previous class's size: requests of class c are in (request_floor(c), class_to_size(c)].
+constexpr std::size_t request_floor(std::uint8_t c) noexcept { return c <= 1 ? 0 : class_to_size(static_cast<std::uint8_t>(c - 1)); }
+// The bucket of a request of `size` bytes (0 < size <= class_to_size(c)).
+constexpr std::uint32_t request_bucket(std::uint8_t c, std::size_t size) noexcept {
+  const std::size_t lo = request_floor(c);
+  return static_cast<std::uint32_t>((size - lo - 1) * request_buckets / (class_to_size(c) - lo));
+}
+// The largest request bucket k holds.
+constexpr std::size_t request_bucket_top(std::uint8_t c, std::uint32_t k) noexcept {
+  const std::size_t lo = request_floor(c);
+  return lo + ((k + 1) * (class_to_size(c) - lo) + request_buckets - 1) / request_buckets;
+}
+
 // One per client thread cache; slot 0 belongs to the daemon itself (and to
 // a standalone heap user such as the foundation demo and tests).
 struct mcache_slot {
@@ -196,7 +223,8 @@ struct mcache_slot {
   // died: the objects handed out from it are the difference.
   std::uint64_t tiny_block;
   std::uint64_t tiny_allocs_at_block;
-  std::uint64_t pad[4];               // to whole cache lines: no two threads' counters share one
+  request_stats requests;             // the slot's thread writes (its allocation slow path)
+  // Whole cache lines (asserted below): no two threads' counters share one.
 };
 
 // ---------------------------------------------------------------------------
@@ -342,6 +370,7 @@ struct mheap_state {
   std::uint32_t next_client_id;  // daemon only: client ids stay unique across daemon restarts
   mcentral_state central[num_span_classes];
   stats_block retired;  // counters of cache slots that were recycled (daemon writes)
+  request_stats retired_requests;  // likewise, their sampled requested sizes
   // Spans with remote frees pending since the daemon last looked, as a
   // stack of span id + 1 linked through mspan::sweep_next (0 = empty): any
   // process pushes a span it is the first to free into; the daemon takes
@@ -423,10 +452,11 @@ static_assert(is_shareable_v<mspan> && is_shareable_v<segment_header> && is_shar
 static_assert(is_shareable_v<stats_block> && is_shareable_v<mcache_slot> && is_shareable_v<segment_fixed>);
 static_assert(sizeof(mspan) == 320 && sizeof(mspan) % 64 == 0 && offsetof(mspan, remote_bits) % 64 == 0);
 static_assert(sizeof(stats_block) == (2 * num_size_classes + 8) * 8);
-static_assert(sizeof(mcache_slot) == 16 + sizeof(stats_block) + 48 && sizeof(mcache_slot) % 64 == 0);
+static_assert(sizeof(mcache_slot) == 16 + sizeof(stats_block) + 16 + sizeof(request_stats) && sizeof(mcache_slot) % 64 == 0);
+static_assert(request_bucket(5, 33) == 0 && request_bucket(5, 48) == 7 && request_bucket_top(5, 3) == 40);  // class 5: 48 bytes
 static_assert(sizeof(mcentral_state) == 24);
 static_assert(sizeof(chunk_info) == 16);
 // The fixed region: a change here is a layout_version bump.
-static_assert(sizeof(mheap_state) == 4672 && sizeof(segment_fixed) == 4928);
+static_assert(sizeof(mheap_state) == 7360 && sizeof(segment_fixed) == 7616);
 
 }  // namespace shmalloc

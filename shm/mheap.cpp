@@ -127,6 +127,7 @@ result<std::uint32_t> mheap::assign_cache(std::uint32_t client) {
     // retire_cache zeroed it; zero again in case a late bump of the slot's
     // previous thread landed after that (it was already retired).
     std::memset(static_cast<void*>(&cache_slot(i).stats), 0, sizeof(stats_block));
+    std::memset(static_cast<void*>(&cache_slot(i).requests), 0, sizeof(request_stats));
     SHMALLOC_CRASH_POINT("mheap.assign_cache");
     cache_slot(i).client.store(client, std::memory_order_relaxed);
     bump(a.caches_in_use);
@@ -157,8 +158,15 @@ void mheap::retire_cache(std::uint32_t slot) noexcept {
 #define SHMALLOC_X(name, help) bump(r.name, s.stats.name.load(std::memory_order_relaxed));
   SHMALLOC_STAT_COUNTERS(SHMALLOC_X)
 #undef SHMALLOC_X
+  request_stats& rr = state().retired_requests;
+  for (std::size_t c = 0; c < num_size_classes; ++c) {
+    for (std::uint32_t k = 0; k < request_buckets; ++k)
+      bump(rr.hist[c][k], s.requests.hist[c][k].load(std::memory_order_relaxed));
+    bump(rr.bytes[c], s.requests.bytes[c].load(std::memory_order_relaxed));
+  }
   SHMALLOC_CRASH_POINT("mheap.retire_cache");
   std::memset(static_cast<void*>(&s.stats), 0, sizeof s.stats);
+  std::memset(static_cast<void*>(&s.requests), 0, sizeof s.requests);
   s.client.store(0, std::memory_order_relaxed);
   heap_accounts& a = accounts();
   a.caches_in_use.store(a.caches_in_use.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);

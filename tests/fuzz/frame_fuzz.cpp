@@ -124,6 +124,8 @@ void check_reply(const proto::frame_header& req, std::span<const std::uint8_t> r
       break;
     case msg::page_table: good = type == msg::pages && proto::decode_page_table(body); break;
     case msg::cache_table: good = type == msg::caches && proto::decode_cache_table(body); break;
+    case msg::advise_table: good = type == msg::advise && proto::decode_advise_table(body); break;
+    case msg::leak_table: good = type == msg::leaks && proto::decode_leak_table(body); break;
     case msg::root: good = type == msg::lookup && proto::decode_root(body); break;
     case msg::cache_slot: good = type == msg::cache_open && proto::decode_slot(body); break;
     case msg::ok:
@@ -242,6 +244,9 @@ std::vector<std::pair<std::string, input>> fuzz_seeds() {
       {"clients-identity", make_request(msg::clients, 24, proto::encode_clients_request(proto::client_rows::identity))},
       {"pages", make_request(msg::pages, 26)},
       {"caches", make_request(msg::caches, 28)},
+      {"advise", make_request(msg::advise, 46)},
+      {"leaks", make_request(msg::leaks, 48)},
+      {"leaks-window", make_request(msg::leaks, 50, proto::encode_leaks_request(5))},
       {"cache-open", make_request(msg::cache_open, 30)},
       {"cache-close", make_request(msg::cache_close, 32, proto::encode(proto::slot_msg{1}))},
       // A root under the caches' prefix naming a large object (not a cache

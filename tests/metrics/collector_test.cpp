@@ -333,4 +333,19 @@ TEST_SUITE("metrics") {
     CHECK(second.err().message.find("cannot serve metrics on 127.0.0.1:" + std::to_string(port)) == 0);
     CHECK(!metrics_server::start("203.0.113.7:0", {collector}));  // not an address of this host
   }
+
+  TEST_CASE("shmalloc_client_live_bytes: the top clients only, labelled client, name and pid") {
+    metrics_sample s;
+    s.valid = true;
+    for (std::uint32_t i = 1; i <= 12; ++i) s.top_clients.push_back({i, i == 2 ? 0 : 100 + i, "w\n" + std::to_string(i), 1000 * (13 - i)});
+    const std::string text = render(heap_families(s, build));
+    std::size_t series = 0;
+    for (std::size_t at = text.find("\nshmalloc_client_live_bytes{"); at != std::string::npos;
+         at = text.find("\nshmalloc_client_live_bytes{", at + 1))
+      ++series;
+    CHECK(series == max_client_series);
+    CHECK(text.find(R"(shmalloc_client_live_bytes{client="1",name="w?1",pid="101"} 12000)") != std::string::npos);
+    CHECK(text.find(R"(shmalloc_client_live_bytes{client="2",name="w?2",pid=""} 11000)") != std::string::npos);
+    CHECK(text.find(R"(client="11")") == std::string::npos);
+  }
 }
