@@ -153,6 +153,7 @@ int attach_locked(runtime& r, const char* socket_path) {
   r.conn = std::move(conn);
   r.socket = path;
   g_cache_decay_ns.store(read_cache_decay(), std::memory_order_relaxed);  // each attach (a forked child's too) reads it
+  read_profile_rate();
   r.held.clear();
   r.lost_heap = false;
   r.client_id = w->client_id;

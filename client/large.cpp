@@ -11,6 +11,7 @@
 
 #include "client/runtime.hpp"
 #include "shm/crash_point.hpp"
+#include "shm/profile.hpp"
 
 namespace shmalloc::client::detail {
 
@@ -81,7 +82,7 @@ SHMALLOC_SLOW_PATH void* take_large(std::size_t size, bool noscan) noexcept {
 
 }  // namespace
 
-SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
+SHMALLOC_SLOW_PATH void* alloc_large_unsampled(std::size_t size, bool noscan) noexcept {
   void* p = take_large(size, noscan);
   if (p == nullptr) return nullptr;
   // Counted in this thread's block, which a thread whose first object is
@@ -94,7 +95,15 @@ SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
   return p;
 }
 
-SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept {
+// A large object is its own span, so a sampled one's free is seen here.
+SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
+  if (SHMALLOC_UNLIKELY(profiling())) {
+    if (mcache* mc = ensure_cache(); mc != nullptr && profile_due(mc, size)) return alloc_sampled(size, noscan);
+  }
+  return alloc_large_unsampled(size, noscan);
+}
+
+SHMALLOC_SLOW_PATH void free_large(void* p, mspan& s) noexcept {
   runtime& r = rt();
   const std::uint64_t bytes = object_bytes(s);
   {
@@ -102,6 +111,7 @@ SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept {
     const std::uint64_t h = g_view.handle_of(p);
     if (std::find(r.deferred_large_frees.begin(), r.deferred_large_frees.end(), h) != r.deferred_large_frees.end())
       bad_free(p, "double free (of a large object)");
+    profile_release(g_view, s);  // before it is cached or freed: a sample is a live object
     const bool up = r.attached || attach_locked(r, nullptr) == 0;
     if (!cache_large(r, p, s)) {
       if (!up) {

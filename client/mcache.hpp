@@ -108,6 +108,10 @@ struct alignas(64) mcache {
   spare_queue spares[num_span_classes] = {};
   std::uint64_t free_bits_at_trim[num_span_classes] = {};
   std::uint64_t last_trim_ns = 0;
+  // SHMALLOC_PROFILE_RATE (profile.cpp): bytes to this thread's next sample,
+  // and its random stream (0: not drawn yet).
+  std::int64_t profile_countdown = 0;
+  std::uint64_t profile_rng = 0;
 };
 static_assert(offsetof(mcache, slow_calls) / 64 == offsetof(mcache, token) / 64,
               "the fields every slow path reads share the free fast path's line");

@@ -19,6 +19,8 @@
 //                   allocator's slow path (alloc_slow, alloc_tiny_slow).
 //   large.cpp       large objects: allocation, free, and the process's cache
 //                   of freed large objects.
+//   profile.cpp     sampled allocations (SHMALLOC_PROFILE_RATE): the
+//                   countdown to the next sample and the sampled object.
 //   trim.cpp        trimming and decay: what a thread or the process caches
 //                   goes back to the daemon after SHMALLOC_CACHE_DECAY_MS.
 //   free.cpp        the free slow paths: remote, tiny, large and bad frees.
@@ -191,7 +193,25 @@ inline bool still_ours(const runtime& r, const runtime::cached_large& c) noexcep
          s.npages == c.npages && s.start.value == c.start;
 }
 SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept;
-SHMALLOC_SLOW_PATH void free_large(void* p, const mspan& s) noexcept;
+// alloc_large without the profiler's look: what a sampled allocation takes.
+SHMALLOC_SLOW_PATH void* alloc_large_unsampled(std::size_t size, bool noscan) noexcept;
+SHMALLOC_SLOW_PATH void free_large(void* p, mspan& s) noexcept;
+
+// profile.cpp
+
+// SHMALLOC_PROFILE_RATE in bytes, read at attach; 0: off.
+extern std::atomic<std::uint32_t> g_profile_rate;
+void read_profile_rate() noexcept;
+// Takes `credit` bytes off the thread's countdown; true if the allocation
+// being made is due for a sample (and the countdown starts again).
+bool profile_due(mcache* mc, std::uint64_t credit) noexcept;
+// Bytes the thread will allocate before its next slow path (a word loaded).
+void profile_credit(mcache* mc, std::uint64_t bytes) noexcept;
+// Records the large object p, of `size` bytes requested, as a sample.
+SHMALLOC_SLOW_PATH void profile_record(void* p, std::size_t size) noexcept;
+// A sampled allocation: a large object of its own, recorded.
+SHMALLOC_SLOW_PATH void* alloc_sampled(std::size_t size, bool noscan) noexcept;
+inline bool profiling() noexcept { return g_profile_rate.load(std::memory_order_relaxed) != 0; }
 
 // trim.cpp
 

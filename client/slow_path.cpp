@@ -291,38 +291,60 @@ using namespace detail;
 
 constinit thread_local mcache* t_cache __attribute__((tls_model("initial-exec"))) = &empty_cache;
 
+namespace detail {
+
+namespace {
+
+// Gives the thread's entry for spc a word with a free slot: the rest of the
+// current span, spares, the pool, a refill from the daemon. False if none.
+bool find_free(runtime& r, mcache* mc, std::uint8_t spc) {
+  mcache_entry& e = mc->alloc[spc];
+  // First what this thread freed into the word it allocates from: in a
+  // steady state that is where the next objects are, and reading one word
+  // is the cheapest refill there is (it also keeps objects packed low).
+  if (mspan* s = e.span(); s != nullptr && load_word(e, *s, e.word, e.word + 1)) return true;
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    if (mspan* s = e.span(); s != nullptr) {
+      // The rest of the span, then what other threads and processes freed.
+      if (load_word(e, *s, e.word + 1) || (fold(mc, *s), load_word(e, *s, 0))) return true;
+      if (switch_to_spare(r, mc, spc)) return true;
+    }
+    std::int64_t id = r.pool.pop(spc);
+    if (id >= 0) r.pool_demand[spc].fetch_add(1, std::memory_order_relaxed);
+    if (id < 0) id = refill(r, spc);
+    if (id < 0) return false;
+    SHMALLOC_CRASH_POINT("alloc.take");
+    if (take_span(mc, spc, static_cast<std::uint32_t>(id))) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+}  // namespace detail
+
 SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan, std::size_t size) noexcept {
   mcache* mc = ensure_cache();
   if (mc == nullptr) return nullptr;
   sample_request(mc, size_class, size);
   runtime& r = rt();
   const std::uint8_t spc = span_class::make(size_class, noscan).value;
-  mcache_entry& e = mc->alloc[spc];
   mc->active[spc / 64] |= std::uint64_t{1} << (spc % 64);
   if (SHMALLOC_UNLIKELY(++mc->slow_calls % trim_check_every == 0)) maybe_trim(r, mc);
-  // First what this thread freed into the word it allocates from: in a
-  // steady state that is where the next objects are, and reading one word
-  // is the cheapest refill there is (it also keeps objects packed low).
-  if (mspan* s = e.span(); s != nullptr && load_word(e, *s, e.word, e.word + 1)) return alloc_small(size_class, noscan, size);
-  for (int attempt = 0; attempt < 8; ++attempt) {
-    if (mspan* s = e.span(); s != nullptr) {
-      // The rest of the span, then what other threads and processes freed.
-      if (load_word(e, *s, e.word + 1) || (fold(mc, *s), load_word(e, *s, 0))) return alloc_small(size_class, noscan, size);
-      if (switch_to_spare(r, mc, spc)) return alloc_small(size_class, noscan, size);
-    }
-    std::int64_t id = r.pool.pop(spc);
-    if (id >= 0) r.pool_demand[spc].fetch_add(1, std::memory_order_relaxed);
-    if (id < 0) id = refill(r, spc);
-    if (id < 0) return nullptr;
-    SHMALLOC_CRASH_POINT("alloc.take");
-    if (take_span(mc, spc, static_cast<std::uint32_t>(id))) return alloc_small(size_class, noscan, size);
-  }
-  return nullptr;
+  // The profiler's countdown was credited with the bytes of the word that
+  // just ran out (below): this object may be the one due.
+  if (SHMALLOC_UNLIKELY(profiling()) && profile_due(mc, 0))
+    return alloc_sampled(size != 0 ? size : class_to_size(size_class), noscan);
+  if (!find_free(r, mc, spc)) return nullptr;
+  if (SHMALLOC_UNLIKELY(profiling()))
+    profile_credit(mc, std::uint64_t{static_cast<std::uint32_t>(std::popcount(mc->alloc[spc].free_bits))} * mc->alloc[spc].elem_size);
+  return alloc_small(size_class, noscan, size);
 }
 
 SHMALLOC_SLOW_PATH void* alloc_tiny_slow(std::size_t size) noexcept {
   mcache* mc = ensure_cache();
   if (mc == nullptr) return nullptr;
+  if (SHMALLOC_UNLIKELY(profiling()) && profile_due(mc, tiny_size)) return alloc_sampled(size, true);  // a block's bytes
   retire_tiny(mc);
   auto* block = static_cast<std::byte*>(alloc_small(tiny_size_class, true, 0));  // a block of a tiny span
   if (block == nullptr) return nullptr;

@@ -19,6 +19,7 @@
 #include "metrics/process_collector.hpp"
 #include "shm/crash_point.hpp"
 #include "shm/memstats.hpp"
+#include "shm/profile.hpp"
 #include "shm/verify.hpp"
 
 namespace shmalloc::service {
@@ -527,6 +528,8 @@ awaitable<void> daemon::housekeeping() {
     drain_sweep_queue(heap_->view(), heap_->state().span_pool.high_water, [&](span_id id) { sweep_if_central(id); });
     sweep_backstop_stretch();
     if (!full) continue;
+    handler_->sample_held(heap_->now(), false);  // leaks' growth windows, whatever the requests
+    profile_sweep(heap_->view());  // samples whose client was killed while it filled them
     SHMALLOC_CRASH_POINT("daemon.expire");
     if (std::size_t n = handler_->expire_orphans(settings_.reattach_grace_ns))
       spdlog::info("{} client(s) of the previous daemon did not reattach; their spans were taken back", n);

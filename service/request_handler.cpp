@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <map>
 #include <cstring>
 
 #define XXH_INLINE_ALL
@@ -13,6 +15,7 @@
 #include "cache/layout.hpp"
 #include "shm/crash_point.hpp"
 #include "shm/memstats.hpp"
+#include "shm/profile.hpp"
 #include "shm/segment.hpp"
 
 namespace shmalloc::service {
@@ -29,7 +32,7 @@ reply ok_reply(msg type, const proto::frame_header& h, const std::vector<std::ui
 // Reports that change nothing, so observers such as shmallocctl need not register.
 bool read_only(msg type) {
   return type == msg::stats || type == msg::classes || type == msg::clients || type == msg::pages ||
-         type == msg::caches || type == msg::advise || type == msg::leaks;
+         type == msg::caches || type == msg::advise || type == msg::leaks || type == msg::leak_sites;
 }
 reply no_body_error(msg type, const proto::frame_header& h, const char* request) {
   return error_reply(type, h, errc::protocol_error, std::string(request) + " takes no body");
@@ -58,7 +61,6 @@ reply request_handler::handle(client_state& c, const proto::frame_header& h, std
   if (std::string why = proto::check_header(h); !why.empty())
     return error_reply(msg::ok, h, errc::protocol_error, why, true);
   const auto type = static_cast<msg>(h.type);
-  sample_held(heap_->now(), false);  // before the request changes what its client holds
   if (c.id == 0 && type != msg::hello && !read_only(type))
     return error_reply(msg::ok, h, errc::protocol_error, "the first request must be hello");
   switch (type) {
@@ -74,6 +76,7 @@ reply request_handler::handle(client_state& c, const proto::frame_header& h, std
     case msg::caches: return on_caches(c, h, p);
     case msg::advise: return on_advise(c, h, p);
     case msg::leaks: return on_leaks(c, h, p);
+    case msg::leak_sites: return on_leak_sites(c, h, p);
     case msg::reattach: return on_reattach(c, h, p);
     case msg::cache_open: return on_cache_open(c, h, p);
     case msg::cache_close: return on_cache_close(c, h, p);
@@ -356,6 +359,12 @@ reply request_handler::on_leaks(client_state&, const proto::frame_header& h, std
   return ok_reply(msg::leak_table, h, proto::encode(leak_table(*window)));
 }
 
+reply request_handler::on_leak_sites(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
+  const auto older_than = proto::decode_leak_sites_request(p);
+  if (!older_than) return error_reply(msg::site_table, h, errc::protocol_error, "malformed leak_sites (u64 older_than_ns)");
+  return ok_reply(msg::site_table, h, proto::encode(site_table(*older_than)));
+}
+
 proto::stats_msg request_handler::stats() const {
   const heap_census census = read_census(*heap_);
   const heap_memstats& m = census.mem;
@@ -507,6 +516,56 @@ proto::leak_table_msg request_handler::leak_table(std::uint32_t window_s) {
     room -= size;
     t.rows.push_back(std::move(row));
   }
+  return t;
+}
+
+// The sampled objects still live, by holder and call stack. Ages are on
+// CLOCK_MONOTONIC, the clock the clients stamped them with (not mheap's,
+// which tests may drive).
+proto::site_table_msg request_handler::site_table(std::uint64_t older_than_ns) const {
+  static_assert(proto::max_site_frames == profile_frames);
+  const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  const heap_view& v = heap_->view();
+  proto::site_table_msg t;
+  t.capacity = max_profile_samples;
+  std::map<std::pair<std::uint32_t, std::vector<std::uint64_t>>, proto::site_row> by_site;
+  for (std::uint32_t i = 0; i < max_profile_samples; ++i) {
+    profile_record r;
+    if (!profile_read(v, i, &r)) continue;
+    ++t.live;
+    const std::uint64_t age = now > r.alloc_ns ? now - r.alloc_ns : 0;
+    if (age < older_than_ns) continue;
+    const std::uint32_t owner = v.span(r.span).owner_client;
+    std::vector<std::uint64_t> pc(r.pc, r.pc + r.frames);
+    proto::site_row& row = by_site[{owner, pc}];
+    if (row.samples == 0) {
+      row.client = owner;  // 0: no holder (a large object its ended client left live)
+      auto it = by_id_.find(owner);
+      row.pid = it != by_id_.end() ? static_cast<std::uint32_t>(it->second->pid) : 0;
+      row.pc = pc;
+      row.vma.assign(r.vma, r.vma + r.frames);
+      row.oldest_ns = age;
+      row.newest_ns = age;
+    }
+    ++row.samples;
+    row.bytes += r.size;
+    // Go's pprof scaling, on the bytes the object takes in the heap (its
+    // size class's, or whole pages): a sample of that many bytes stands
+    // for 1 / (1 - e^(-bytes/rate)) objects like it.
+    const auto held = static_cast<double>(r.size > max_small_size ? (r.size + page_size - 1) / page_size * page_size
+                                                                    : class_to_size(size_to_class(r.size)));
+    const double p = r.rate == 0 ? 1.0 : 1.0 - std::exp(-held / r.rate);
+    row.estimated_bytes += static_cast<std::uint64_t>(held / std::max(p, 1e-9));
+    row.oldest_ns = std::max(row.oldest_ns, age);
+    row.newest_ns = std::min(row.newest_ns, age);
+  }
+  std::vector<proto::site_row> rows;
+  for (auto& [key, row] : by_site) rows.push_back(std::move(row));
+  std::stable_sort(rows.begin(), rows.end(), [](const proto::site_row& a, const proto::site_row& b) {
+    return a.estimated_bytes > b.estimated_bytes;
+  });
+  if (rows.size() > proto::max_site_rows) rows.resize(proto::max_site_rows);
+  t.rows = std::move(rows);
   return t;
 }
 

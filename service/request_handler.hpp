@@ -41,9 +41,9 @@ struct client_state {
   std::uint64_t bytes_held = 0;   // spans and large objects, for the quota
   std::uint64_t connected_ns = 0;
   // Its live bytes (request_handler::live_bytes) over time, oldest first,
-  // for shmallocctl leaks' growth: a sample at most once a second, taken
-  // when the daemon handles a request, kept for the longest window
-  // (proto::max_leak_window_s).
+  // for shmallocctl leaks' growth: a sample a second, taken by the daemon's
+  // housekeeping (and one at each leaks request), kept for the longest
+  // window (proto::max_leak_window_s).
   struct live_sample {
     std::uint64_t ns;
     std::uint64_t bytes;
@@ -125,6 +125,14 @@ class request_handler {
   // The k clients with the most live bytes, the most first (the metrics'
   // shmalloc_client_live_bytes).
   std::vector<proto::leak_row> top_live_clients(std::size_t k) const;
+  // The live sampled allocations at least older_than_ns old, by holder and
+  // call stack, the most estimated bytes first (shmallocctl leaks --sites).
+  proto::site_table_msg site_table(std::uint64_t older_than_ns) const;
+  // Appends each client's live bytes to its history (shmallocctl leaks'
+  // growth windows), if a second has passed since the last sample (or
+  // force). The daemon's housekeeping calls it every second, whatever the
+  // requests; a leaks request takes one more, now.
+  void sample_held(std::uint64_t now, bool force);
 
  private:
   reply on_hello(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
@@ -146,9 +154,7 @@ class request_handler {
   reply on_caches(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_advise(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   reply on_leaks(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  // Appends each client's live bytes to its history, if a second has passed
-  // since the last sample (or force).
-  void sample_held(std::uint64_t now, bool force);
+  reply on_leak_sites(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   // Bytes of the objects its threads allocated and did not free (by its
   // cache slots' counters), plus its large objects; per_class (67 + 1
   // entries, or nullptr): the objects by size class.

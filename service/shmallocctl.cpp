@@ -25,6 +25,7 @@
 #include "shm/control_client.hpp"
 #include "shm/layout.hpp"
 #include "shm/size_classes.hpp"
+#include "service/symbolize.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -87,6 +88,9 @@ struct daemon_options {
   std::uint32_t client = 0;
   std::uint32_t pid = 0;
   std::uint32_t window_s = shmalloc::proto::default_leak_window_s;
+  // leaks --sites: the sampled allocations' call sites, of objects at least this old
+  bool sites = false;
+  double older_than_s = 0;
 };
 
 // Asks the daemon one read-only question and decodes the reply, or prints
@@ -507,6 +511,78 @@ int print_leaks(const daemon_options& o) {
   return flush_stdout();
 }
 
+// ---- leaks --sites ------------------------------------------------------------
+
+const std::vector<std::string> site_columns{"pid", "client", "estimated_bytes", "samples", "oldest_seconds", "site",
+                                            "called_from"};
+
+// One row of live sampled allocations, its stack named: the site is the
+// first frame that is not libshmalloc's.
+json site_json(const shmalloc::proto::site_row& r, const shmalloc::service::symbolizer& names) {
+  using shmalloc::service::frame_name;
+  json frames = json::array();
+  std::vector<frame_name> named;
+  for (std::size_t f = 0; f < r.pc.size(); ++f) {
+    named.push_back(names.name(r.pid, r.pc[f], r.vma[f]));
+    frames.push_back({{"function", printable(named.back().function)},
+                      {"location", printable(named.back().location)},
+                      {"module", printable(named.back().module)},
+                      {"vma", r.vma[f]}});
+  }
+  std::size_t site = 0;
+  while (site + 1 < named.size() && shmalloc::service::is_allocator_frame(named[site])) ++site;
+  auto where = [&](std::size_t i) {
+    return i >= named.size() ? std::string("-")
+                             : printable(named[i].function) + (named[i].location.empty() ? "" : " at " + printable(named[i].location));
+  };
+  return {{"pid", r.pid != 0 ? json(r.pid) : json(nullptr)},
+          {"client", r.client},
+          {"estimated_bytes", r.estimated_bytes},
+          {"samples", r.samples},
+          {"sampled_bytes", r.bytes},
+          {"oldest_seconds", std::round(static_cast<double>(r.oldest_ns) / 1e8) / 10.0},
+          {"newest_seconds", std::round(static_cast<double>(r.newest_ns) / 1e8) / 10.0},
+          {"site", named.empty() ? "-" : printable(named[site].function)},
+          {"site_location", named.empty() ? "" : printable(named[site].location)},
+          {"called_from", where(site + 1)},
+          {"frames", frames}};
+}
+
+// The sampled allocations still live (SHMALLOC_PROFILE_RATE), by client and
+// call site, the most estimated bytes first.
+int print_leak_sites(const daemon_options& o) {
+  using namespace shmalloc::proto;
+  const auto older_than_ns = static_cast<std::uint64_t>(o.older_than_s * 1e9);
+  auto t = ask(o, question<site_table_msg>{msg::leak_sites, encode_leak_sites_request(older_than_ns), &decode_site_table});
+  if (!t) return exit_failure;
+  shmalloc::service::symbolizer names;
+  std::vector<const site_row*> kept;
+  for (const auto& r : t->rows)
+    if ((o.client == 0 || r.client == o.client) && (o.pid == 0 || r.pid == o.pid)) kept.push_back(&r);
+  for (const site_row* r : kept)
+    for (std::size_t f = 0; f < r->pc.size(); ++f) names.want(r->pid, r->pc[f], r->vma[f]);
+  names.resolve();
+  json rows = json::array();
+  for (const site_row* r : kept) rows.push_back(site_json(*r, names));
+  if (o.json) {
+    std::cout << dump(json{{"older_than_seconds", o.older_than_s}, {"table_capacity", t->capacity},
+                           {"table_live", t->live}, {"sites", rows}})
+              << '\n';
+    return flush_stdout();
+  }
+  for (json& row : rows) {
+    if (row["pid"].is_null()) row["pid"] = "-";
+    if (!row["site_location"].get<std::string>().empty())
+      row["site"] = row["site"].get<std::string>() + " at " + row["site_location"].get<std::string>();
+  }
+  print_table(site_columns, rows);
+  if (t->live == 0)
+    std::cout << "(no sampled allocation is live: clients sample only with SHMALLOC_PROFILE_RATE set)\n";
+  else if (t->live == t->capacity)
+    std::cout << "(the profile table is full: " << t->capacity << " samples; later allocations go unsampled)\n";
+  return flush_stdout();
+}
+
 // ---- registration -----------------------------------------------------------
 
 // The connection options, on the root command; subcommands fall through to
@@ -542,11 +618,16 @@ subcommand add_classes(CLI::App& root, daemon_options& o) {
 subcommand add_leaks(CLI::App& root, daemon_options& o) {
   subcommand cmd = add_daemon_command(
       root, o, "leaks", "Per client: bytes held and their growth over a window, by size class; the top growers first",
-      &print_leaks);
+      [](const daemon_options& opt) { return opt.sites ? print_leak_sites(opt) : print_leaks(opt); });
   cmd.app->add_option("--client", o.client, "only the client with this id");
   cmd.app->add_option("--pid", o.pid, "only the client with this pid (as the daemon sees it)");
   cmd.app->add_option("--window", o.window_s, "growth over the last SECONDS (default 60)")
       ->check(CLI::Range(1u, shmalloc::proto::max_leak_window_s));
+  CLI::Option* sites = cmd.app->add_flag("--sites", o.sites,
+                    "the call sites of live sampled allocations (clients sample with SHMALLOC_PROFILE_RATE=BYTES)");
+  cmd.app->add_option("--older-than", o.older_than_s, "with --sites: only objects live at least SECONDS")
+      ->check(CLI::Range(0.0, 1e9))
+      ->needs(sites);
   return cmd;
 }
 

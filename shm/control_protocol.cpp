@@ -225,6 +225,23 @@ std::vector<std::uint8_t> encode(const leak_table_msg& m) {
   return std::move(w.bytes());
 }
 
+std::vector<std::uint8_t> encode_leak_sites_request(std::uint64_t older_than_ns) {
+  writer w;
+  w.u64(older_than_ns);
+  return std::move(w.bytes());
+}
+
+std::vector<std::uint8_t> encode(const site_table_msg& m) {
+  writer w;
+  w.u32(m.capacity).u32(m.live).u16(static_cast<std::uint16_t>(m.rows.size()));
+  for (const site_row& r : m.rows) {
+    w.u32(r.client).u32(r.pid).u32(r.samples).u64(r.bytes).u64(r.estimated_bytes).u64(r.oldest_ns).u64(r.newest_ns);
+    w.u8(static_cast<std::uint8_t>(r.pc.size()));
+    for (std::size_t f = 0; f < r.pc.size(); ++f) w.u64(r.pc[f]).u64(r.vma[f]);
+  }
+  return std::move(w.bytes());
+}
+
 std::vector<std::uint8_t> encode_clients_request(client_rows format) {
   if (format == client_rows::basic) return {};
   writer w;
@@ -496,6 +513,40 @@ std::optional<leak_table_msg> decode_leak_table(std::span<const std::uint8_t> p)
       c.objects = r.u64();
       if (r.failed() || c.size_class <= last || c.size_class >= num_size_classes) return std::nullopt;
       last = c.size_class;
+    }
+  }
+  return finish(r, std::move(m));
+}
+
+std::optional<std::uint64_t> decode_leak_sites_request(std::span<const std::uint8_t> p) {
+  reader r(p);
+  const std::uint64_t older_than = r.u64();
+  if (r.failed()) return std::nullopt;
+  return finish(r, older_than);
+}
+
+std::optional<site_table_msg> decode_site_table(std::span<const std::uint8_t> p) {
+  reader r(p);
+  site_table_msg m;
+  m.capacity = r.u32();
+  m.live = r.u32();
+  const std::uint16_t n = r.u16();
+  if (r.failed() || m.live > m.capacity || n > max_site_rows || n > m.live) return std::nullopt;
+  m.rows.resize(n);
+  for (site_row& row : m.rows) {
+    row.client = r.u32();
+    row.pid = r.u32();
+    row.samples = r.u32();
+    row.bytes = r.u64();
+    row.estimated_bytes = r.u64();
+    row.oldest_ns = r.u64();
+    row.newest_ns = r.u64();
+    const std::uint8_t frames = r.u8();
+    if (r.failed() || row.samples == 0 || row.oldest_ns < row.newest_ns || frames > max_site_frames)
+      return std::nullopt;
+    for (std::uint8_t f = 0; f < frames; ++f) {
+      row.pc.push_back(r.u64());
+      row.vma.push_back(r.u64());
     }
   }
   return finish(r, std::move(m));

@@ -76,6 +76,9 @@ enum class msg : std::uint16_t {
   leaks = 32,        // c->d  (empty) or u32 window_s; reply leak_table
   leak_table = 33,   // d->c  u64 window_ns, u32 total, u16 count (<= total), count x leak_row: top growers first,
                      //       as many as fit one frame
+  leak_sites = 34,   // c->d  u64 older_than_ns; reply site_table
+  site_table = 35,   // d->c  u32 capacity, u32 live, u16 count (<= max_site_rows), count x site_row: the most
+                     //       estimated bytes first
 };
 
 struct frame_header {
@@ -389,6 +392,32 @@ struct leak_table_msg {
   std::vector<leak_row> rows;  // the biggest growth first
 };
 
+// The live sampled allocations (SHMALLOC_PROFILE_RATE; shm/profile.hpp),
+// grouped by client and call stack: u32 client (the span's holder; 0: none,
+// a large object its ended client left live),
+// u32 pid (0: unknown), u32 samples (> 0), u64 bytes (their requested
+// sizes), u64 estimated_bytes (each sample scaled as Go's pprof does, by
+// 1 / (1 - exp(-size / rate))), u64 oldest_ns and u64 newest_ns (ages,
+// oldest >= newest), u8 frames (<= 6), frames x (u64 pc, u64 vma).
+inline constexpr std::size_t max_site_frames = 6;  // layout.hpp's profile_frames
+inline constexpr std::size_t max_site_rows = 256;
+struct site_row {
+  std::uint32_t client = 0;
+  std::uint32_t pid = 0;
+  std::uint32_t samples = 0;
+  std::uint64_t bytes = 0;
+  std::uint64_t estimated_bytes = 0;
+  std::uint64_t oldest_ns = 0;
+  std::uint64_t newest_ns = 0;
+  std::vector<std::uint64_t> pc;   // innermost first
+  std::vector<std::uint64_t> vma;  // as many as pc
+};
+struct site_table_msg {
+  std::uint32_t capacity = 0;  // entries of the heap's profile table
+  std::uint32_t live = 0;      // entries holding a live sample (all of them, also those of rows left out)
+  std::vector<site_row> rows;
+};
+
 std::vector<std::uint8_t> encode(const hello_msg& m);
 std::vector<std::uint8_t> encode(const welcome_msg& m);
 std::vector<std::uint8_t> encode(const refill_msg& m);
@@ -408,6 +437,8 @@ std::vector<std::uint8_t> encode(const page_table_msg& m);
 std::vector<std::uint8_t> encode(const cache_table_msg& m);
 std::vector<std::uint8_t> encode(const advise_table_msg& m);
 std::vector<std::uint8_t> encode(const leak_table_msg& m);
+std::vector<std::uint8_t> encode(const site_table_msg& m);
+std::vector<std::uint8_t> encode_leak_sites_request(std::uint64_t older_than_ns);
 
 // Each returns nullopt unless the payload is exactly one well-formed
 // message with every field in range.
@@ -433,6 +464,8 @@ std::optional<page_table_msg> decode_page_table(std::span<const std::uint8_t> p)
 std::optional<cache_table_msg> decode_cache_table(std::span<const std::uint8_t> p);
 std::optional<advise_table_msg> decode_advise_table(std::span<const std::uint8_t> p);
 std::optional<leak_table_msg> decode_leak_table(std::span<const std::uint8_t> p);
+std::optional<site_table_msg> decode_site_table(std::span<const std::uint8_t> p);
+std::optional<std::uint64_t> decode_leak_sites_request(std::span<const std::uint8_t> p);
 
 // A whole reply frame: header (status, request id) + message text + body.
 std::vector<std::uint8_t> make_reply(msg type, std::uint32_t request_id, errc status, const std::string& message,

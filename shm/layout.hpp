@@ -34,6 +34,7 @@
 //   chunks       per 4 MiB chunk: when a page in it was last freed
 //   released     1 bit per page: free and returned to the OS
 //   roots        named roots: name -> handle (publish / lookup)
+//   profile      sampled allocations (SHMALLOC_PROFILE_RATE; profile.hpp)
 //   spans        the mspan table (Go's mspan fixalloc)
 //   caches       mcache slots: per-thread statistics blocks
 //   arenas       the heap pages; starts 64 MiB-aligned
@@ -97,6 +98,9 @@
 //                    holder's fast paths read.
 //                    state: the daemon (relaxed atomic; freers read it).
 //   root_entry       the daemon only; clients ask it (lookup) over the socket.
+//   profile_sample   a client claims a free entry (compare-exchange) and
+//                    fills it; whoever frees the sampled object releases it
+//                    (profile.hpp). The daemon reads it.
 //   mheap_state::sweep_queue, mspan::sweep_next, mspan::sweep_queued
 //                    a stack of spans with remote frees pending: any
 //                    process pushes (compare-exchange on the head); the
@@ -144,7 +148,7 @@ namespace shmalloc {
 // ---------------------------------------------------------------------------
 
 inline constexpr std::uint64_t heap_magic = 0x636f6c6c616d6873ULL;  // "shmalloc", little endian
-inline constexpr std::uint32_t layout_version = 6;  // 2: mheap_state::sweep_wanted; 3: mspan::remote_bits; 4: sweep_queue; 5: tiny freed masks, mcache_slot::tiny_block; 6: request_stats
+inline constexpr std::uint32_t layout_version = 7;  // 2: mheap_state::sweep_wanted; 3: mspan::remote_bits; 4: sweep_queue; 5: tiny freed masks, mcache_slot::tiny_block; 6: request_stats; 7: the profile table, mspan::profile_sample
 inline constexpr std::uint64_t arena_bytes = 64ULL << 20;           // Go: heapArenaBytes
 inline constexpr std::uint32_t pages_per_arena = arena_bytes / page_size;
 inline constexpr std::uint32_t chunk_pages = 512;                   // Go: pallocChunkPages
@@ -256,7 +260,11 @@ struct mspan {
   shared_atomic<std::uint32_t> owner_cache;  // holder thread writes: its cache id + 1, 0 = none
   std::uint32_t div_magic;  // daemon writes: class_div_magic(size class), 0 for large (the free path's index)
   std::uint16_t alloc_count;               // live objects per alloc_bits (exact while daemon holds it)
-  std::uint16_t reserved;
+  // A large span's entry in the profile table, + 1 (0: not sampled). The
+  // client that allocated the object stores it once the entry is
+  // published; whoever frees the object (any client, or the daemon freeing
+  // the span) takes it by exchange and releases the entry (profile.hpp).
+  shared_atomic<std::uint16_t> profile_sample;
   // The daemon's sweep queue (mheap_state::sweep_queue). A remote freer
   // that finds sweep_queued clear sets it and pushes the span, writing
   // sweep_next just before its compare-exchange; the daemon reads
@@ -289,6 +297,36 @@ struct root_entry {
   std::uint64_t reserved;
 };
 static_assert(sizeof(root_entry) == 80);
+
+// ---------------------------------------------------------------------------
+// The profile table: sampled allocations (SHMALLOC_PROFILE_RATE), each on a
+// span of its own so that its free is seen (profile.hpp has the design).
+// ---------------------------------------------------------------------------
+
+inline constexpr std::uint32_t max_profile_samples = 2048;
+inline constexpr std::uint32_t profile_frames = 6;
+
+struct profile_sample {
+  // The sampled object's handle; 0: the entry is free, profile_claiming:
+  // being filled. Claimed by the sampling client (compare-exchange 0 ->
+  // profile_claiming), published by it (release store of the handle) once
+  // the rest is written, and released by whoever frees the object
+  // (compare-exchange handle -> 0). The rest: the sampling client writes it
+  // between claim and publish, relaxed; the daemon reads it relaxed and
+  // keeps what it read only if the handle is the same after (a seqlock
+  // whose sequence is the handle).
+  shared_atomic<std::uint64_t> handle;
+  shared_atomic<std::uint64_t> size;      // bytes requested
+  shared_atomic<std::uint64_t> alloc_ns;  // CLOCK_MONOTONIC, when it was allocated
+  shared_atomic<std::uint32_t> rate;      // the process's SHMALLOC_PROFILE_RATE: the sample's weight
+  shared_atomic<std::uint32_t> frames;    // entries of pc and vma in use
+  // The call stack at the allocation, innermost first: each return address
+  // in the allocating process (pc; where in that process's memory map the
+  // module is) and less its module's load bias (vma: what addr2line takes).
+  shared_atomic<std::uint64_t> pc[profile_frames];
+  shared_atomic<std::uint64_t> vma[profile_frames];
+};
+inline constexpr std::uint64_t profile_claiming = 1;  // never an object's handle (they are page-aligned or in arenas)
 
 // ---------------------------------------------------------------------------
 // Tiny spans (Go's tinySpanClass): every span of the 16-byte noscan class
@@ -398,6 +436,7 @@ struct region_map {
   region chunks;
   region released;
   region roots;
+  region profile;
   region spans;
   region caches;
   region arenas;
@@ -455,8 +494,9 @@ static_assert(sizeof(stats_block) == (2 * num_size_classes + 8) * 8);
 static_assert(sizeof(mcache_slot) == 16 + sizeof(stats_block) + 16 + sizeof(request_stats) && sizeof(mcache_slot) % 64 == 0);
 static_assert(request_bucket(5, 33) == 0 && request_bucket(5, 48) == 7 && request_bucket_top(5, 3) == 40);  // class 5: 48 bytes
 static_assert(sizeof(mcentral_state) == 24);
+static_assert(is_shareable_v<profile_sample> && sizeof(profile_sample) == 128);
 static_assert(sizeof(chunk_info) == 16);
 // The fixed region: a change here is a layout_version bump.
-static_assert(sizeof(mheap_state) == 7360 && sizeof(segment_fixed) == 7616);
+static_assert(sizeof(mheap_state) == 7360 && sizeof(segment_fixed) == 7680);
 
 }  // namespace shmalloc

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <ctime>
 
+#include "shm/profile.hpp"
 #include "shm/segment.hpp"
 
 namespace shmalloc {
@@ -234,6 +235,7 @@ result<span_id> mheap::alloc_span(std::uint32_t npages, span_class spc, mspan_st
   s.owner_cache.store(0, std::memory_order_relaxed);
   for (auto& w : s.remote_bits) w.store(0, std::memory_order_relaxed);
   s.alloc_count = 0;
+  s.profile_sample.store(0, std::memory_order_relaxed);
   std::memset(s.alloc_bits, 0, sizeof s.alloc_bits);
   if (const std::uint32_t reserved = reserved_slots(spc.value); reserved != 0) {
     // Tiny span: its first blocks hold the per-block object counts.
@@ -268,6 +270,7 @@ void mheap::free_span(span_id id) noexcept {
   SHMALLOC_CHECK(s.state.load(std::memory_order_relaxed) != mspan_state::dead, "free of a dead span");
   heap_accounts& a = accounts();
   if (s.state.load(std::memory_order_relaxed) == mspan_state::large) {
+    profile_release(view_, s);  // a sampled object's entry goes with it (a dead client's, or freed by request)
     a.large_spans.store(a.large_spans.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
     a.large_pages.store(a.large_pages.load(std::memory_order_relaxed) - s.npages, std::memory_order_relaxed);
   }

@@ -15,6 +15,7 @@ heap_view heap_view::of(const segment& seg) noexcept {
   v.max_spans = h.max_spans;
   v.committed_pages = &seg.heap().accounts.pages_committed;
   v.sweep_queue = &seg.heap().sweep_queue;
+  v.profile = seg.at<profile_sample>(h.regions.profile.offset);
   return v;
 }
 

@@ -38,6 +38,7 @@ struct heap_view {
   // read page_map beyond it: those entries are not backed by memory.
   const shared_atomic<std::uint64_t>* committed_pages = nullptr;
   shared_atomic<std::uint32_t>* sweep_queue = nullptr;  // mheap_state's: nullptr pushes nothing
+  profile_sample* profile = nullptr;  // the profile table (profile.hpp); nullptr: none
 
   static heap_view of(const segment& seg) noexcept;
 

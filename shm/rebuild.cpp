@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "shm/mheap.hpp"
+#include "shm/profile.hpp"
 #include "shm/segment.hpp"
 
 namespace shmalloc {
@@ -94,6 +95,7 @@ std::uint32_t mheap::rebuild() noexcept {
     s.alloc_count = static_cast<std::uint16_t>(count_allocated(s));
     central(span_class{s.span_class}).relink(span_id{i});
   }
+  profile_sweep(v);  // samples of spans that did not survive
   return dropped;
 }
 

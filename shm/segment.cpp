@@ -144,6 +144,7 @@ region_map compute_layout(std::uint64_t capacity, std::uint32_t max_caches, std:
   m.chunks = place((max_pages / chunk_pages) * sizeof(chunk_info), os_page);
   m.released = place(leaves * 8, os_page);
   m.roots = place(std::uint64_t{max_roots} * sizeof(root_entry), os_page);
+  m.profile = place(std::uint64_t{max_profile_samples} * sizeof(profile_sample), os_page);
   // Committed as they are needed:
   m.page_map = place(max_pages * sizeof(std::uint32_t), os_page);
   m.spans = place(max_pages * sizeof(mspan), os_page);  // at most one span per page
@@ -210,7 +211,7 @@ result<std::unique_ptr<segment>> segment::create(const heap_options& o) {
   }
   segment& s = *made.value();
   s.name_ = o.name;
-  const std::uint64_t fixed_end = m.roots.offset + m.roots.bytes;
+  const std::uint64_t fixed_end = m.profile.offset + m.profile.bytes;
   if (error e = s.commit(0, fixed_end); e.code != errc::ok) return fail(e);
 
   segment_header& h = s.header();

@@ -88,6 +88,8 @@ const std::vector<target>& targets() {
       [](payload p) { round_trip("advise_table", p, decode_advise_table, enc<advise_table_msg>); },
       [](payload p) { round_trip("leaks", p, decode_leaks_request, encode_leaks_request); },
       [](payload p) { round_trip("leak_table", p, decode_leak_table, enc<leak_table_msg>); },
+      [](payload p) { round_trip("leak_sites", p, decode_leak_sites_request, encode_leak_sites_request); },
+      [](payload p) { round_trip("site_table", p, decode_site_table, enc<site_table_msg>); },
       [](payload p) {  // a reply's message text and body
         const auto parts = split_reply(p);
         if (parts && (2 + parts->message.size() + parts->body.size() != p.size() || parts->message.size() > 1024))

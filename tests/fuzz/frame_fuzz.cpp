@@ -126,6 +126,7 @@ void check_reply(const proto::frame_header& req, std::span<const std::uint8_t> r
     case msg::cache_table: good = type == msg::caches && proto::decode_cache_table(body); break;
     case msg::advise_table: good = type == msg::advise && proto::decode_advise_table(body); break;
     case msg::leak_table: good = type == msg::leaks && proto::decode_leak_table(body); break;
+    case msg::site_table: good = type == msg::leak_sites && proto::decode_site_table(body); break;
     case msg::root: good = type == msg::lookup && proto::decode_root(body); break;
     case msg::cache_slot: good = type == msg::cache_open && proto::decode_slot(body); break;
     case msg::ok:
@@ -247,6 +248,7 @@ std::vector<std::pair<std::string, input>> fuzz_seeds() {
       {"advise", make_request(msg::advise, 46)},
       {"leaks", make_request(msg::leaks, 48)},
       {"leaks-window", make_request(msg::leaks, 50, proto::encode_leaks_request(5))},
+      {"leak-sites", make_request(msg::leak_sites, 52, proto::encode_leak_sites_request(0))},
       {"cache-open", make_request(msg::cache_open, 30)},
       {"cache-close", make_request(msg::cache_close, 32, proto::encode(proto::slot_msg{1}))},
       // A root under the caches' prefix naming a large object (not a cache

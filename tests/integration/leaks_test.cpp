@@ -57,13 +57,15 @@ __attribute__((noinline)) void churn(int n) {
 // decay, so what it holds changes only with what it allocates.
 class worker {
  public:
-  worker(const std::string& socket, void (*step)(int phase)) {
+  // profile_rate: the child's SHMALLOC_PROFILE_RATE (nullptr: unset).
+  worker(const std::string& socket, void (*step)(int phase), const char* profile_rate = nullptr) {
     REQUIRE(pipe(to_) == 0);
     REQUIRE(pipe(from_) == 0);
     pid_ = fork();
     REQUIRE(pid_ >= 0);
     if (pid_ == 0) {
       setenv("SHMALLOC_CACHE_DECAY_MS", "3600000", 1);
+      if (profile_rate != nullptr) setenv("SHMALLOC_PROFILE_RATE", profile_rate, 1);
       if (shmalloc_attach(socket.c_str()) != 0) _exit(1);
       char c = 0;
       for (int phase = 1; phase <= 2; ++phase) {
@@ -130,6 +132,53 @@ TEST_SUITE("leaks") {
     REQUIRE(run_ctl("leaks --socket " + d.socket, &text) == 0);
     CHECK(text.find("growth_bytes") != std::string::npos);
     CHECK(text.find("112x") != std::string::npos);
+  }
+}
+
+TEST_SUITE("leaks --sites") {
+  TEST_CASE("sampled sites: the leaking process's top site is leak_on_purpose; what is freed leaves no sample") {
+    daemon_process d;
+    REQUIRE(d.started());
+    // 3,000 objects of 100 bytes a phase, one sample per 8 KiB on average:
+    // about 37 samples a phase.
+    worker leaker(d.socket, [](int) { leak_on_purpose(3000); }, "8192");
+    worker churner(d.socket, [](int) { churn(3000); }, "8192");
+    const auto gap = std::chrono::milliseconds(1500);
+    std::this_thread::sleep_for(gap);  // phase 1's objects are at least this old when phase 2 runs
+    leaker.go();
+    churner.go();
+    leaker.wait_ready();
+    churner.wait_ready();
+
+    const json j = ctl_json(d, "leaks --sites");
+    INFO(j.dump(1));
+    CHECK(j["table_capacity"].get<int>() > 0);
+    REQUIRE(j["sites"].size() >= 1);
+    const json& top = j["sites"][0];
+    CHECK(top["pid"] == leaker.pid());
+    CHECK(top["site"].get<std::string>().find("leak_on_purpose") != std::string::npos);
+    CHECK(top["frames"].size() >= 2);
+    // 6,000 objects of 100 bytes: the estimate is within a factor of two
+    // (the sample count is Poisson with a mean near 73).
+    CHECK(top["estimated_bytes"].get<std::uint64_t>() >= 300'000u);
+    CHECK(top["estimated_bytes"].get<std::uint64_t>() <= 1'200'000u);
+    CHECK(top["sampled_bytes"].get<std::uint64_t>() == top["samples"].get<std::uint64_t>() * 100);
+    // Both phases are there, a gap apart however slow the machine.
+    CHECK(top["oldest_seconds"].get<double>() - top["newest_seconds"].get<double>() >= 1.4);
+    for (const json& row : j["sites"]) CHECK(row["pid"] != churner.pid());  // it freed everything it sampled
+
+    // Ages: every phase-1 object is at least `gap` old, no object a day old.
+    const json old = ctl_json(d, "leaks --sites --older-than 1.4 --pid " + std::to_string(leaker.pid()));
+    REQUIRE(old["sites"].size() >= 1);
+    CHECK(old["sites"][0]["samples"].get<int>() <= top["samples"].get<int>());
+    CHECK(old["sites"][0]["newest_seconds"].get<double>() >= 1.4);
+    CHECK(ctl_json(d, "leaks --sites --older-than 86400")["sites"].empty());
+
+    std::string text;
+    REQUIRE(run_ctl("leaks --sites --socket " + d.socket, &text) == 0);
+    CHECK(text.find("leak_on_purpose") != std::string::npos);
+    std::string err;
+    CHECK(run_ctl("leaks --older-than 5 --socket " + d.socket, &text, &err) == 2);  // --older-than needs --sites
   }
 }
 
