@@ -555,7 +555,10 @@ proto::site_table_msg request_handler::site_table(std::uint64_t older_than_ns) c
     const auto held = static_cast<double>(r.size > max_small_size ? (r.size + page_size - 1) / page_size * page_size
                                                                     : class_to_size(size_to_class(r.size)));
     const double p = r.rate == 0 ? 1.0 : 1.0 - std::exp(-held / r.rate);
-    row.estimated_bytes += static_cast<std::uint64_t>(held / std::max(p, 1e-9));
+    const auto estimate = static_cast<std::uint64_t>(held / std::max(p, 1e-9));
+    row.estimated_bytes += estimate;
+    for (std::size_t k = 0; k < std::size(proto::site_age_bounds_s); ++k)
+      if (age >= proto::site_age_bounds_s[k] * 1'000'000'000) row.aged_bytes[k] += estimate;
     row.oldest_ns = std::max(row.oldest_ns, age);
     row.newest_ns = std::min(row.newest_ns, age);
   }

@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <ctime>
 #include <functional>
+#include <map>
 #include <optional>
 #include <iostream>
 #include <string>
@@ -462,7 +463,27 @@ int print_advice(const daemon_options& o) {
 
 const std::vector<std::string> leak_columns{"id",           "pid",                 "name",       "live_bytes",
                                             "growth_bytes", "growth_over_seconds", "bytes_held", "large_bytes",
-                                            "top_classes"};
+                                            "top_classes",  "sampled_live_over_60s"};
+
+// Per client, what its live samples (SHMALLOC_PROFILE_RATE) say of its
+// objects' ages: estimated bytes in all, and of objects live longer than
+// 10 s, 60 s and 600 s. Clients that sample nothing have no entry.
+std::map<std::uint32_t, json> sampled_ages(const shmalloc::proto::site_table_msg& sites) {
+  std::map<std::uint32_t, json> by_client;
+  for (const auto& r : sites.rows) {
+    json& a = by_client[r.client];
+    if (a.is_null()) {
+      a = {{"estimated_bytes", 0}};
+      for (std::uint64_t bound : shmalloc::proto::site_age_bounds_s) a["older_than_" + std::to_string(bound) + "s"] = 0;
+    }
+    a["estimated_bytes"] = a["estimated_bytes"].get<std::uint64_t>() + r.estimated_bytes;
+    for (std::size_t k = 0; k < std::size(shmalloc::proto::site_age_bounds_s); ++k) {
+      const std::string key = "older_than_" + std::to_string(shmalloc::proto::site_age_bounds_s[k]) + "s";
+      a[key] = a[key].get<std::uint64_t>() + r.aged_bytes[k];
+    }
+  }
+  return by_client;
+}
 
 json leak_json(const shmalloc::proto::leak_row& r) {
   json classes = json::array();
@@ -494,9 +515,16 @@ int print_leaks(const daemon_options& o) {
   using namespace shmalloc::proto;
   auto t = ask(o, question<leak_table_msg>{msg::leaks, encode_leaks_request(o.window_s), &decode_leak_table});
   if (!t) return exit_failure;
+  auto sites = ask(o, question<site_table_msg>{msg::leak_sites, encode_leak_sites_request(0), &decode_site_table});
+  if (!sites) return exit_failure;
+  const std::map<std::uint32_t, json> ages = sampled_ages(*sites);
   json rows = json::array();
-  for (const auto& r : t->rows)
-    if ((o.client == 0 || r.id == o.client) && (o.pid == 0 || r.pid == o.pid)) rows.push_back(leak_json(r));
+  for (const auto& r : t->rows) {
+    if ((o.client != 0 && r.id != o.client) || (o.pid != 0 && r.pid != o.pid)) continue;
+    rows.push_back(leak_json(r));
+    const auto a = ages.find(r.id);
+    rows.back()["sampled_live"] = a != ages.end() ? a->second : json(nullptr);
+  }
   const std::size_t left_out = t->total - t->rows.size();
   if (o.json) {
     std::cout << dump(json{{"window_seconds", t->window_ns / 1'000'000'000}, {"total", t->total},
@@ -504,8 +532,10 @@ int print_leaks(const daemon_options& o) {
               << '\n';
     return flush_stdout();
   }
-  for (json& row : rows)
+  for (json& row : rows) {
     if (row["pid"].is_null()) row["pid"] = "-";
+    row["sampled_live_over_60s"] = row["sampled_live"].is_null() ? json("-") : row["sampled_live"]["older_than_60s"];
+  }
   print_table(leak_columns, rows);
   if (left_out != 0) std::cout << "(" << left_out << " more clients did not fit the reply)\n";
   return flush_stdout();

@@ -236,6 +236,7 @@ std::vector<std::uint8_t> encode(const site_table_msg& m) {
   w.u32(m.capacity).u32(m.live).u16(static_cast<std::uint16_t>(m.rows.size()));
   for (const site_row& r : m.rows) {
     w.u32(r.client).u32(r.pid).u32(r.samples).u64(r.bytes).u64(r.estimated_bytes).u64(r.oldest_ns).u64(r.newest_ns);
+    for (std::uint64_t b : r.aged_bytes) w.u64(b);
     w.u8(static_cast<std::uint8_t>(r.pc.size()));
     for (std::size_t f = 0; f < r.pc.size(); ++f) w.u64(r.pc[f]).u64(r.vma[f]);
   }
@@ -541,8 +542,10 @@ std::optional<site_table_msg> decode_site_table(std::span<const std::uint8_t> p)
     row.estimated_bytes = r.u64();
     row.oldest_ns = r.u64();
     row.newest_ns = r.u64();
+    for (std::uint64_t& b : row.aged_bytes) b = r.u64();
     const std::uint8_t frames = r.u8();
-    if (r.failed() || row.samples == 0 || row.oldest_ns < row.newest_ns || frames > max_site_frames)
+    if (r.failed() || row.samples == 0 || row.oldest_ns < row.newest_ns || frames > max_site_frames ||
+        row.aged_bytes[0] > row.estimated_bytes || row.aged_bytes[1] > row.aged_bytes[0] || row.aged_bytes[2] > row.aged_bytes[1])
       return std::nullopt;
     for (std::uint8_t f = 0; f < frames; ++f) {
       row.pc.push_back(r.u64());

@@ -398,9 +398,12 @@ struct leak_table_msg {
 // u32 pid (0: unknown), u32 samples (> 0), u64 bytes (their requested
 // sizes), u64 estimated_bytes (each sample scaled as Go's pprof does, by
 // 1 / (1 - exp(-size / rate))), u64 oldest_ns and u64 newest_ns (ages,
-// oldest >= newest), u8 frames (<= 6), frames x (u64 pc, u64 vma).
+// oldest >= newest), 3 x u64 aged_bytes (of estimated_bytes, those of
+// objects live longer than site_age_bounds_s, each <= the one before), u8
+// frames (<= 6), frames x (u64 pc, u64 vma).
 inline constexpr std::size_t max_site_frames = 6;  // layout.hpp's profile_frames
 inline constexpr std::size_t max_site_rows = 256;
+inline constexpr std::uint64_t site_age_bounds_s[3] = {10, 60, 600};
 struct site_row {
   std::uint32_t client = 0;
   std::uint32_t pid = 0;
@@ -409,6 +412,7 @@ struct site_row {
   std::uint64_t estimated_bytes = 0;
   std::uint64_t oldest_ns = 0;
   std::uint64_t newest_ns = 0;
+  std::uint64_t aged_bytes[3] = {};
   std::vector<std::uint64_t> pc;   // innermost first
   std::vector<std::uint64_t> vma;  // as many as pc
 };

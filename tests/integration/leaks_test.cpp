@@ -174,6 +174,17 @@ TEST_SUITE("leaks --sites") {
     CHECK(old["sites"][0]["newest_seconds"].get<double>() >= 1.4);
     CHECK(ctl_json(d, "leaks --sites --older-than 86400")["sites"].empty());
 
+    // leaks says, per client, what its samples tell of ages.
+    const json plain = ctl_json(d, "leaks");
+    const json* l = find_pid(plain["clients"], leaker.pid());
+    REQUIRE(l != nullptr);
+    REQUIRE((*l)["sampled_live"].is_object());
+    CHECK((*l)["sampled_live"]["estimated_bytes"] == top["estimated_bytes"]);
+    CHECK((*l)["sampled_live"]["older_than_10s"].get<std::uint64_t>() <= top["estimated_bytes"].get<std::uint64_t>());
+    const json* c = find_pid(plain["clients"], churner.pid());
+    REQUIRE(c != nullptr);
+    CHECK((*c)["sampled_live"].is_null());
+
     std::string text;
     REQUIRE(run_ctl("leaks --sites --socket " + d.socket, &text) == 0);
     CHECK(text.find("leak_on_purpose") != std::string::npos);

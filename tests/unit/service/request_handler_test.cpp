@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <thread>
@@ -15,6 +16,7 @@
 #include "service/request_handler.hpp"
 #include "shm/control_client.hpp"
 #include "shm/mspan.hpp"
+#include "shm/profile.hpp"
 #include "shm/verify.hpp"
 #include "support/http_get.hpp"
 #include "support/test_heap.hpp"
@@ -845,6 +847,80 @@ TEST_SUITE("request_handler reports") {
     CHECK(t->rows[0].objects_live == 9);
     CHECK(t->rows[0].large_objects == 1);
     CHECK(t->rows[0].bytes_held == r.bytes_held + 5 * page_size);
+  }
+
+  // A sampled allocation as a client makes one (client/profile.cpp): a large
+  // object of client a's, its entry filled and published, allocated
+  // `age_s` seconds ago on CLOCK_MONOTONIC.
+  void sample_of(census_fixture& f, std::uint64_t size, std::uint64_t pc, std::uint64_t age_s) {
+    auto got = ask(f.rh, f.a, msg::alloc_large, proto::encode(proto::alloc_large_msg{size, true}));
+    REQUIRE(got.status == errc::ok);
+    const auto large = proto::decode_large(got.body);
+    REQUIRE(large);
+    const heap_view& v = f.t.heap->view();
+    profile_sample* e = profile_claim(v, large->handle);
+    REQUIRE(e != nullptr);
+    const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+    e->size.store(size);
+    e->alloc_ns.store(now - age_s * 1'000'000'000);
+    e->rate.store(4096);
+    e->frames.store(2);
+    e->pc[0].store(pc);
+    e->vma[0].store(pc - 0x1000);
+    e->pc[1].store(0x9999);
+    e->vma[1].store(0x8999);
+    profile_publish(v, *e, f.t.heap->span(span_id{large->span_id}), large->handle);
+  }
+
+  TEST_CASE("the site table groups live samples by holder and stack, scales them as pprof does, and ages them") {
+    census_fixture f;
+    sample_of(f, 100, 0x401000, 0);      // site 1: one young object of 112 bytes' class
+    sample_of(f, 100, 0x401000, 120);    // and one two minutes old
+    sample_of(f, 40000, 0x402000, 700);  // site 2: a large object, eleven minutes old
+    auto got = ask(f.rh, f.observer, msg::leak_sites, proto::encode_leak_sites_request(0));
+    REQUIRE(got.status == errc::ok);  // an observer may ask
+    auto t = proto::decode_site_table(got.body);
+    REQUIRE(t);
+    CHECK(t->capacity == max_profile_samples);
+    CHECK(t->live == 3);
+    REQUIRE(t->rows.size() == 2);
+    // Two 112-byte objects sampled at 4,096 bytes stand for 2 * 112 / (1 - e^(-112/4096)) bytes.
+    const auto small_estimate = static_cast<std::uint64_t>(112 / (1 - std::exp(-112.0 / 4096)));
+    const proto::site_row& big = t->rows[0];  // 40,000 bytes take 5 pages: nearly surely sampled, so about themselves
+    CHECK(big.client == f.a.id);
+    CHECK(big.pid == 4242);
+    CHECK(big.samples == 1);
+    CHECK(big.bytes == 40000);
+    CHECK(big.estimated_bytes == static_cast<std::uint64_t>(5 * page_size / (1 - std::exp(-5.0 * page_size / 4096))));
+    CHECK(big.estimated_bytes - 5 * page_size < 2);
+    CHECK(big.aged_bytes[2] == big.estimated_bytes);  // older than 600 s
+    REQUIRE(big.pc.size() == 2);
+    CHECK(big.pc[0] == 0x402000);
+    CHECK(big.vma[0] == 0x401000);
+    const proto::site_row& small = t->rows[1];
+    CHECK(small.samples == 2);
+    CHECK(small.bytes == 200);
+    CHECK(small.estimated_bytes == 2 * small_estimate);
+    CHECK(small.oldest_ns >= 120'000'000'000);
+    CHECK(small.newest_ns < 60'000'000'000);
+    CHECK(small.aged_bytes[0] == small_estimate);  // the old one is older than 10 s
+    CHECK(small.aged_bytes[1] == small_estimate);  // and 60 s
+    CHECK(small.aged_bytes[2] == 0);               // not 600 s
+    // Only what is older than a minute.
+    t = proto::decode_site_table(ask(f.rh, f.observer, msg::leak_sites, proto::encode_leak_sites_request(60'000'000'000)).body);
+    REQUIRE(t);
+    CHECK(t->live == 3);  // live counts every sample
+    REQUIRE(t->rows.size() == 2);
+    CHECK(t->rows[1].samples == 1);
+    // A freed sample leaves the table: the client's free releases it first (free_large).
+    auto freed = ask(f.rh, f.a, msg::free_large, proto::encode(proto::free_large_msg{f.t.heap->view().handle_of(
+                                                     f.t.heap->view().span_base(f.t.heap->span(span_id{*f.a.large.rbegin()})))}));
+    REQUIRE(freed.status == errc::ok);
+    t = proto::decode_site_table(ask(f.rh, f.observer, msg::leak_sites, proto::encode_leak_sites_request(0)).body);
+    REQUIRE(t);
+    CHECK(t->live == 2);
+    CHECK(proto::decode_site_table(ask(f.rh, f.observer, msg::leak_sites, {}).body) == std::nullopt);
+    CHECK(ask(f.rh, f.observer, msg::leak_sites, {}).status == errc::protocol_error);
   }
 
   TEST_CASE("the client table stops at one frame and counts the rest") {
