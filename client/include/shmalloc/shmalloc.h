@@ -14,6 +14,12 @@
  * next allocates through its slow path (there is no background thread).
  * shmalloc_trim gives back at once what no live object needs.
  *
+ * Profiling: with SHMALLOC_PROFILE_RATE=BYTES (read at attach; unset or 0:
+ * off), one allocation per that many bytes on average is sampled with its
+ * call stack, for `shmallocctl leaks --sites`. A sampled object gets whole
+ * pages of its own (its shmalloc_usable_size says so) and counts as a large
+ * object; the other allocations are unchanged.
+ *
  * fork(): the child never uses the parent's caches or connection; they are
  * reset in the child, which attaches again on first use. Pointers the child
  * inherited stay valid (the mapping is kept).
