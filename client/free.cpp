@@ -55,7 +55,7 @@ SHMALLOC_SLOW_PATH void free_tiny(mspan& s, std::uint64_t offset, const void* p)
   if ((tiny_freed_mask(g_view, s, block).fetch_or(bit, std::memory_order_acq_rel) & bit) != 0)
     bad_free(p, "double free (of a tiny object)");
   SHMALLOC_CRASH_POINT("free.tiny_masked");
-  const std::int8_t before = tiny_count_of(s, block).fetch_sub(1, std::memory_order_acq_rel);
+  const std::int8_t before = tiny_count(g_view, s, block).fetch_sub(1, std::memory_order_acq_rel);
   if (before <= 0) bad_free(p, "double free (of a tiny object)");
   SHMALLOC_CRASH_POINT("free.tiny_last");
   if (before == 1) free_slot(s, block, tiny_size_class, p);

@@ -153,11 +153,6 @@ inline mcache_slot* slot_of(mcache* mc) noexcept {
   return at >= g_view.base && at < g_view.base + g_size ? reinterpret_cast<mcache_slot*>(at) : nullptr;
 }
 
-// The shared object count of a tiny block (shm/mspan.hpp).
-inline std::atomic_ref<std::int8_t> tiny_count_of(const mspan& s, std::uint32_t block) noexcept {
-  return tiny_count(g_view, s, block);
-}
-
 // attach.cpp
 
 // REQUIRES: r.mu held.

@@ -350,7 +350,7 @@ SHMALLOC_SLOW_PATH void* alloc_tiny_slow(std::size_t size) noexcept {
   if (block == nullptr) return nullptr;
   const mspan& s = g_view.span(g_view.span_at(g_view.handle_of(block)));
   const auto index = static_cast<std::uint32_t>((block - g_view.span_base(s)) / tiny_size);
-  tiny_count_of(s, index).store(tiny_bias, std::memory_order_relaxed);
+  tiny_count(g_view, s, index).store(tiny_bias, std::memory_order_relaxed);
   SHMALLOC_CRASH_POINT("tiny.block_set");
   tiny_freed_mask(g_view, s, index).store(0, std::memory_order_relaxed);
   // Recorded for the daemon once the block is set up: a thread that dies
