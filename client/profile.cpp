@@ -27,18 +27,23 @@ namespace {
 
 constexpr std::uint64_t max_profile_rate = std::uint64_t{1} << 31;  // bytes: a sample's rate fits its entry
 
-// The load bias of this library's module when it is a shared object apart
-// from the program (its frames are skipped at capture); 0 when it is linked
-// into the program, whose frames are then told apart by name when the
-// stack is resolved (shmallocctl leaks --sites).
-const void* own_module() noexcept {
-  static const void* const module = [] {
-    Dl_info self{}, program{};
-    if (dladdr(reinterpret_cast<const void*>(&own_module), &self) == 0) return static_cast<const void*>(nullptr);
+// The module of address p (glibc's _dl_find_object: a lock-free lookup of
+// a few nanoseconds, where dladdr searches symbol tables for microseconds),
+// or nullptr.
+link_map* module_of(const void* p) noexcept {
+  dl_find_object found{};
+  return _dl_find_object(const_cast<void*>(p), &found) == 0 ? found.dlfo_link_map : nullptr;
+}
+
+// This library's module when it is a shared object apart from the program
+// (its frames are skipped at capture); nullptr when it is linked into the
+// program, whose frames are then told apart by name when the stack is
+// resolved (shmallocctl leaks --sites).
+const link_map* own_module() noexcept {
+  static const link_map* const module = [] {
+    const link_map* self = module_of(reinterpret_cast<const void*>(&own_module));
     const auto phdr = getauxval(AT_PHDR);
-    if (phdr != 0 && dladdr(reinterpret_cast<const void*>(phdr), &program) != 0 && program.dli_fbase == self.dli_fbase)
-      return static_cast<const void*>(nullptr);
-    return static_cast<const void*>(self.dli_fbase);
+    return phdr != 0 && module_of(reinterpret_cast<const void*>(phdr)) == self ? nullptr : self;
   }();
   return module;
 }
@@ -65,15 +70,13 @@ std::int64_t next_sample(mcache* mc, std::uint32_t rate) noexcept {
 std::uint32_t capture(std::uint64_t* pc, std::uint64_t* vma) noexcept {
   void* raw[profile_frames + 8];
   const int n = backtrace(raw, static_cast<int>(std::size(raw)));
-  const void* own = own_module();
+  const link_map* own = own_module();
   std::uint32_t kept = 0;
   for (int i = 1; i < n && kept < profile_frames; ++i) {
-    Dl_info info{};
-    link_map* module = nullptr;
-    if (dladdr1(raw[i], &info, reinterpret_cast<void**>(&module), RTLD_DL_LINKMAP) == 0) continue;
-    if (own != nullptr && info.dli_fbase == own) continue;
+    const link_map* module = module_of(raw[i]);
+    if (module == nullptr || (own != nullptr && module == own)) continue;
     pc[kept] = reinterpret_cast<std::uintptr_t>(raw[i]);
-    vma[kept] = pc[kept] - (module != nullptr ? module->l_addr : 0);
+    vma[kept] = pc[kept] - module->l_addr;
     ++kept;
   }
   return kept;
