@@ -332,8 +332,9 @@ SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan, std::s
   mc->active[spc / 64] |= std::uint64_t{1} << (spc % 64);
   if (SHMALLOC_UNLIKELY(++mc->slow_calls % trim_check_every == 0)) maybe_trim(r, mc);
   // The profiler's countdown was credited with the bytes of the word that
-  // just ran out (below): this object may be the one due.
-  if (SHMALLOC_UNLIKELY(profiling()) && profile_due(mc, 0))
+  // just ran out (below): this object may be the one due. Not a tiny block,
+  // which is no user's object: alloc_tiny_slow samples the tiny objects.
+  if (SHMALLOC_UNLIKELY(profiling()) && spc != tiny_span_class && profile_due(mc, 0))
     return alloc_sampled(size != 0 ? size : class_to_size(size_class), noscan);
   if (!find_free(r, mc, spc)) return nullptr;
   if (SHMALLOC_UNLIKELY(profiling()))
