@@ -208,11 +208,15 @@ error daemon::bind_socket() {
   }
   acceptor_.open(stream(), ec);
   if (!ec) acceptor_.bind(stream::endpoint(path), ec);
-  if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
-  if (!ec) acceptor_.native_non_blocking(true, ec);  // refuse_with_spare's accept must not block
-  if (ec) return {errc::os_error, "cannot listen on " + path + ": " + ec.message()};
+  if (ec) return {errc::os_error, "cannot bind " + path + ": " + ec.message()};
+  // The mode before listen: until then no one can connect, so no peer ever
+  // connects through the mode the umask gave the file at bind (under umask
+  // 0, anyone's).
   if (chmod(path.c_str(), settings_.socket_mode) != 0)
     return {errc::os_error, "cannot set the mode of " + path + ": " + std::strerror(errno)};
+  acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+  if (!ec) acceptor_.native_non_blocking(true, ec);  // refuse_with_spare's accept must not block
+  if (ec) return {errc::os_error, "cannot listen on " + path + ": " + ec.message()};
   return {};
 }
 
