@@ -111,8 +111,7 @@ SHMALLOC_SLOW_PATH void free_large(void* p, mspan& s) noexcept {
     const std::uint64_t h = g_view.handle_of(p);
     if (std::find(r.deferred_large_frees.begin(), r.deferred_large_frees.end(), h) != r.deferred_large_frees.end())
       bad_free(p, "double free (of a large object)");
-    if (SHMALLOC_UNLIKELY(s.profile_sample.load(std::memory_order_relaxed) != 0))
-      profile_release(g_view, s);  // before it is cached or freed: a sample is a live object
+    profile_release(g_view, s);  // before it is cached or freed: a sample is a live object
     const bool up = r.attached || attach_locked(r, nullptr) == 0;
     if (!cache_large(r, p, s)) {
       if (!up) {

@@ -334,10 +334,11 @@ SHMALLOC_SLOW_PATH void* alloc_slow(std::uint8_t size_class, bool noscan, std::s
   // The profiler's countdown was credited with the bytes of the word that
   // just ran out (below): this object may be the one due. Not a tiny block,
   // which is no user's object: alloc_tiny_slow samples the tiny objects.
-  if (SHMALLOC_UNLIKELY(profiling()) && spc != tiny_span_class && profile_due(mc, 0))
+  const bool sampling = profiling();
+  if (SHMALLOC_UNLIKELY(sampling) && spc != tiny_span_class && profile_due(mc, 0))
     return alloc_sampled(size != 0 ? size : class_to_size(size_class), noscan);
   if (!find_free(r, mc, spc)) return nullptr;
-  if (SHMALLOC_UNLIKELY(profiling()))
+  if (SHMALLOC_UNLIKELY(sampling))
     profile_credit(mc, std::uint64_t{static_cast<std::uint32_t>(std::popcount(mc->alloc[spc].free_bits))} * mc->alloc[spc].elem_size);
   return alloc_small(size_class, noscan, size);
 }

@@ -519,6 +519,18 @@ proto::leak_table_msg request_handler::leak_table(std::uint32_t window_s) {
   return t;
 }
 
+namespace {
+// What one sample of `size` bytes at `rate` stands for: Go's pprof scaling,
+// on the bytes an unsampled object of that size takes in the heap (its size
+// class's, or whole pages): 1 / (1 - e^(-bytes/rate)) objects like it.
+std::uint64_t estimated_bytes(std::uint64_t size, std::uint32_t rate) {
+  const auto held = static_cast<double>(size > max_small_size ? (size + page_size - 1) / page_size * page_size
+                                                              : class_to_size(size_to_class(size)));
+  const double p = rate == 0 ? 1.0 : 1.0 - std::exp(-held / rate);
+  return static_cast<std::uint64_t>(held / std::max(p, 1e-9));
+}
+}  // namespace
+
 // The sampled objects still live, by holder and call stack. Ages are on
 // CLOCK_MONOTONIC, the clock the clients stamped them with (not mheap's,
 // which tests may drive).
@@ -549,13 +561,7 @@ proto::site_table_msg request_handler::site_table(std::uint64_t older_than_ns) c
     }
     ++row.samples;
     row.bytes += r.size;
-    // Go's pprof scaling, on the bytes the object takes in the heap (its
-    // size class's, or whole pages): a sample of that many bytes stands
-    // for 1 / (1 - e^(-bytes/rate)) objects like it.
-    const auto held = static_cast<double>(r.size > max_small_size ? (r.size + page_size - 1) / page_size * page_size
-                                                                    : class_to_size(size_to_class(r.size)));
-    const double p = r.rate == 0 ? 1.0 : 1.0 - std::exp(-held / r.rate);
-    const auto estimate = static_cast<std::uint64_t>(held / std::max(p, 1e-9));
+    const std::uint64_t estimate = estimated_bytes(r.size, r.rate);
     row.estimated_bytes += estimate;
     for (std::size_t k = 0; k < std::size(proto::site_age_bounds_s); ++k)
       if (age >= proto::site_age_bounds_s[k] * 1'000'000'000) row.aged_bytes[k] += estimate;

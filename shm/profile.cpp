@@ -42,6 +42,9 @@ void profile_publish(const heap_view& v, profile_sample& e, mspan& s, handle_t h
 }
 
 void profile_release(const heap_view& v, mspan& s) noexcept {
+  // A load first: most spans are not sampled, and every large free comes
+  // here; an exchange would cost each of them a locked instruction.
+  if (s.profile_sample.load(std::memory_order_relaxed) == 0) return;
   const std::uint16_t k = s.profile_sample.exchange(0, std::memory_order_acq_rel);
   if (k == 0 || k > max_profile_samples || v.profile == nullptr) return;
   std::uint64_t expected = v.handle_of(v.span_base(s));
