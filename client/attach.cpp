@@ -161,10 +161,14 @@ int attach_locked(runtime& r, const char* socket_path) {
   r.main_slot = w->cache_slot;
   r.main_slot_free = true;
   r.spare_slots.clear();  // a detached or forked process's, retired with its connection
+  r.parked_slot.store(w->cache_slot, std::memory_order_relaxed);
   SHMALLOC_CRASH_POINT("attach.liveness");
   hold_liveness(r, w->cache_slot);
   g_view = heap_view::of(*r.seg);
   g_size = r.seg->size();
+  // A queue a process that had the slot before us left: none of its spans
+  // are ours.
+  if (w->cache_slot < g_view.max_caches) g_view.slots[w->cache_slot].parked_queue.store(0, std::memory_order_relaxed);
   g_committed.store(0, std::memory_order_relaxed);  // raised by the first free
   for (auto& b : r.batch) b = first_batch;
   r.attached = true;
@@ -236,6 +240,7 @@ bool reconnect_locked(runtime& r) {
   // when that thread ends. The new hello's slot serves the next thread.
   r.main_slot = w->cache_slot;
   r.main_slot_free = true;
+  repark_locked(r, w->cache_slot);
   r.attached = true;
   for (const std::uint64_t h : std::exchange(r.deferred_large_frees, {})) {
     SHMALLOC_CRASH_POINT("reconnect.deferred_free");

@@ -50,9 +50,10 @@ void shmalloc_detach(void) {
   std::lock_guard lock(r.mu);
   if (!r.attached && r.client_id == 0) return;
   flush_large_cache(r);
-  // Spans pooled but unused go back with the full ones.
+  // Spans pooled and parked go back.
   for (std::uint32_t spc = 0; spc < num_span_classes; ++spc)
     for (std::int64_t id; (id = r.pool.pop(static_cast<std::uint8_t>(spc))) >= 0;) r.full.push_back(static_cast<std::uint32_t>(id));
+  unpark_all_locked(r);
   release_full_locked(r);
   if (r.conn) r.conn->request(proto::msg::bye);  // the daemon retires every slot of ours
   r.conn.reset();

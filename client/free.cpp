@@ -30,6 +30,8 @@ SHMALLOC_SLOW_PATH void free_remote(mspan& s, std::uint32_t index, std::uint8_t 
   if (mc == nullptr) return;  // counted nowhere: the daemon is gone
   bump(mc->stats->small_frees[size_class], std::uint64_t{1});
   bump(mc->stats->remote_frees, std::uint64_t{1});
+  // A thread that only frees (into parked spans, most often) trims too.
+  if (SHMALLOC_UNLIKELY(++mc->slow_calls % trim_check_every == 0)) maybe_trim(rt(), mc);
 }
 
 // The span holding p, or a bad_free report; *offset is p's offset in it.

@@ -26,12 +26,42 @@
 //   free.cpp        the free slow paths: remote, tiny, large and bad frees.
 //   c_api.cpp       the extern "C" functions of shmalloc.h.
 //
+// The levels (Go's mcache, mcentral and mheap, with TCMalloc's transfer
+// cache and mimalloc's full page queue between the first two). A process
+// keeps every span it fills; churn within its working set never reaches the
+// daemon, which it asks only when its live memory grows past what it holds,
+// when what it holds has sat idle for a decay period, at trim and at detach
+// (and the daemon takes back what a dead process held).
+//
+//   thread     mcache: per span class, the current span (fast paths, no
+//              lock, no atomic read-modify-write) and up to 15 spares
+//              (256 KiB) it filled, looked at oldest first; frees into all
+//              of them are local. No lock.
+//   process    lock-free, in process memory and the process's first cache
+//              slot:
+//              - the pool (span_pool.hpp): per class, spans with free slots
+//                that no thread holds; threads pop before anything else.
+//              - parked spans: spans a thread filled past its spares stay
+//                the process's, owner_cache = parked_token (layout.hpp).
+//                Every free into one is a remote free, and the first since
+//                it was parked pushes it on the process's parked queue
+//                (mcache_slot::parked_queue); a thread whose pool is empty
+//                takes the queue whole and pools each span that has a free
+//                slot again (drain_parked). No round trip, by any freer.
+//   daemon     refills in batches that double while a class's refills come
+//              within 50 ms of each other; releases in batches of
+//              max_release: the pool's surplus over what the process took
+//              during the last decay period (trim.cpp: a steady workload
+//              takes as much as it pools, so it keeps it), everything at
+//              shmalloc_trim (but parked spans with live objects) and at
+//              detach.
+//
 // The process-wide runtime (rt()) holds the control connection (under a
-// mutex: only slow paths use it), the mapping of the heap, the lock-free
-// pool of spans refilled from the daemon in batches, and the list of full
-// spans waiting to be given back in a batch. What the fast paths read
-// without that mutex is outside it: the heap view (set at attach, before any
-// cache can hold a span, cleared only by detach) and each thread's cache.
+// mutex: only slow paths that talk to the daemon use it), the mapping of the
+// heap, the pool, and the list of spans to give back in a batch. What the
+// fast paths read without that mutex is outside it: the heap view (set at
+// attach, before any cache can hold a span, cleared only by detach) and each
+// thread's cache.
 //
 // Everything here is in shmalloc::client::detail, hidden: libshmalloc.so
 // exports none of it. What only one file uses stays in that file's
@@ -101,6 +131,10 @@ struct runtime {
   // -1 when detached; a forked child closes its copy.
   int liveness_fd = -1;
   std::uint32_t main_slot = 0;
+  // The slot whose parked_queue this process's parked spans name (their
+  // owner_cache is parked_token(parked_slot)): the first hello's, changed
+  // only by a reconnect (repark_locked). Read without the mutex.
+  std::atomic<std::uint32_t> parked_slot{0};
   bool main_slot_free = false;  // the slot hello gave serves the first thread that needs one
   // Cache slots of threads that ended, kept for the next threads on this
   // connection: a thread that starts then costs no cache_open round trip,
@@ -109,7 +143,7 @@ struct runtime {
   bool attached = false;
   bool atfork_registered = false;
   span_pool pool;
-  std::vector<std::uint32_t> full;  // spans to give back, in batches
+  std::vector<std::uint32_t> full;  // spans to give back, in batches (trim, detach)
   std::set<std::uint32_t> held;     // every span and large object the daemon records as ours
   bool lost_heap = false;  // the daemon came back with another heap: nothing can be recovered
   // Large objects this process freed, kept (still held from the daemon's
@@ -170,6 +204,12 @@ void release_full_locked(runtime& r);
 void drop_liveness(runtime& r) noexcept;
 // Folds the span's remote frees into its bitmap (this thread holds it).
 void fold(mcache* mc, mspan& s) noexcept;
+// Gives up a span this thread holds, which stays the process's: pooled if
+// it has a free slot, else parked.
+void drop_span(runtime& r, std::uint8_t spc, mspan& s) noexcept;
+// Pools the spans on the process's parked queue that got a free slot,
+// claiming each as `token` while it folds (~0u: a thread with no cache).
+void drain_parked(runtime& r, mcache* mc, std::uint32_t token) noexcept;
 // The calling thread's cache, opened on first use; nullptr if it gets none.
 mcache* ensure_cache();
 // Gives the calling thread's spans back and its cache slot up (thread exit,
@@ -215,6 +255,10 @@ void flush_large_cache(runtime& r);
 // REQUIRES: r.mu held. A thread's trim; with `everything`, every span it
 // holds with no live object.
 void trim_thread_locked(runtime& r, mcache* mc, bool everything);
+// REQUIRES: r.mu held. Every parked span goes on the full list (detach).
+void unpark_all_locked(runtime& r);
+// REQUIRES: r.mu held. Parked spans name new_slot's queue (a reconnect).
+void repark_locked(runtime& r, std::uint32_t new_slot);
 // REQUIRES: r.mu held. The process's trim: its pool and its large objects.
 void trim_process_locked(runtime& r, bool everything);
 // REQUIRES: r.mu held. The process's trim, if a decay period has passed.

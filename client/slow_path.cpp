@@ -25,9 +25,7 @@ namespace {
 constinit stats_block dummy_stats{};
 
 constexpr std::uint16_t max_batch = proto::max_refill;
-constexpr std::size_t release_batch = 32;
 constexpr std::uint64_t hot_refill_ns = 50'000'000;  // refills closer than this grow the batch
-constexpr std::uint64_t max_pool_bytes = 1 << 20;  // per span class: more goes back to the daemon
 // Slots of ended threads a process keeps for new ones (runtime::spare_slots);
 // they count against the daemon's --max-caches-per-client (default 256).
 constexpr std::size_t max_spare_slots = 16;
@@ -81,24 +79,41 @@ bool load_word(mcache_entry& e, mspan& s, std::uint32_t from, std::uint32_t to =
   return false;
 }
 
-// Gives up the entry's span: to the pool if a slot is free, else to the
-// full list (released to the daemon in batches).
-void drop_span(runtime& r, std::uint8_t spc, mspan& s) {
-  s.owner_cache.store(0, std::memory_order_release);
-  const std::uint32_t id = g_view.span_id_of(s).value;
-  SHMALLOC_CRASH_POINT("drop.unowned");
-  const std::uint64_t pooled = std::uint64_t{r.pool.size(spc) + 1} * class_span_bytes(span_class{spc}.size_class());
-  if (has_free_slot(s) && pooled <= max_pool_bytes) {
+}  // namespace
+
+// Gives up a span this thread holds, which stays the process's: to the
+// pool if a slot is free, else parked, so that the first free into it puts
+// it on the process's parked queue. No lock and no round trip: whatever
+// the process filled comes back to it (runtime.hpp's levels).
+void drop_span(runtime& r, std::uint8_t spc, mspan& s) noexcept {
+  if (has_free_slot(s)) {
+    s.owner_cache.store(0, std::memory_order_release);
     SHMALLOC_CRASH_POINT("drop.pool");
-    r.pool.push(spc, id);
+    r.pool.push(spc, g_view.span_id_of(s).value);
     return;
   }
-  std::lock_guard lock(r.mu);
-  r.full.push_back(id);
-  if (r.full.size() >= release_batch) release_full_locked(r);
+  SHMALLOC_CRASH_POINT("drop.park");
+  park_span(g_view, s, r.parked_slot.load(std::memory_order_relaxed));
 }
 
-}  // namespace
+// Pools what is on the process's parked queue: each span still parked is
+// claimed (as `token`), folded, and pooled if that freed a slot, else
+// parked again. Lock-free: any thread may drain; each span on the queue
+// goes to one of them.
+void drain_parked(runtime& r, mcache* mc, std::uint32_t token) noexcept {
+  const std::uint32_t slot = r.parked_slot.load(std::memory_order_relaxed);
+  take_parked_queue(g_view, slot, [&](mspan& s) {
+    if (s.span_class >= num_span_classes || !claim_parked(s, slot, token)) return;
+    SHMALLOC_CRASH_POINT("parked.claimed");
+    fold(mc, s);
+    if (has_free_slot(s)) {
+      s.owner_cache.store(0, std::memory_order_release);
+      r.pool.push(s.span_class, g_view.span_id_of(s).value);
+    } else {
+      park_span(g_view, s, slot);
+    }
+  });
+}
 
 // Folds the span's remote frees into its bitmap (this thread holds it). A
 // remote double free is reported and counted, not fatal: the process that
@@ -215,6 +230,11 @@ std::int64_t refill(runtime& r, std::uint8_t spc) {
   if (!list || list->span_ids.empty()) return -1;
   tsan_acquire_cross_process();  // the daemon folded what was pushed into these spans' memory
   SHMALLOC_CRASH_POINT("refill.reply");
+  // Ours now: a parked_queued flag set is a stale one (of a process that
+  // died with the span on its queue), and would keep its frees from
+  // telling us once we park it.
+  for (std::uint32_t id : list->span_ids)
+    if (id < g_view.max_spans) g_view.span(span_id{id}).parked_queued.store(0, std::memory_order_relaxed);
   r.held.insert(list->span_ids.begin(), list->span_ids.end());
   r.pool_demand[spc].fetch_add(1, std::memory_order_relaxed);  // the span returned; pooled ones count when taken
   SHMALLOC_CRASH_POINT("refill.pool");
@@ -310,6 +330,10 @@ bool find_free(runtime& r, mcache* mc, std::uint8_t spc) {
       if (switch_to_spare(r, mc, spc)) return true;
     }
     std::int64_t id = r.pool.pop(spc);
+    if (id < 0) {  // what other threads and processes freed into our parked spans
+      drain_parked(r, mc, mc->token);
+      id = r.pool.pop(spc);
+    }
     if (id >= 0) r.pool_demand[spc].fetch_add(1, std::memory_order_relaxed);
     if (id < 0) id = refill(r, spc);
     if (id < 0) return false;

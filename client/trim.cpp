@@ -47,24 +47,77 @@ void flush_large_cache(runtime& r) {
 
 namespace {
 
-// REQUIRES: r.mu held. Gives s, which this thread held, back to the daemon
-// (with the next batch of full spans).
-void give_back_locked(runtime& r, mspan& s) {
+// REQUIRES: r.mu held. Gives s, which this thread held, to the process
+// (drop_span: pooled or parked), whose trim decides what the daemon gets.
+void give_back_locked(runtime& r, std::uint8_t spc, mspan& s) {
   SHMALLOC_CRASH_POINT("trim.give_back");
-  s.owner_cache.store(0, std::memory_order_release);
-  r.full.push_back(g_view.span_id_of(s).value);
+  drop_span(r, spc, s);
+}
+
+// Calls f(s) for each span this process holds parked (r.held's small spans
+// whose owner_cache is our parked token).
+template <class F>
+void for_each_parked_locked(runtime& r, std::uint32_t slot, F f) {
+  for (const std::uint32_t id : r.held) {
+    if (id >= g_view.max_spans) continue;
+    mspan& s = g_view.span(span_id{id});
+    if (s.owner_cache.load(std::memory_order_relaxed) == parked_token(slot)) f(s);
+  }
+}
+
+// REQUIRES: r.mu held. The parked queue's backstop: a parked span freed
+// into whose notice was lost (a freer killed between flag and push, a
+// scribbled queue, a flag left set by a race with a reconnect) is pooled
+// here, once per decay period. O(spans held).
+void pool_freed_parked_locked(runtime& r, mcache* mc) {
+  const std::uint32_t slot = r.parked_slot.load(std::memory_order_relaxed);
+  for_each_parked_locked(r, slot, [&](mspan& s) {
+    if (!remote_pending(s) || !claim_parked(s, slot, ~0u)) return;
+    fold(mc, s);
+    if (count_allocated(s) < s.nelems) {
+      s.owner_cache.store(0, std::memory_order_release);
+      r.pool.push(s.span_class, g_view.span_id_of(s).value);
+    } else {
+      park_span(g_view, s, slot);
+    }
+  });
 }
 
 }  // namespace
 
-// REQUIRES: r.mu held. Gives back the thread's spans of every span class it
-// has not allocated from since its last trim, whether or not objects in them
-// are live (their frees become remote frees), and of the other classes the
-// spares that hold no live object and were not current since the last trim,
-// past the first two. (Giving back every such spare slowed the next steady
-// state of the mixed benchmark by up to two times, for a reason not found.)
-// With `everything`, every span of every class that holds no live object.
-// The tiny class keeps its spans: its current block is counted in a way only
+// REQUIRES: r.mu held. Every parked span goes on the full list (detach).
+void unpark_all_locked(runtime& r) {
+  const std::uint32_t slot = r.parked_slot.load(std::memory_order_relaxed);
+  for_each_parked_locked(r, slot, [&](mspan& s) {
+    if (claim_parked(s, slot, 0)) r.full.push_back(g_view.span_id_of(s).value);
+  });
+}
+
+// REQUIRES: r.mu held. The process's parked spans name new_slot's queue
+// from now on (a reconnect gave the process another first slot). What the
+// old queue holds is dropped (its spans' flags cleared) and every parked
+// span with frees pending is pushed on the new one.
+void repark_locked(runtime& r, std::uint32_t new_slot) {
+  const std::uint32_t old = r.parked_slot.load(std::memory_order_relaxed);
+  if (old == new_slot) return;
+  take_parked_queue(g_view, old, [](mspan&) {});
+  if (new_slot < g_view.max_caches) g_view.slots[new_slot].parked_queue.store(0, std::memory_order_relaxed);
+  r.parked_slot.store(new_slot, std::memory_order_relaxed);
+  for_each_parked_locked(r, old, [&](mspan& s) {
+    std::uint32_t expected = parked_token(old);
+    if (s.owner_cache.compare_exchange_strong(expected, parked_token(new_slot), std::memory_order_seq_cst, std::memory_order_relaxed))
+      park_span(g_view, s, new_slot);
+  });
+}
+
+// REQUIRES: r.mu held. Gives the thread's spans of every span class it has
+// not allocated from since its last trim to the process (pooled, or parked
+// while objects in them are live), and of the other classes the spares that
+// hold no live object and were not current since the last trim, past the
+// first two. (Giving back every such spare slowed the next steady state of
+// the mixed benchmark by up to two times, for a reason not found.) With
+// `everything`, every span of every class that holds no live object. The
+// tiny class keeps its spans: its current block is counted in a way only
 // its thread can retire.
 void trim_thread_locked(runtime& r, mcache* mc, bool everything) {
   for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
@@ -87,7 +140,7 @@ void trim_thread_locked(runtime& r, mcache* mc, bool everything) {
         goes = count_allocated(s) == 0;
       }
       if (goes) {
-        give_back_locked(r, s);
+        give_back_locked(r, static_cast<std::uint8_t>(spc), s);
         continue;
       }
       spares[kept++] = spares[k];
@@ -95,7 +148,7 @@ void trim_thread_locked(runtime& r, mcache* mc, bool everything) {
     n = kept;
     used = 0;  // a new period starts
     if (mspan* s = e.span(); s != nullptr && (idle || (everything && (fold(mc, *s), count_allocated(*s) == 0)))) {
-      give_back_locked(r, *s);
+      give_back_locked(r, static_cast<std::uint8_t>(spc), *s);
       e = mcache_entry{};
     }
     mc->free_bits_at_trim[spc] = e.free_bits;
@@ -104,12 +157,16 @@ void trim_thread_locked(runtime& r, mcache* mc, bool everything) {
   release_full_locked(r);
 }
 
-// REQUIRES: r.mu held. Of each class's pooled spans, those beyond what its
-// threads took (or refilled) during the last decay period; large objects
+// REQUIRES: r.mu held. Of each class's pooled spans (parked spans freed
+// into first join them), those beyond what its threads took (or refilled)
+// during the last decay period; large objects
 // cached that long; with `everything`, all of both. A class whose demand
 // stopped also starts its refill batches small again.
 void trim_process_locked(runtime& r, bool everything) {
   const std::uint32_t epoch = r.trim_epoch.load(std::memory_order_relaxed);
+  // Parked spans freed into are pooled first: idle ones among them go back.
+  drain_parked(r, t_cache, ~0u);
+  pool_freed_parked_locked(r, t_cache);
   for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
     const auto c = static_cast<std::uint8_t>(spc);
     const std::uint32_t demand = r.pool_demand[spc].exchange(0, std::memory_order_relaxed);

@@ -54,9 +54,17 @@
 // set before the object is returned, so if the process dies at any
 // instruction the daemon sees every object that might be in use and never
 // hands one out twice (at most the objects in flight leak). When the span is
-// full the thread asks for another: from its process's pool, else from the
-// daemon, which takes one from mcentral (sweeping remote frees into it
-// first) or carves a new one out of mheap, growing the heap if it must.
+// full the thread looks, in order, at (client/runtime.hpp has the levels):
+//   1. its own spares (a few spans per class it filled, still its own);
+//   2. its process's pool (spans with free slots no thread holds);
+//   3. its process's parked queue: spans the process filled and keeps
+//      ("parked", owner_cache = parked_token) that were freed into since;
+//   4. the daemon, which takes one from mcentral (sweeping remote frees into
+//      it first) or carves a new one out of mheap, growing the heap if it
+//      must; refills come in batches that grow with demand.
+// A process keeps the spans it fills: churn within its working set never
+// reaches the daemon. Spans go back when the process's pool holds more than
+// it took during a decay period, at trim, at detach and at death.
 // Objects over 32 KiB get a span of their own straight from mheap.
 //
 // The free path
@@ -66,7 +74,9 @@
 // is its cache id) clears the bit itself. Anyone else sets the object's bit
 // in the span's remote-free bitmap (mspan::remote_bits, one atomic OR; a bit
 // already set is a double free, refused at once). The holder folds those
-// bits into alloc_bits when its span runs dry; the daemon folds them
+// bits into alloc_bits when its span runs dry (a parked span has no holder
+// thread: every free into it is remote, and the first since it was parked
+// tells its process, see below); the daemon folds them
 // ("sweeps") for spans it holds, and returns spans left with no object to
 // mheap, so memory never stays stuck in one size class. A free never writes
 // into the freed object: a process that writes to memory it has freed
@@ -91,7 +101,10 @@
 //                    that dies leaves it free, not live.
 //                    owner_cache: the holding client thread (relaxed atomic;
 //                    only it ever stores its own id there, so a racing reader
-//                    can never mistake itself for the holder). remote_bits:
+//                    can never mistake itself for the holder), or the
+//                    process's parked_token (seq_cst: the parker then looks
+//                    at remote_bits, a freer the other way round), which one
+//                    thread of it replaces by compare-exchange. remote_bits:
 //                    any process sets bits (fetch_or); the holder takes
 //                    each word by exchange. They have cache lines of their
 //                    own, so remote frees do not take the lines the
@@ -107,6 +120,12 @@
 //                    daemon takes the whole stack at once (exchange) and
 //                    sweeps each span it holds, so its work is the spans
 //                    freed into, not the spans that exist.
+//   mcache_slot::parked_queue, mspan::parked_next, mspan::parked_queued
+//                    the same, per process: a stack of its parked spans
+//                    freed into since it parked them. Any process pushes;
+//                    the parking process takes the whole stack (exchange),
+//                    claims each span still parked (compare-exchange on
+//                    owner_cache) and pools it.
 //   mcache_slot      stats and requests: the one client thread owning the
 //                    slot, relaxed single-writer stores (never
 //                    read-modify-write); the daemon reads them. client: the
@@ -148,7 +167,7 @@ namespace shmalloc {
 // ---------------------------------------------------------------------------
 
 inline constexpr std::uint64_t heap_magic = 0x636f6c6c616d6873ULL;  // "shmalloc", little endian
-inline constexpr std::uint32_t layout_version = 7;  // 2: mheap_state::sweep_wanted; 3: mspan::remote_bits; 4: sweep_queue; 5: tiny freed masks, mcache_slot::tiny_block; 6: request_stats; 7: the profile table, mspan::profile_sample
+inline constexpr std::uint32_t layout_version = 8;  // 2: mheap_state::sweep_wanted; 3: mspan::remote_bits; 4: sweep_queue; 5: tiny freed masks, mcache_slot::tiny_block; 6: request_stats; 7: the profile table, mspan::profile_sample; 8: parked spans (mspan::parked_next, parked_queued, mcache_slot::parked_queue)
 inline constexpr std::uint64_t arena_bytes = 64ULL << 20;           // Go: heapArenaBytes
 inline constexpr std::uint32_t pages_per_arena = arena_bytes / page_size;
 inline constexpr std::uint32_t chunk_pages = 512;                   // Go: pallocChunkPages
@@ -216,7 +235,11 @@ constexpr std::size_t request_bucket_top(std::uint8_t c, std::uint32_t k) noexce
 // a standalone heap user such as the foundation demo and tests).
 struct mcache_slot {
   shared_atomic<std::uint32_t> client;  // daemon writes: client id using the slot, 0 = free
-  std::uint32_t reserved;
+  // In a process's first slot (the hello's, runtime::parked_slot): the head
+  // of its queue of parked spans that were freed into (mspan::parked_next),
+  // span id + 1, 0 = empty. Any process pushes (compare-exchange); the
+  // slot's process takes the whole queue (exchange).
+  shared_atomic<std::uint32_t> parked_queue;
   // Daemon writes: a hash of the client's reattach token (welcome_msg),
   // kept so that a restarted daemon can check a reattach; never the token.
   std::uint64_t reattach_check;
@@ -257,7 +280,10 @@ struct mspan {
   span_id prev;
 
   std::uint32_t owner_client;              // daemon writes: client holding it, 0 = daemon
-  shared_atomic<std::uint32_t> owner_cache;  // holder thread writes: its cache id + 1, 0 = none
+  // The holder thread writes its cache id + 1; 0 = none (the daemon, or the
+  // process's pool); parked_token(slot): parked by the process whose first
+  // slot that is (a span it filled and keeps, client/runtime.hpp).
+  shared_atomic<std::uint32_t> owner_cache;
   std::uint32_t div_magic;  // daemon writes: class_div_magic(size class), 0 for large (the free path's index)
   std::uint16_t alloc_count;               // live objects per alloc_bits (exact while daemon holds it)
   // A large span's entry in the profile table, + 1 (0: not sampled). The
@@ -273,16 +299,34 @@ struct mspan {
   // on the queue.
   shared_atomic<std::uint32_t> sweep_next;  // span id + 1 of the next on the queue, 0 = last
   shared_atomic<std::uint8_t> sweep_queued;  // 1 from a push until the daemon takes the span off
-  std::uint8_t reserved2[3];
+  // The parking process's queue (mcache_slot::parked_queue), as the sweep
+  // queue's pair above: a freer into a parked span (owner_cache is a
+  // parked_token) that finds parked_queued clear sets it and pushes the
+  // span on the queue of the slot the token names; the process clears it
+  // as it takes the span off. The process that is handed the span by the
+  // daemon clears it (a stale flag of a process that died).
+  shared_atomic<std::uint8_t> parked_queued;
+  std::uint8_t reserved2[2];
 
   std::uint64_t alloc_bits[bitmap_words];  // 1 = allocated; written by the holder only
-  std::uint64_t pad[2];                    // to a line boundary
+  shared_atomic<std::uint32_t> parked_next;  // span id + 1 of the next on the parked queue, 0 = last
+  std::uint32_t reserved3;
+  std::uint64_t pad;                       // to a line boundary
   // Objects freed by others and not yet folded into alloc_bits: any process
   // sets bits, the holder (or the daemon) takes them. Two lines of their own.
   shared_atomic<std::uint64_t> remote_bits[bitmap_words];
   // Five whole cache lines: descriptors of spans two threads hold never
   // share a line (the table is page-aligned).
 };
+
+// A parked span's owner_cache: never a thread's token (slot + 1 < 2^31), so
+// every free into a parked span takes the remote path and finds the queue
+// of the process that parked it.
+inline constexpr std::uint32_t parked_flag = 0x8000'0000u;
+constexpr std::uint32_t parked_token(std::uint32_t slot) noexcept { return parked_flag | slot; }
+constexpr bool is_parked_token(std::uint32_t owner_cache) noexcept {
+  return (owner_cache & parked_flag) != 0 && owner_cache != ~0u;
+}
 
 // ---------------------------------------------------------------------------
 // Named roots: a fixed table the daemon keeps (publish, lookup, unpublish).

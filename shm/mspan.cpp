@@ -15,6 +15,8 @@ heap_view heap_view::of(const segment& seg) noexcept {
   v.max_spans = h.max_spans;
   v.committed_pages = &seg.heap().accounts.pages_committed;
   v.sweep_queue = &seg.heap().sweep_queue;
+  v.slots = seg.at<mcache_slot>(h.regions.caches.offset);
+  v.max_caches = h.max_caches;
   v.profile = seg.at<profile_sample>(h.regions.profile.offset);
   return v;
 }
@@ -80,15 +82,39 @@ void push_for_sweep(const heap_view& v, mspan& s) noexcept {
     s.sweep_next.store(head, std::memory_order_relaxed);
   } while (!v.sweep_queue->compare_exchange_weak(head, me, std::memory_order_release, std::memory_order_relaxed));
 }
+
+// The first freer into a parked span since its process took it off its
+// queue pushes it there. A slot past the table (owner_cache is written by
+// clients) pushes nothing: the span's process finds it at its trim.
+void push_parked(const heap_view& v, mspan& s, std::uint32_t slot) noexcept {
+  if (v.slots == nullptr || slot >= v.max_caches) return;
+  shared_atomic<std::uint8_t>& queued = s.parked_queued;
+  if (queued.load(std::memory_order_seq_cst) != 0 || queued.exchange(1, std::memory_order_seq_cst) != 0) return;
+  shared_atomic<std::uint32_t>& queue = v.slots[slot].parked_queue;
+  const std::uint32_t me = v.span_id_of(s).value + 1;
+  std::uint32_t head = queue.load(std::memory_order_relaxed);
+  do {
+    s.parked_next.store(head, std::memory_order_relaxed);
+  } while (!queue.compare_exchange_weak(head, me, std::memory_order_release, std::memory_order_relaxed));
+}
 }  // namespace
+
+void park_span(const heap_view& v, mspan& s, std::uint32_t slot) noexcept {
+  s.owner_cache.store(parked_token(slot), std::memory_order_seq_cst);
+  if (remote_pending(s)) push_parked(v, s, slot);
+}
 
 errc span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept {
   const std::uint64_t bit = std::uint64_t{1} << (i % 64);
   // Release: what this thread did with the object happens before whoever
-  // folds the bit hands the object out again. seq_cst for push_for_sweep.
+  // folds the bit hands the object out again. seq_cst for push_for_sweep
+  // and for park_span's pairing.
   if ((s.remote_bits[i / 64].fetch_or(bit, std::memory_order_seq_cst) & bit) != 0) return errc::double_free;
   tsan_release_cross_process();
-  if (v.sweep_queue != nullptr) push_for_sweep(v, s);
+  if (const std::uint32_t owner = s.owner_cache.load(std::memory_order_seq_cst); is_parked_token(owner))
+    push_parked(v, s, owner & ~parked_flag);
+  else if (v.sweep_queue != nullptr)
+    push_for_sweep(v, s);
   return errc::ok;
 }
 

@@ -38,6 +38,8 @@ struct heap_view {
   // read page_map beyond it: those entries are not backed by memory.
   const shared_atomic<std::uint64_t>* committed_pages = nullptr;
   shared_atomic<std::uint32_t>* sweep_queue = nullptr;  // mheap_state's: nullptr pushes nothing
+  mcache_slot* slots = nullptr;  // the cache slots, whose parked_queue heads parked spans' freers push on
+  std::uint32_t max_caches = 0;
   profile_sample* profile = nullptr;  // the profile table (profile.hpp); nullptr: none
 
   static heap_view of(const segment& seg) noexcept;
@@ -118,10 +120,50 @@ errc span_free_local(mspan& s, std::uint32_t i) noexcept;
 
 // Any process: marks slot i freed in the span's remote-free bitmap (one
 // atomic OR; the object's bytes are not touched), and pushes the span on
-// the daemon's sweep queue if no one has since the daemon last took it.
+// the queue of the process that parked it, if it is parked, else on the
+// daemon's sweep queue, if no one has since that queue's taker took it.
 // errc::double_free if the bit was already set: the object was freed
 // before and not yet folded.
 errc span_push_remote(const heap_view& v, mspan& s, std::uint32_t i) noexcept;
+
+// Parked spans (layout.hpp's allocation path, level 3): a process keeps the
+// spans it filled, with owner_cache = parked_token(slot), and learns of
+// frees into them from its queue of them (mcache_slot::parked_queue).
+//
+// The holder thread parks s: after this, every free into s is remote and
+// the first one pushes s on the slot's queue. If frees came before (they
+// were pushed for the daemon, which does not hold s), the parker pushes s
+// itself: the token's store and the bitmap's load are seq_cst, as a freer's
+// fetch_or and its load of the token, so one of the two sees the other.
+void park_span(const heap_view& v, mspan& s, std::uint32_t slot) noexcept;
+
+// The parking process takes slot's queue whole and calls visit(s) for each
+// span on it, after clearing its parked_queued (a later free pushes it
+// again). Other processes write the queue, so the walk trusts nothing: an
+// id past the span table, or more spans than the table holds, ends it (the
+// spans lost that way are found by the process's trim). Returns the number
+// of spans visited.
+template <class Visit>
+std::uint32_t take_parked_queue(const heap_view& v, std::uint32_t slot, Visit&& visit) {
+  if (v.slots == nullptr || slot >= v.max_caches) return 0;
+  std::uint32_t n = 0;
+  for (std::uint32_t h = v.slots[slot].parked_queue.exchange(0, std::memory_order_acquire); h != 0 && h <= v.max_spans && n < v.max_spans;
+       ++n) {
+    mspan& s = v.span(span_id{h - 1});
+    h = s.parked_next.load(std::memory_order_relaxed);  // before the clear: a new push rewrites it
+    s.parked_queued.exchange(0, std::memory_order_seq_cst);
+    visit(s);
+  }
+  return n;
+}
+
+// Makes a parked span this thread's (token): false if it is no longer
+// parked by the process of `slot` (another of its threads took it first,
+// or it went back to the daemon).
+inline bool claim_parked(mspan& s, std::uint32_t slot, std::uint32_t token) noexcept {
+  std::uint32_t expected = parked_token(slot);
+  return s.owner_cache.compare_exchange_strong(expected, token, std::memory_order_seq_cst, std::memory_order_relaxed);
+}
 
 // Holder only: takes the remote-free bitmap and clears those slots'
 // alloc_bits. Returns the number of objects folded in. A slot already free

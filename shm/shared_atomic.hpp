@@ -66,6 +66,10 @@ struct shared_atomic {
                              std::memory_order failure) noexcept {
     return ref().compare_exchange_weak(expected, desired, success, failure);
   }
+  bool compare_exchange_strong(T& expected, T desired, std::memory_order success,
+                               std::memory_order failure) noexcept {
+    return ref().compare_exchange_strong(expected, desired, success, failure);
+  }
 
  private:
   std::atomic_ref<T> ref() const noexcept { return std::atomic_ref<T>(const_cast<T&>(raw)); }
