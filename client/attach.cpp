@@ -289,6 +289,7 @@ void after_fork_in_child() noexcept {
   r.pool.clear();
   r.full.clear();
   r.held.clear();
+  r.caches.clear();  // the parent's threads' (their memory is a copy no thread of ours uses)
   r.large_cache.clear();
   r.large_cache_bytes = 0;
   r.deferred_large_frees.clear();  // the parent frees them

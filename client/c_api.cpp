@@ -55,6 +55,7 @@ void shmalloc_detach(void) {
     for (std::int64_t id; (id = r.pool.pop(static_cast<std::uint8_t>(spc))) >= 0;) r.full.push_back(static_cast<std::uint32_t>(id));
   unpark_all_locked(r);
   release_full_locked(r);
+  forget_thread_caches_locked(r);
   if (r.conn) r.conn->request(proto::msg::bye);  // the daemon retires every slot of ours
   r.conn.reset();
   drop_liveness(r);

@@ -112,6 +112,9 @@ struct alignas(64) mcache {
   // and its random stream (0: not drawn yet).
   std::int64_t profile_countdown = 0;
   std::uint64_t profile_rng = 0;
+  // The attachment it was opened under (runtime::generation): a cache of an
+  // earlier one (its thread outlived a detach) holds nothing of the heap.
+  std::uint32_t generation = 0;
 };
 static_assert(offsetof(mcache, slow_calls) / 64 == offsetof(mcache, token) / 64,
               "the fields every slow path reads share the free fast path's line");

@@ -142,6 +142,11 @@ struct runtime {
   std::vector<std::uint32_t> spare_slots;
   bool attached = false;
   bool atfork_registered = false;
+  // Bumped by each detach: thread caches opened before it are stale, and
+  // `caches` lists every open one (ensure_cache adds, release removes) so
+  // that detach can empty them (forget_thread_caches_locked).
+  std::atomic<std::uint32_t> generation{1};
+  std::set<mcache*> caches;
   span_pool pool;
   std::vector<std::uint32_t> full;  // spans to give back, in batches (trim, detach)
   std::set<std::uint32_t> held;     // every span and large object the daemon records as ours
@@ -215,6 +220,10 @@ mcache* ensure_cache();
 // Gives the calling thread's spans back and its cache slot up (thread exit,
 // detach).
 void release_thread_cache() noexcept;
+// REQUIRES: r.mu held. Detach: every other thread's cache stops pointing
+// into the heap (its spans are the daemon's to take back at bye), so that
+// its thread's exit, or its next call, touches nothing unmapped.
+void forget_thread_caches_locked(runtime& r) noexcept;
 
 // large.cpp
 

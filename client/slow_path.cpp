@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "client/runtime.hpp"
@@ -250,9 +251,13 @@ thread_local thread_cache_guard t_guard;
 }  // namespace
 
 mcache* ensure_cache() {
-  if (t_cache != &empty_cache) return t_cache;
   runtime& r = rt();
+  if (t_cache != &empty_cache && t_cache->generation == r.generation.load(std::memory_order_relaxed)) return t_cache;
   std::lock_guard lock(r.mu);
+  if (t_cache != &empty_cache) {  // opened before a detach: emptied by it, ours to delete
+    r.caches.erase(t_cache);
+    delete std::exchange(t_cache, &empty_cache);
+  }
   if (!r.attached && attach_locked(r, nullptr) != 0) return nullptr;
   std::uint32_t slot = r.main_slot;
   if (r.main_slot_free) {
@@ -280,6 +285,8 @@ mcache* ensure_cache() {
   mc->slot = slot;
   mc->token = slot + 1;
   mc->stats = &r.seg->at<mcache_slot>(r.seg->regions().caches.offset)[slot].stats;
+  mc->generation = r.generation.load(std::memory_order_relaxed);
+  r.caches.insert(mc);
   (void)&t_guard;  // constructs the guard, so the thread's exit gives the cache back
   t_cache = mc;
   return mc;
@@ -288,21 +295,44 @@ mcache* ensure_cache() {
 void release_thread_cache() noexcept {
   mcache* mc = t_cache;
   if (mc == &empty_cache) return;
-  retire_tiny(mc);
   runtime& r = rt();
+  // Under the lock throughout: a detach in another thread cannot unmap the
+  // heap under the drops (the trim check on their free path only tries it).
+  std::lock_guard lock(r.mu);
+  r.caches.erase(mc);
+  if (mc->generation != r.generation.load(std::memory_order_relaxed)) {  // a detach emptied it
+    t_cache = &empty_cache;
+    delete mc;
+    return;
+  }
+  retire_tiny(mc);
   for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
     const auto c = static_cast<std::uint8_t>(spc);
     if (mspan* s = mc->alloc[spc].span(); s != nullptr) drop_span(r, c, *s);
     for (std::uint8_t k = 0; k < mc->spares[spc].n; ++k) drop_span(r, c, g_view.span(span_id{mc->spares[spc].ids[k]}));
   }
   SHMALLOC_CRASH_POINT("cache.dropped");
-  t_cache = &empty_cache;
-  std::lock_guard lock(r.mu);
+  t_cache = &empty_cache;  // after the drops: a remote free in them (the tiny block's) still counts in mc
   SHMALLOC_CRASH_POINT("cache.release");
   if (r.attached && mc->slot == r.main_slot) r.main_slot_free = true;  // retired with the connection
   else if (r.attached && r.spare_slots.size() < max_spare_slots) r.spare_slots.push_back(mc->slot);
   else if (r.attached) request_locked(r, proto::msg::cache_close, proto::encode(proto::slot_msg{mc->slot}));
   delete mc;
+}
+
+void forget_thread_caches_locked(runtime& r) noexcept {
+  r.generation.fetch_add(1, std::memory_order_relaxed);
+  for (mcache* mc : r.caches) {
+    // Its fast paths miss from now on and their slow path opens a new
+    // cache; its frees find no span of its own (the token matches none).
+    for (mcache_entry& e : mc->alloc) e = mcache_entry{};
+    for (spare_queue& q : mc->spares) q = spare_queue{};
+    mc->tiny = nullptr;
+    mc->tiny_offset = tiny_size;
+    mc->tiny_count = 0;
+    mc->token = ~0u;
+    mc->stats = &dummy_stats;
+  }
 }
 
 }  // namespace detail

@@ -201,8 +201,10 @@ void maybe_trim(runtime& r, mcache* mc) {
   if (decay == never) return;
   const std::uint64_t t = now_ns();
   if (t - mc->last_trim_ns < decay) return;
-  std::lock_guard lock(r.mu);
-  if (!r.attached) return;
+  // Only tried: a free may come here from a path that holds the lock
+  // (release_thread_cache's drops), and a trim can always wait.
+  std::unique_lock lock(r.mu, std::try_to_lock);
+  if (!lock.owns_lock() || !r.attached) return;
   trim_thread_locked(r, mc, false);
   mc->last_trim_ns = t;
   trim_process_if_due_locked(r, decay, t);

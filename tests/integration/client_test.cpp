@@ -871,6 +871,52 @@ TEST_SUITE("libshmalloc") {
     a.check_heap();
   }
 
+  TEST_CASE("threads that outlive shmalloc_detach exit cleanly, and one that allocates again attaches again") {
+    // In a child: a crash there is a failed status here, not a dead runner.
+    daemon_process d;
+    REQUIRE(d.started());
+    const std::string socket = d.socket;
+    const int rc = run_in_child([&socket] {
+      if (shmalloc_attach(socket.c_str()) != 0) return 1;
+      std::mutex mu;
+      std::condition_variable cv;
+      int stage = 0;  // 2: main detached
+      auto wait_for = [&](int s) {
+        std::unique_lock lock(mu);
+        cv.wait(lock, [&] { return stage >= s; });
+      };
+      std::atomic<int> held{0};
+      std::atomic<bool> again_ok{true};
+      auto worker = [&](bool allocate_again) {
+        std::vector<void*> objs;
+        for (int i = 0; i < 1000; ++i) objs.push_back(shmalloc_alloc(64 + 8 * (i % 50)));
+        for (std::size_t i = 1; i < objs.size(); ++i) shmalloc_free(objs[i]);  // keeps one
+        ++held;
+        wait_for(2);
+        if (allocate_again) {  // a new attachment: its objects are new ones
+          void* p = shmalloc_alloc(100);
+          if (p == nullptr || shmalloc_handle(p) == 0) again_ok = false;
+          shmalloc_free(p);
+        }
+      };
+      std::thread quiet(worker, false), again(worker, true);
+      while (held.load() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      shmalloc_detach();
+      {
+        std::lock_guard lock(mu);
+        stage = 2;
+      }
+      cv.notify_all();
+      quiet.join();
+      again.join();
+      shmalloc_detach();
+      return again_ok.load() ? 0 : 2;
+    });
+    CHECK(rc == 0);
+    raw_client observer(d.socket);
+    CHECK(daemon_stats(observer).clients == 0);
+  }
+
   TEST_CASE("a process that exits is seen to go although a child it forked still runs") {
     daemon_process d;
     REQUIRE(d.started());
