@@ -26,38 +26,11 @@
 #include <thread>
 #include <vector>
 
+#include "bench_allocator.hpp"
 #ifdef BENCH_SHMALLOC
 #include <sys/socket.h>
 
-#include "shm/control_client.hpp"
 #include "shm/size_classes.hpp"
-#include "shmalloc/shmalloc.h"
-#define BENCH_ALLOC(n) shmalloc_alloc(n)
-#define BENCH_FREE(p) shmalloc_free(p)
-#define BENCH_SHARED 1
-static const char* allocator_name = "shmalloc";
-static std::uint64_t to_handle(void* p) { return shmalloc_handle(p); }
-static void* from_handle(std::uint64_t h) { return shmalloc_pointer(h); }
-#elif defined(BENCH_BOOST_IPC)
-// Boost.Interprocess managed_shared_memory: its default rbtree_best_fit
-// segment manager behind a process-shared mutex (what people use today).
-#include <boost/interprocess/managed_shared_memory.hpp>
-namespace bip = boost::interprocess;
-static bip::managed_shared_memory* segment;
-#define BENCH_ALLOC(n) segment->allocate(n)
-#define BENCH_FREE(p) segment->deallocate(p)
-#define BENCH_SHARED 1
-static const char* allocator_name = "boost.interprocess";
-static std::uint64_t to_handle(void* p) { return static_cast<std::uint64_t>(segment->get_handle_from_address(p)); }
-static void* from_handle(std::uint64_t h) {
-  return segment->get_address_from_handle(static_cast<bip::managed_shared_memory::handle_t>(h));
-}
-#else
-#define BENCH_ALLOC(n) std::malloc(n)
-#define BENCH_FREE(p) std::free(p)
-static const char* allocator_name = BENCH_ALLOCATOR;
-static std::uint64_t to_handle(void* p) { return reinterpret_cast<std::uintptr_t>(p); }
-static void* from_handle(std::uint64_t h) { return reinterpret_cast<void*>(h); }
 #endif
 
 namespace {
@@ -371,20 +344,6 @@ std::pair<double, double> round_trips(int n) {
 }
 #endif
 
-// Which library really serves malloc in this binary (never trust the name).
-std::string malloc_provider() {
-#ifdef BENCH_SHMALLOC
-  return "libshmalloc (C API)";
-#elif defined(BENCH_BOOST_IPC)
-  return "boost::interprocess::managed_shared_memory (rbtree_best_fit, interprocess mutex)";
-#else
-  Dl_info info{};
-  void* sym = dlsym(RTLD_DEFAULT, "malloc");
-  if (sym == nullptr || dladdr(sym, &info) == 0 || info.dli_fname == nullptr) return "unknown";
-  return info.dli_fname;
-#endif
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -395,30 +354,8 @@ int main(int argc, char** argv) {
   const bool except = only[0] == '-';
   if (except) ++only;
   auto run = [only, except](const char* name) { return (std::strncmp(name, only, std::strlen(only)) == 0) != except; };
-  const std::string provider = malloc_provider();
-  std::fprintf(stderr, "%s: malloc is served by %s\n", allocator_name, provider.c_str());
-#ifdef BENCH_SHMALLOC
-  if (shmalloc_attach(nullptr) != 0) {
-    std::fprintf(stderr, "alloc_bench: cannot attach to shmallocd\n");
-    return 1;
-  }
-#elif defined(BENCH_BOOST_IPC)
-  const std::string segment_name = "shmalloc-bench-bip-" + std::to_string(getpid());
-  bip::shared_memory_object::remove(segment_name.c_str());
-  bip::managed_shared_memory seg(bip::create_only, segment_name.c_str(), 3ULL << 30);
-  segment = &seg;
-  struct remover {
-    std::string name;
-    ~remover() { bip::shared_memory_object::remove(name.c_str()); }
-  } remove_at_exit{segment_name};
-#else
-  const std::string want = BENCH_LIBRARY;
-  if (provider.find(want) == std::string::npos) {
-    std::fprintf(stderr, "alloc_bench: %s expected malloc from %s, got %s\n", allocator_name, want.c_str(),
-                 provider.c_str());
-    return 1;
-  }
-#endif
+  const allocator_setup setup("alloc_bench");
+  if (!setup.ok()) return 1;
   const mixed_plan plan(42);
   pairs(200000);  // warm up
   mixed(plan, 20);

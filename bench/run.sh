@@ -15,18 +15,39 @@
 #   SHMALLOC_BENCH_CACHE_ROUNDS (default 5), SHMALLOC_BENCH_CACHE_SECONDS
 #                               (default 2, per process count and system):
 #                               about 2.5 minutes with the defaults.
+#
+# Between the two, the working sets of issue 21 (bench/churn_bench.cpp): a
+# server simulation (threads holding N live objects, replacing one at random
+# per operation) and a producer/consumer ring, with throughput, control round
+# trips per million operations and committed/live at the steady state.
+#   bench/run.sh --churn-only   (or SHMALLOC_BENCH_CHURN_ONLY=1) runs only the
+#                               working sets and replaces only their part of
+#                               docs/benchmarks.md.
+#   SHMALLOC_BENCH_CHURN_ROUNDS (default 5): interleaved rounds;
+#   SHMALLOC_BENCH_CHURN_SCALE  (default 1): multiplies each case's operation
+#                               count; SHMALLOC_BENCH_CHURN_THREADS (default
+#                               2): the server simulation's threads.
 set -euo pipefail
 # The whole script is one block, read before it runs: a checkout or stash in
 # this tree while it runs must not change what the rest of the run does.
 {
 cd "$(dirname "$0")/.."
 cache_only=${SHMALLOC_BENCH_CACHE_ONLY:-0}
+churn_only=${SHMALLOC_BENCH_CHURN_ONLY:-0}
 for arg in "$@"; do
   case $arg in
     --cache-only) cache_only=1 ;;
-    *) echo "usage: bench/run.sh [--cache-only]" >&2; exit 2 ;;
+    --churn-only) churn_only=1 ;;
+    *) echo "usage: bench/run.sh [--cache-only | --churn-only]" >&2; exit 2 ;;
   esac
 done
+if [ "$cache_only" = 1 ] && [ "$churn_only" = 1 ]; then
+  echo "bench/run.sh: --cache-only and --churn-only exclude each other" >&2
+  exit 2
+fi
+# The allocator cases of issue 6 run only in a full run.
+full=1
+if [ "$cache_only" = 1 ] || [ "$churn_only" = 1 ]; then full=0; fi
 packages=(libjemalloc-dev libgoogle-perftools-dev libmimalloc-dev gnuplot-nox memcached redis-server)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -34,10 +55,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-build=build-bench
+build=${SHMALLOC_BENCH_BUILD_DIR:-build-bench}
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHMALLOC_BENCH=ON -DSHMALLOC_BUILD_TESTS=OFF >/dev/null
 if [ "$cache_only" = 1 ]; then
   cmake --build "$build" --target cache_bench >/dev/null
+elif [ "$churn_only" = 1 ]; then
+  cmake --build "$build" --target shmallocd shmallocctl churn_glibc churn_jemalloc churn_tcmalloc churn_mimalloc \
+    churn_boostipc churn_shmalloc >/dev/null
 else
   cmake --build "$build" >/dev/null
 fi
@@ -46,9 +70,23 @@ work=$(mktemp -d /tmp/shmalloc-bench-XXXXXX)
 trap 'rm -rf "$work"' EXIT
 out=docs/benchmarks.md
 
+# Median, min and max per case and allocator (the median of an even count:
+# the mean of the middle two).
+summarize() {
+  sort -t, -k1,1 -k2,2 -k3,3g "$1" | awk -F, '
+  { key = $1 "," $2; v[key, ++n[key]] = $3; if (!(key in seen)) { seen[key] = 1; order[++k] = key } }
+  END {
+    for (i = 1; i <= k; i++) {
+      key = order[i]; c = n[key]
+      med = (c % 2) ? v[key, (c + 1) / 2] : (v[key, c / 2] + v[key, c / 2 + 1]) / 2
+      printf "%s,%.2f,%.2f,%.2f\n", key, med, v[key, 1], v[key, c]
+    }
+  }'
+}
+
 # ---------------------------------------------------------------------------
-# The allocator cases (left out with --cache-only).
-if [ "$cache_only" = 0 ]; then
+# The allocator cases (left out with --cache-only and --churn-only).
+if [ "$full" = 1 ]; then
 heap=shmalloc-bench-$$
 "$build/service/shmallocd" --heap "$heap" --socket "$work/d.sock" --metrics off --log-level warn &
 daemon=$!
@@ -91,19 +129,6 @@ for round in 1 2 3 4 5 6 7 8 9; do
   done
 done
 
-# Median, min and max per case and allocator (the median of an even count:
-# the mean of the middle two).
-summarize() {
-  sort -t, -k1,1 -k2,2 -k3,3g "$1" | awk -F, '
-  { key = $1 "," $2; v[key, ++n[key]] = $3; if (!(key in seen)) { seen[key] = 1; order[++k] = key } }
-  END {
-    for (i = 1; i <= k; i++) {
-      key = order[i]; c = n[key]
-      med = (c % 2) ? v[key, (c + 1) / 2] : (v[key, c / 2] + v[key, c / 2 + 1]) / 2
-      printf "%s,%.2f,%.2f,%.2f\n", key, med, v[key, 1], v[key, c]
-    }
-  }'
-}
 summarize "$work/profiled.csv" >"$work/profiled_summary.csv"
 
 # Median, min and max per case and allocator; the ratios are taken below.
@@ -248,6 +273,180 @@ kill -TERM "$daemon"
 wait "$daemon" || true
 trap 'rm -rf "$work"' EXIT
 fi  # the allocator cases
+
+# ---------------------------------------------------------------------------
+# Working sets held for real (issue 21, bench/churn_bench.cpp says how): the
+# server simulation and the producer/consumer ring, one process per case and
+# allocator, interleaved rounds, against a shmallocd of their own. Left out
+# with --cache-only; --churn-only runs only this and replaces only its section
+# of the document (between its markers). A failed run stops the script before
+# the document is touched.
+if [ "$cache_only" = 0 ]; then
+churn_rounds=${SHMALLOC_BENCH_CHURN_ROUNDS:-5}
+churn_threads=${SHMALLOC_BENCH_CHURN_THREADS:-2}
+churn_scale=${SHMALLOC_BENCH_CHURN_SCALE:-1}
+export SHMALLOC_BENCH_CHURN_SCALE=$churn_scale
+# The timed operation counts (churn_bench.cpp's, times the scale), for the text.
+churn_counts=$(awk -v k="$churn_scale" 'function m(x) { x *= k; return x >= 1e6 ? sprintf("%g M", x / 1e6) : sprintf("%g k", x / 1e3) }
+  BEGIN { printf "%s (N = 1,000), %s (10,000), %s (100,000), %s (sizes to 64 KiB)|%s", m(8e6), m(4e6), m(2e6), m(0.25e6), m(10e6) }')
+churn_allocators=(glibc jemalloc tcmalloc mimalloc boostipc shmalloc)
+churn_cases=(server-1k-1000 server-1k-10000 server-1k-100000 server-64k-1000 server-64k-10000 pc-threads pc-processes)
+"$build/service/shmallocd" --heap "shmalloc-churn-$$" --socket "$work/churn.sock" --metrics off --log-level warn &
+churn_daemon=$!
+trap 'kill -TERM $churn_daemon 2>/dev/null; wait $churn_daemon 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 100); do "$build/service/shmallocctl" ping --socket "$work/churn.sock" >/dev/null 2>&1 && break; sleep 0.05; done
+churn_load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+for round in $(seq "$churn_rounds"); do
+  for c in "${churn_cases[@]}"; do
+    for a in "${churn_allocators[@]}"; do
+      # The ring between two processes needs a heap both map.
+      [ "$c" = pc-processes ] && [ "$a" != shmalloc ] && [ "$a" != boostipc ] && continue
+      SHMALLOC_SOCKET=$work/churn.sock "$build/bench/churn_$a" "$c" "$churn_threads" >>"$work/churn_raw.csv" \
+        2>>"$work/churn_log.txt" || {
+        echo "bench/run.sh: churn_$a $c failed" >&2
+        cat "$work/churn_log.txt" >&2
+        exit 1
+      }
+    done
+  done
+done
+churn_load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+kill -TERM "$churn_daemon"
+wait "$churn_daemon" || true
+trap 'rm -rf "$work"' EXIT
+summarize "$work/churn_raw.csv" >"$work/churn_summary.csv"
+
+# The section, between markers, so that --churn-only can replace it.
+{
+  echo "<!-- churn benchmark: made by bench/run.sh, replaced by bench/run.sh --churn-only -->"
+  echo "## Working sets: server simulation and producer/consumer (issue 21)"
+  echo
+  echo "Made by \`bench/run.sh\` (\`bench/run.sh --churn-only\` runs this part alone) on $(date -u +%Y-%m-%d): $(nproc) CPUs."
+  echo "Load average $churn_load_before before this part, $churn_load_after after it. Each allocator is linked into"
+  echo "its own binary (\`churn_<allocator>\`, from \`bench/churn_bench.cpp\`), which checks which library serves malloc:"
+  echo
+  grep 'malloc is served by' "$work/churn_log.txt" | sed 's/^/- /' | sort -u
+  echo
+  echo "The cases, one process per case and allocator, interleaved rounds (this run: $churn_rounds; the median, with"
+  echo "min..max):"
+  echo
+  echo "- **server**: $churn_threads threads each hold N live objects of random sizes (uniform) 8 to 1,000 bytes, or 8 to"
+  echo "  65,536 bytes (about half of them above 32 KiB, shmalloc's large objects), and replace one at random per"
+  echo "  operation (check and free it, allocate a new size). Each thread first makes its N objects, then makes N"
+  echo "  replacements (the warm-up); then a fixed number of replacements per thread is timed, from a barrier to a"
+  echo "  barrier: ${churn_counts%|*}."
+  echo "  N = 100,000 with sizes to 64 KiB (about 6.5 GB live) is left out; \`churn_bench server-64k-100000\` runs it."
+  echo "- **producer/consumer**: one thread allocates objects of 8 to 1,000 bytes and passes them through a bounded"
+  echo "  ring of 4,096 pointers to another thread, which checks and frees them; a tenth of the count as a warm-up,"
+  echo "  then ${churn_counts#*|} objects timed. **Two processes**: the same with handles in a MAP_SHARED ring, for the two"
+  echo "  allocators whose heap two processes share (shmalloc, Boost.Interprocess)."
+  echo
+  echo "Every object carries its size in its first bytes and a tag in its last byte, checked before it is freed."
+  echo
+  echo "### Throughput"
+  echo
+  echo "Millions of operations per second, all threads together (server: replacements; producer/consumer: objects"
+  echo "freed). Higher is better: here a ratio above 1 favours shmalloc."
+  echo
+  echo "| case | glibc | jemalloc | TCMalloc | mimalloc | Boost.Interprocess | shmalloc | shmalloc / glibc | shmalloc / mimalloc |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  awk -F, '
+    $1 ~ /^rate:/ { c = substr($1, 6); med[c, $2] = $3; lo[c, $2] = $4; hi[c, $2] = $5; if (!(c in seen)) { seen[c] = 1; cases[++k] = c } }
+    function ratio(c, a, b) { return (((c, a) in med) && ((c, b) in med) && med[c, b] > 0) ? sprintf("%.2f", med[c, a] / med[c, b]) : "–" }
+    END {
+      split("glibc jemalloc tcmalloc mimalloc boost.interprocess shmalloc", al, " ")
+      for (i = 1; i <= k; i++) {
+        c = cases[i]; line = "| " c " |"
+        for (j = 1; j <= 6; j++)
+          line = line (((c, al[j]) in med) ? sprintf(" %.2f (%.2f..%.2f) |", med[c, al[j]], lo[c, al[j]], hi[c, al[j]]) : " – |")
+        print line " " ratio(c, "shmalloc", "glibc") " | " ratio(c, "shmalloc", "mimalloc") " |"
+      }
+    }' "$work/churn_summary.csv" | sort -t'|' -k2,2n
+  echo
+  echo "### Committed / live and control round trips at the steady state"
+  echo
+  echo "Committed bytes over live bytes (the sum of the requested sizes) with every object of the timed phase"
+  echo "still live (producer/consumer: the ring filled to its 4,096 objects after the timed phase), each allocator's"
+  echo "committed bytes as it reports them: **shmalloc** the daemon's \`heap_inuse_bytes\` (its spans and large"
+  echo "objects in use, whole, those parked in the client included: case 9's steady-state figure); **Boost** its"
+  echo "segment's size less its free memory; **glibc** \`mallinfo2\` arena + hblkhd (all arenas, sbrk and mmap);"
+  echo "**jemalloc** \`stats.resident\`; **TCMalloc** \`generic.heap_size\` less \`tcmalloc.pageheap_unmapped_bytes\`;"
+  echo "**mimalloc** \`mi_process_info\`'s current commit. The process-private allocators' figures include their"
+  echo "fixed reservations and metadata, which dominate at N = 1,000 (about 1 MB live). Round trips: the daemon's"
+  echo "\`control_requests_total\` over the timed phase per million operations, the benchmark's own stats requests"
+  echo "taken out (it measures what one costs: two back to back)."
+  echo
+  echo "| case | glibc | jemalloc | TCMalloc | mimalloc | Boost.Interprocess | shmalloc | shmalloc round trips per M ops |"
+  echo "|---|---|---|---|---|---|---|---|"
+  awk -F, '
+    $1 ~ /^(cl|rt):/ { m = substr($1, 1, 2); c = substr($1, 4); med[m, c, $2] = $3; lo[m, c, $2] = $4; hi[m, c, $2] = $5
+                       if (!(c in seen)) { seen[c] = 1; cases[++k] = c } }
+    function cell(m, c, a, f) { return ((m, c, a) in med) ? sprintf(" " f " (" f ".." f ") |", med[m, c, a], lo[m, c, a], hi[m, c, a]) : " – |" }
+    END {
+      split("glibc jemalloc tcmalloc mimalloc boost.interprocess shmalloc", al, " ")
+      for (i = 1; i <= k; i++) {
+        c = cases[i]; line = "| " c " |"
+        for (j = 1; j <= 6; j++) line = line cell("cl", c, al[j], "%.2f")
+        print line cell("rt", c, "shmalloc", "%.1f")
+      }
+    }' "$work/churn_summary.csv" | sort -t'|' -k2,2n
+  echo
+  echo "### Targets (issue 21)"
+  echo
+  echo "Throughput against glibc's and mimalloc's in the same case; the two-process ring against their two-thread"
+  echo "ring (they have no heap two processes share)."
+  echo
+  echo "| case | target | this run | verdict |"
+  echo "|---|---|---|---|"
+  awk -F, '
+    { med[$1, $2] = $3; if ($1 ~ /^rate:/) { c = substr($1, 6); if (!(c in seen)) { seen[c] = 1; cases[++k] = c } } }
+    function ge(c, anchor_case, anchor, limit,   a, r) {
+      a = "rate:" anchor_case
+      if (!((("rate:" c, "shmalloc") in med) && ((a, anchor) in med) && med[a, anchor] > 0)) return
+      r = med["rate:" c, "shmalloc"] / med[a, anchor]
+      printf "| %s | at least %s x %s%s | %.2f x | %s |\n", c, limit, anchor, (anchor_case == c ? "" : " (two threads)"), r, (r >= limit ? "met" : "**missed**")
+    }
+    END {
+      n = 0
+      for (i = 1; i <= k; i++) order[++n] = cases[i]
+      for (i = 2; i <= n; i++) for (j = i; j > 1 && order[j - 1] + 0 > order[j] + 0; j--) { t = order[j]; order[j] = order[j - 1]; order[j - 1] = t }
+      for (i = 1; i <= n; i++) {
+        c = order[i]; anchor_case = c
+        if (c ~ /two processes/) for (j = 1; j <= n; j++) if (order[j] ~ /two threads/) anchor_case = order[j]
+        ge(c, anchor_case, "glibc", 1)
+        ge(c, anchor_case, "mimalloc", 0.5)
+        if (("rt:" c, "shmalloc") in med) {
+          r = med["rt:" c, "shmalloc"]
+          printf "| %s | at most 10 control round trips per M ops | %.1f | %s |\n", c, r, (r <= 10 ? "met" : "**missed**")
+        }
+        if (c ~ /server/ && (("cl:" c, "shmalloc") in med)) {
+          r = med["cl:" c, "shmalloc"]
+          printf "| %s | committed / live at most 1.5 | %.2f | %s |\n", c, r, (r <= 1.5 ? "met" : "**missed**")
+        }
+      }
+    }' "$work/churn_summary.csv"
+  echo
+  echo "<!-- end of the churn benchmark -->"
+} >"$work/churn_section.md"
+
+# Into the document: in place of the old section, else before the cache
+# section, else at the end.
+[ -f "$out" ] || echo "# Benchmarks" >"$out"
+awk -v section="$work/churn_section.md" '
+  function put_section(   l) { while ((getline l < section) > 0) print l; done = 1 }
+  /^<!-- churn benchmark:/ { skipping = 1; if (!done) put_section(); next }
+  /^<!-- end of the churn benchmark -->$/ { skipping = 0; next }
+  skipping { next }
+  /^<!-- cache benchmark:/ && !done { put_section(); print "" }
+  { print }
+  END { if (!done) { print ""; put_section() } }' "$out" >"$work/churn_doc.md"
+cp "$work/churn_doc.md" "$out"
+fi  # the working sets
+
+if [ "$churn_only" = 1 ]; then
+  echo "bench/run.sh: wrote the working-set part of $out"
+  exit 0
+fi
 
 # ---------------------------------------------------------------------------
 # The shared cache against memcached, Redis and a Boost.Interprocess map: the
