@@ -155,6 +155,7 @@ int attach_locked(runtime& r, const char* socket_path) {
   g_cache_decay_ns.store(read_cache_decay(), std::memory_order_relaxed);  // each attach (a forked child's too) reads it
   read_profile_rate();
   r.held.clear();
+  std::fill(std::begin(r.class_spans), std::end(r.class_spans), 0u);
   r.lost_heap = false;
   r.client_id = w->client_id;
   r.reattach_token = w->reattach_token;
@@ -289,6 +290,7 @@ void after_fork_in_child() noexcept {
   r.pool.clear();
   r.full.clear();
   r.held.clear();
+  std::fill(std::begin(r.class_spans), std::end(r.class_spans), 0u);
   r.caches.clear();  // the parent's threads' (their memory is a copy no thread of ours uses)
   r.large_cache.clear();
   r.large_cache_bytes = 0;

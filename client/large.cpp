@@ -17,16 +17,27 @@ namespace shmalloc::client::detail {
 
 namespace {
 
-constexpr std::size_t large_cache_entries = 8;
+// A process that replaces large objects of random sizes frees about as many
+// as it allocates, but a freed one serves only requests of about its size:
+// the cache holds enough of them that a request finds one of its size among
+// the recent frees (8, tried first, left most of a random mix of 5 to 8
+// pages to round trips), within a byte budget.
+constexpr std::size_t large_cache_entries = 64;
 constexpr std::uint64_t large_cache_max_bytes = 64ULL << 20;
 
-// REQUIRES: r.mu held. A cached large span of the right size (at most an
-// eighth bigger), or nullptr.
+// REQUIRES: r.mu held. The smallest cached large span of the right size (at
+// most a quarter bigger), or nullptr.
 void* take_cached_large(runtime& r, std::size_t size) noexcept {
   const std::uint64_t need = (size + page_size - 1) / page_size;
+  std::size_t best = r.large_cache.size();
   for (std::size_t i = 0; i < r.large_cache.size(); ++i) {
+    const std::uint32_t n = r.large_cache[i].npages;
+    if (n >= need && n <= need + need / 4 && (best == r.large_cache.size() || n < r.large_cache[best].npages)) best = i;
+    if (n == need) break;
+  }
+  if (best != r.large_cache.size()) {
+    const std::size_t i = best;
     const runtime::cached_large c = r.large_cache[i];
-    if (c.npages < need || c.npages > need + need / 8) continue;
     r.large_cache.erase(r.large_cache.begin() + static_cast<std::ptrdiff_t>(i));
     r.large_cache_bytes -= std::uint64_t{c.npages} * page_size;
     if (!still_ours(r, c)) {
@@ -90,7 +101,9 @@ SHMALLOC_SLOW_PATH void* alloc_large_unsampled(std::size_t size, bool noscan) no
   if (mcache* mc = ensure_cache(); mc != nullptr) {
     bump(mc->stats->large_allocs, std::uint64_t{1});
     SHMALLOC_CRASH_POINT("large.alloc_counted");
-    bump(mc->stats->large_alloc_bytes, (size + page_size - 1) / page_size * page_size);
+    // The span's pages, which a cached span may have more of than asked:
+    // what its free counts.
+    bump(mc->stats->large_alloc_bytes, object_bytes(g_view.span(g_view.span_of(p))));
   }
   return p;
 }

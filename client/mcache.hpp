@@ -51,34 +51,54 @@ struct mcache_entry {
 };
 static_assert(sizeof(mcache_entry) == 32);
 
-// A span class's spares, oldest first (see mcache::spares): one cache line,
-// since a span switch reads the count, the ids and the used bits together.
+// A span class's spares, oldest first (see mcache::spares): a ring of span
+// ids, each with a bit saying whether it was current since the last trim.
+// Four cache lines: a thread keeps a class's working set of up to 64 spans
+// its own, so that its frees into them stay local (a span beyond its spares
+// is parked, and every free into it is remote).
 struct alignas(64) spare_queue {
-  static constexpr std::uint8_t capacity = 15;
-  std::uint32_t ids[capacity] = {};
+  static constexpr std::uint8_t capacity = 63;  // ring of 64, one left free
+  static constexpr std::uint32_t used_bit = 0x8000'0000u;  // span ids are below it
+  std::uint32_t ring[capacity + 1] = {};
+  std::uint8_t head = 0;
   std::uint8_t n = 0;
-  std::uint16_t used = 0;  // bit k: ids[k] was current since the last trim
 
   struct entry {
     std::uint32_t id;
     bool used;
   };
+  // REQUIRES: k < n. The k-th oldest.
+  entry at(std::uint8_t k) const noexcept {
+    const std::uint32_t v = ring[(head + k) % (capacity + 1)];
+    return {v & ~used_bit, (v & used_bit) != 0};
+  }
   // REQUIRES: n > 0.
   entry pop_front() noexcept {
-    const entry front{ids[0], (used & 1u) != 0};
-    std::copy(ids + 1, ids + n, ids);
-    used = static_cast<std::uint16_t>(used >> 1);
+    const entry front = at(0);
+    head = static_cast<std::uint8_t>((head + 1) % (capacity + 1));
     --n;
     return front;
   }
   // REQUIRES: n < capacity.
   void push_back(entry e) noexcept {
-    ids[n] = e.id;
-    used = static_cast<std::uint16_t>(used | (unsigned{e.used} << n));
+    ring[(head + n) % (capacity + 1)] = e.id | (e.used ? used_bit : 0);
     ++n;
   }
+  // Keeps, in order, the spares keep(entry, k) says to keep, each marked
+  // unused (a trim starts a new period); calls drop(entry) for the others.
+  template <class Keep, class Drop>
+  void filter(Keep keep, Drop drop) {
+    const std::uint8_t was = n;
+    for (std::uint8_t k = 0; k < was; ++k) {
+      const entry e = pop_front();
+      if (keep(e, k))
+        push_back({e.id, false});
+      else
+        drop(e);
+    }
+  }
 };
-static_assert(sizeof(spare_queue) == 64);
+static_assert(sizeof(spare_queue) == 320);
 
 // 64-byte aligned: alloc is 68 whole lines, and the line after it holds
 // everything else the fast paths and every slow path read.
@@ -103,7 +123,7 @@ struct alignas(64) mcache {
   // into them stay local): a span class's working set can exceed one span.
   // When the current span runs dry the thread looks here before asking the
   // pool or the daemon (mimalloc's page queues, in small).
-  static constexpr std::uint64_t max_spare_bytes = 256 << 10;  // per span class
+  static constexpr std::uint64_t max_spare_bytes = 512 << 10;  // per span class
   static constexpr std::uint8_t spares_kept_by_trim = 2;        // the first two stay, used or not
   spare_queue spares[num_span_classes] = {};
   std::uint64_t free_bits_at_trim[num_span_classes] = {};
@@ -118,7 +138,7 @@ struct alignas(64) mcache {
 };
 static_assert(offsetof(mcache, slow_calls) / 64 == offsetof(mcache, token) / 64,
               "the fields every slow path reads share the free fast path's line");
-static_assert(offsetof(mcache, spares) % 64 == 0, "each spare_queue is one line");
+static_assert(offsetof(mcache, spares) % 64 == 0, "each spare_queue starts a line");
 
 
 // The calling thread's cache; the static empty cache until its first miss.

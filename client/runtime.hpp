@@ -34,8 +34,8 @@
 // (and the daemon takes back what a dead process held).
 //
 //   thread     mcache: per span class, the current span (fast paths, no
-//              lock, no atomic read-modify-write) and up to 15 spares
-//              (256 KiB) it filled, looked at oldest first; frees into all
+//              lock, no atomic read-modify-write) and up to 63 spares
+//              (512 KiB) it filled, looked at oldest first; frees into all
 //              of them are local. No lock.
 //   process    lock-free, in process memory and the process's first cache
 //              slot:
@@ -135,6 +135,10 @@ struct runtime {
   // owner_cache is parked_token(parked_slot)): the first hello's, changed
   // only by a reconnect (repark_locked). Read without the mutex.
   std::atomic<std::uint32_t> parked_slot{0};
+  // Threads walking a parked queue they took (drain_parked): a thread that
+  // finds the queue and its pool empty meanwhile waits for them, not for a
+  // refill (a walk of a thousand spans takes a few hundred microseconds).
+  std::atomic<std::uint32_t> draining{0};
   bool main_slot_free = false;  // the slot hello gave serves the first thread that needs one
   // Cache slots of threads that ended, kept for the next threads on this
   // connection: a thread that starts then costs no cache_open round trip,
@@ -165,6 +169,10 @@ struct runtime {
   // freed by the next reconnect.
   std::vector<std::uint64_t> deferred_large_frees;
   std::uint16_t batch[num_span_classes] = {};
+  // Spans of each class this process holds (refills add, releases take
+  // off): a refill asks for at most a quarter more, so that a class's
+  // growth overshoots what it uses by at most that much.
+  std::uint32_t class_spans[num_span_classes] = {};
   std::uint64_t last_refill_ns[num_span_classes] = {};
   // Trimming: a process-wide trim bumps the epoch; what was last used two
   // epochs ago has sat unused for a whole decay period.

@@ -27,6 +27,7 @@ constinit stats_block dummy_stats{};
 
 constexpr std::uint16_t max_batch = proto::max_refill;
 constexpr std::uint64_t hot_refill_ns = 50'000'000;  // refills closer than this grow the batch
+constexpr std::uint8_t max_spares_looked = 4;  // per switch (switch_to_spare)
 // Slots of ended threads a process keeps for new ones (runtime::spare_slots);
 // they count against the daemon's --max-caches-per-client (default 256).
 constexpr std::size_t max_spare_slots = 16;
@@ -34,6 +35,15 @@ constexpr std::size_t max_spare_slots = 16;
 }  // namespace
 
 constinit mcache empty_cache{.alloc = {}, .token = ~0u, .slot = 0, .stats = &dummy_stats};
+
+namespace {
+// REQUIRES: r.mu held. A small span released: no longer ours.
+void forget_span_locked(runtime& r, std::uint32_t id) {
+  if (r.held.erase(id) == 0 || id >= g_view.max_spans) return;
+  if (const std::uint8_t spc = g_view.span(span_id{id}).span_class; spc < num_span_classes && r.class_spans[spc] > 0)
+    --r.class_spans[spc];
+}
+}  // namespace
 
 // REQUIRES: r.mu held. Gives the full list back to the daemon.
 void release_full_locked(runtime& r) {
@@ -43,7 +53,7 @@ void release_full_locked(runtime& r) {
                                     r.full.begin() + static_cast<std::ptrdiff_t>(at + n));
     SHMALLOC_CRASH_POINT("release.request");
     if (request_locked(r, proto::msg::release, proto::encode(proto::span_list_msg{part})))
-      for (std::uint32_t id : part) r.held.erase(id);
+      for (std::uint32_t id : part) forget_span_locked(r, id);
   }
   SHMALLOC_CRASH_POINT("release.done");
   r.full.clear();
@@ -103,6 +113,7 @@ void drop_span(runtime& r, std::uint8_t spc, mspan& s) noexcept {
 // goes to one of them.
 void drain_parked(runtime& r, mcache* mc, std::uint32_t token) noexcept {
   const std::uint32_t slot = r.parked_slot.load(std::memory_order_relaxed);
+  r.draining.fetch_add(1, std::memory_order_relaxed);
   take_parked_queue(g_view, slot, [&](mspan& s) {
     if (s.span_class >= num_span_classes || !claim_parked(s, slot, token)) return;
     SHMALLOC_CRASH_POINT("parked.claimed");
@@ -114,7 +125,25 @@ void drain_parked(runtime& r, mcache* mc, std::uint32_t token) noexcept {
       park_span(g_view, s, slot);
     }
   });
+  r.draining.fetch_sub(1, std::memory_order_release);
 }
+
+namespace {
+// A span of class spc from the pool, or from the parked queue; -1 if
+// neither has one (the caller asks the daemon).
+std::int64_t take_pooled(runtime& r, mcache* mc, std::uint8_t spc) noexcept {
+  std::int64_t id = r.pool.pop(spc);
+  if (id >= 0) return id;
+  drain_parked(r, mc, mc->token);
+  id = r.pool.pop(spc);
+  // Another thread took the queue before us and is still pooling it.
+  for (int spin = 0; id < 0 && r.draining.load(std::memory_order_acquire) != 0 && spin < 1 << 16; ++spin) {
+    cpu_relax();
+    id = r.pool.pop(spc);
+  }
+  return id;
+}
+}  // namespace
 
 // Folds the span's remote frees into its bitmap (this thread holds it). A
 // remote double free is reported and counted, not fatal: the process that
@@ -150,8 +179,8 @@ bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
 }
 
 // The current span ran dry: switch to a spare that has a free slot (after
-// folding its remote frees), or keep the dry one as a spare, dropping the
-// oldest spare if there are too many. True if e now has a free slot.
+// folding its remote frees), or keep the dry one as a spare, parking the
+// oldest spares past the queue's room. True if e now has a free slot.
 //
 // The spares are a queue, oldest first. The search takes spans from the
 // front, and every span it finds dry, the current one included, goes to the
@@ -161,11 +190,19 @@ bool take_span(mcache* mc, std::uint8_t spc, std::uint32_t id) noexcept {
 // held full by long-lived objects drift behind those that cycle. (Taking a
 // spare in place, as this once did, left the dry spans at the front to be
 // looked at again on every switch: a cycle through k spans cost k^2 / 2.)
+// At most max_spares_looked are looked at: each look is up to three cache
+// misses (the span's header, alloc bits and remote bits), and a queue of 63
+// dry spares looked at whole on every switch cost a fifth of a working set's
+// time; the pool and the parked queue are next.
 bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
   mcache_entry& e = mc->alloc[spc];
   spare_queue& q = mc->spares[spc];
   const std::uint32_t current = g_view.span_id_of(*e.span()).value;
-  for (std::uint8_t looked = 0, n = q.n; looked < n; ++looked) {
+  const std::uint64_t span_bytes = class_span_bytes(span_class{spc}.size_class());
+  const auto full = [&q, span_bytes] {
+    return q.n == spare_queue::capacity || (q.n + 1) * span_bytes > mcache::max_spare_bytes;
+  };
+  for (std::uint8_t looked = 0, n = std::min(q.n, max_spares_looked); looked < n; ++looked) {
     const spare_queue::entry front = q.pop_front();
     mspan& s = g_view.span(span_id{front.id});
     fold(mc, s);
@@ -173,13 +210,13 @@ bool switch_to_spare(runtime& r, mcache* mc, std::uint8_t spc) {
       q.push_back({current, true});
       return install(e, s);
     }
-    q.push_back(front);  // dry: to the back
+    if (full())
+      drop_span(r, spc, s);  // dry since its last turn: parked until a free
+    else
+      q.push_back(front);  // dry: to the back
   }
-  // Every spare was dry (and the queue is back in its order). Keep at most
-  // a queue's capacity, and max_spare_bytes, per class.
-  const std::uint64_t span_bytes = class_span_bytes(span_class{spc}.size_class());
-  while (q.n > 0 && (q.n == spare_queue::capacity || (q.n + 1) * span_bytes > mcache::max_spare_bytes))
-    drop_span(r, spc, g_view.span(span_id{q.pop_front().id}));
+  // Keep at most a queue's capacity, and max_spare_bytes, per class.
+  while (q.n > 0 && full()) drop_span(r, spc, g_view.span(span_id{q.pop_front().id}));
   q.push_back({current, true});
   e = mcache_entry{};
   return false;
@@ -224,8 +261,9 @@ std::int64_t refill(runtime& r, std::uint8_t spc) {
   std::uint16_t& n = r.batch[spc];
   if (t - r.last_refill_ns[spc] < hot_refill_ns) n = std::min<std::uint16_t>(max_batch, static_cast<std::uint16_t>(n * 2));
   r.last_refill_ns[spc] = t;
+  const auto ask = static_cast<std::uint16_t>(std::min<std::uint32_t>(n, std::max<std::uint32_t>(first_batch, r.class_spans[spc] / 4)));
   SHMALLOC_CRASH_POINT("refill.request");
-  auto body = request_locked(r, proto::msg::refill, proto::encode(proto::refill_msg{spc, n}));
+  auto body = request_locked(r, proto::msg::refill, proto::encode(proto::refill_msg{spc, ask}));
   if (!body) return -1;
   auto list = proto::decode_span_list(body.value(), proto::max_refill);
   if (!list || list->span_ids.empty()) return -1;
@@ -237,6 +275,7 @@ std::int64_t refill(runtime& r, std::uint8_t spc) {
   for (std::uint32_t id : list->span_ids)
     if (id < g_view.max_spans) g_view.span(span_id{id}).parked_queued.store(0, std::memory_order_relaxed);
   r.held.insert(list->span_ids.begin(), list->span_ids.end());
+  r.class_spans[spc] += static_cast<std::uint32_t>(list->span_ids.size());
   r.pool_demand[spc].fetch_add(1, std::memory_order_relaxed);  // the span returned; pooled ones count when taken
   SHMALLOC_CRASH_POINT("refill.pool");
   for (std::size_t i = 1; i < list->span_ids.size(); ++i) r.pool.push(spc, list->span_ids[i]);
@@ -309,7 +348,7 @@ void release_thread_cache() noexcept {
   for (std::uint32_t spc = 0; spc < num_span_classes; ++spc) {
     const auto c = static_cast<std::uint8_t>(spc);
     if (mspan* s = mc->alloc[spc].span(); s != nullptr) drop_span(r, c, *s);
-    for (std::uint8_t k = 0; k < mc->spares[spc].n; ++k) drop_span(r, c, g_view.span(span_id{mc->spares[spc].ids[k]}));
+    for (std::uint8_t k = 0; k < mc->spares[spc].n; ++k) drop_span(r, c, g_view.span(span_id{mc->spares[spc].at(k).id}));
   }
   SHMALLOC_CRASH_POINT("cache.dropped");
   t_cache = &empty_cache;  // after the drops: a remote free in them (the tiny block's) still counts in mc
@@ -359,11 +398,7 @@ bool find_free(runtime& r, mcache* mc, std::uint8_t spc) {
       if (load_word(e, *s, e.word + 1) || (fold(mc, *s), load_word(e, *s, 0))) return true;
       if (switch_to_spare(r, mc, spc)) return true;
     }
-    std::int64_t id = r.pool.pop(spc);
-    if (id < 0) {  // what other threads and processes freed into our parked spans
-      drain_parked(r, mc, mc->token);
-      id = r.pool.pop(spc);
-    }
+    std::int64_t id = take_pooled(r, mc, spc);
     if (id >= 0) r.pool_demand[spc].fetch_add(1, std::memory_order_relaxed);
     if (id < 0) id = refill(r, spc);
     if (id < 0) return false;

@@ -126,27 +126,15 @@ void trim_thread_locked(runtime& r, mcache* mc, bool everything) {
     // Active: its slow path ran (the bit), or its fast path took a slot.
     const bool active = ((mc->active[spc / 64] >> (spc % 64)) & 1) != 0 || e.free_bits != mc->free_bits_at_trim[spc];
     const bool idle = !everything && !active;
-    spare_queue& q = mc->spares[spc];
-    std::uint32_t* const spares = q.ids;
-    std::uint8_t& n = q.n;
-    std::uint16_t& used = q.used;
-    std::uint8_t kept = 0;
-    for (std::uint8_t k = 0; k < n; ++k) {
-      mspan& s = g_view.span(span_id{spares[k]});
-      const bool was_current = ((used >> k) & 1) != 0;
-      bool goes = idle;
-      if (!goes && (everything || (!was_current && k >= mcache::spares_kept_by_trim))) {
-        fold(mc, s);
-        goes = count_allocated(s) == 0;
-      }
-      if (goes) {
-        give_back_locked(r, static_cast<std::uint8_t>(spc), s);
-        continue;
-      }
-      spares[kept++] = spares[k];
-    }
-    n = kept;
-    used = 0;  // a new period starts
+    mc->spares[spc].filter(
+        [&](spare_queue::entry e, std::uint8_t k) {
+          if (idle) return false;
+          if (!everything && (e.used || k < mcache::spares_kept_by_trim)) return true;
+          mspan& s = g_view.span(span_id{e.id});
+          fold(mc, s);
+          return count_allocated(s) != 0;
+        },
+        [&](spare_queue::entry e) { give_back_locked(r, static_cast<std::uint8_t>(spc), g_view.span(span_id{e.id})); });
     if (mspan* s = e.span(); s != nullptr && (idle || (everything && (fold(mc, *s), count_allocated(*s) == 0)))) {
       give_back_locked(r, static_cast<std::uint8_t>(spc), *s);
       e = mcache_entry{};
