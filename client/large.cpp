@@ -18,11 +18,14 @@ namespace shmalloc::client::detail {
 namespace {
 
 // A process that replaces large objects of random sizes frees about as many
-// as it allocates, but a freed one serves only requests of about its size:
-// the cache holds enough of them that a request finds one of its size among
-// the recent frees (8, tried first, left most of a random mix of 5 to 8
-// pages to round trips), within a byte budget.
-constexpr std::size_t large_cache_entries = 64;
+// as it allocates, but a freed one serves only requests of about its size,
+// and how many of each size are live wanders: the cache is a buffer against
+// that walk, and a walk that reaches either end (no object of the size
+// cached, or no room for one more) costs a round trip. 8 entries left 30% of
+// a random mix of 5 to 8 pages to round trips, 64 left 3%; 256, within a
+// byte budget. (Going further needs large objects carved by the process out
+// of pages it holds, which it does not do: docs/benchmarks.md.)
+constexpr std::size_t large_cache_entries = 256;
 constexpr std::uint64_t large_cache_max_bytes = 64ULL << 20;
 
 // REQUIRES: r.mu held. The smallest cached large span of the right size (at

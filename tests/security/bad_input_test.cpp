@@ -184,11 +184,11 @@ TEST_SUITE("security: bad input on the C API") {
     REQUIRE(large != nullptr);
     lives([large] { shmalloc_free(large); });  // another process: the daemon frees it
     dies_saying(b.d.socket, no_span, [large] { shmalloc_free(large); });
-    // One process: the last of 65 goes past its cache of 64 (client/large.cpp),
+    // One process: the last of 257 goes past its cache of 256 (client/large.cpp),
     // to the daemon.
     dies_saying(b.d.socket, no_span, [] {
       std::vector<void*> objects;
-      for (int i = 0; i < 65; ++i) objects.push_back(shmalloc_alloc(100000));
+      for (int i = 0; i < 257; ++i) objects.push_back(shmalloc_alloc(100000));
       for (void* p : objects) shmalloc_free(p);
       shmalloc_free(objects.back());
     });
