@@ -18,6 +18,7 @@
 #include "shmalloc/cache.hpp"
 #include "shmalloc/shmalloc.h"
 #include "support/daemon_process.hpp"
+#include "support/test_heap.hpp"
 
 using namespace shmalloc::test;
 
@@ -152,6 +153,40 @@ TEST_SUITE("shared cache") {
     auto again = shmalloc::cache::open("basic");
     CHECK(again.get_copy("empty", copy));
     CHECK(again.stats().max_bytes == 8 << 20);
+  }
+
+  TEST_CASE("cache: a thread that used a cache may outlive shmalloc_detach and exit cleanly") {
+    // In a child: a crash there is a failed status here, not a dead runner.
+    daemon_process d;
+    REQUIRE(d.started());
+    const std::string socket = d.socket;
+    const int rc = run_in_child([&socket] {
+      if (shmalloc_attach(socket.c_str()) != 0) return 1;
+      shmalloc_cache* c = nullptr;
+      if (shmalloc_cache_open("outlives", 1 << 20, &c) != 0) return 2;
+      std::atomic<int> stage{0};
+      std::atomic<bool> ok{true};
+      std::thread reader([&] {
+        for (std::uint32_t k = 0; k < 200; ++k) {
+          const std::string key = key_of(k), value = value_of(k, 1, 100);
+          if (shmalloc_cache_put(c, key.data(), key.size(), value.data(), value.size(), 0) != 0) ok = false;
+          const void* v = nullptr;
+          std::size_t n = 0;
+          if (shmalloc_cache_pin(c, key.data(), key.size(), &v, &n) != 0) ok = false;
+          shmalloc_cache_unpin(c);
+        }
+        stage = 1;
+        while (stage.load() != 2) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      });  // holds its reader slot and its thread cache until it exits
+      while (stage.load() != 1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      shmalloc_detach();
+      stage = 2;
+      reader.join();
+      return ok.load() ? 0 : 3;
+    });
+    CHECK(rc == 0);
+    raw_client observer(d.socket);
+    CHECK(daemon_stats(observer).clients == 0);
   }
 
   TEST_CASE("cache bad input gets a clear error and changes nothing") {

@@ -28,8 +28,9 @@
  * slot back when it exits; shmalloc_cache_close gives back only the calling
  * thread's (after its last pin, if it still holds one). So a long-lived
  * thread that used a handle another thread closed keeps its slot until it
- * exits, and every thread that used a cache must have exited before
- * shmalloc_detach() unmaps the heap (a known limit: no per-thread release).
+ * exits. A thread may outlive shmalloc_detach(): its exit gives back
+ * nothing in the unmapped heap (the daemon takes back what the process
+ * held), but it must not use a cache handle opened before the detach.
  */
 #ifndef SHMALLOC_CACHE_H
 #define SHMALLOC_CACHE_H
