@@ -364,11 +364,18 @@ void daemon::serve(session& s) {
     const auto notice = proto::make_reply(proto::msg::shutdown, 0, errc::unavailable, "shmallocd is stopping");
     ::send(s.fd, notice.data(), notice.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
   }
-  const bool keep = stopping_ && settings_.keep_heap;  // the client reattaches to the next daemon
+  // Once stopping, a client may still run, allocating from its spans
+  // without asking: they stay its own. With --keep-heap it reattaches them
+  // to the next daemon; without, the heap's name goes but the client's
+  // mapping stays until it detaches (taken back, its next free into one
+  // would abort as if it were the caller's fault).
+  const bool keep = stopping_;
   const bool registered = s.client.id != 0;  // observers and probes change nothing to check
   if (registered)
     spdlog::info("{} disconnected; {} spans {}", describe(s.client), s.client.spans.size(),
-                 keep ? "left to it in the kept heap" : "taken back");
+                 !keep                  ? "taken back"
+                 : settings_.keep_heap ? "left to it in the kept heap"
+                                       : "left to it until it detaches");
   {
     std::lock_guard lock(heap_mutex_);
     SHMALLOC_CRASH_POINT("daemon.session_end");
