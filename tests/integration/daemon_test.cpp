@@ -854,6 +854,27 @@ TEST_SUITE("shmallocd security and deadlines") {
     CHECK(c.eof());
   }
 
+  TEST_CASE("docs/protocol.md names the protocol version the daemon speaks, and the one before is refused") {
+    const std::string docs = std::string(SHMALLOC_TEST_DATA_DIR) + "/../../docs/protocol.md";
+    std::ifstream in(docs);
+    REQUIRE_MESSAGE(in, "cannot read " << docs);
+    std::string title;
+    std::getline(in, title);
+    const std::string v = std::to_string(proto::protocol_version);
+    CHECK(title == "# The shmallocd control protocol (version " + v + ")");
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    CHECK(text.find("| 6 | u16 | version | the sender's protocol version (" + v + ") |") != std::string::npos);
+    daemon_process d;
+    REQUIRE(d.started());
+    raw_client c(d.socket);
+    auto old = proto::make_request(msg::stats, 1);
+    old[6] = proto::protocol_version - 1;
+    REQUIRE(c.send_bytes(old));
+    auto r = c.read_frame();
+    REQUIRE(r);
+    CHECK(r->status() == errc::protocol_error);
+  }
+
   TEST_CASE("the socket has an explicit mode and peers of other uids are refused unless allowed") {
     if (geteuid() != 0) {
       MESSAGE("skipped: needs root to connect as another uid");
