@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <asio/experimental/as_tuple.hpp>
@@ -75,6 +76,55 @@ void warn_if_fd_limit_low(std::uint32_t max_connections) {
 }
 
 int open_spare_fd() { return ::open("/dev/null", O_RDONLY | O_CLOEXEC); }
+
+// The socket's directory, made (mode 0700) if it is missing. A path with no
+// slash names a socket in the working directory: nothing to make.
+error make_socket_dir(const std::string& path) {
+  const std::size_t slash = path.rfind('/');
+  if (slash == std::string::npos || slash == 0) return {};
+  const std::string dir = path.substr(0, slash);
+  if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST)
+    return {errc::os_error, "cannot create socket directory " + dir + ": " + std::strerror(errno)};
+  return {};
+}
+
+// Connects to the socket at path without blocking (a live daemon whose
+// backlog is full must not hang this one): 0 if something answered, else
+// the errno; ECONNREFUSED means no one listens.
+int probe_socket(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof addr.sun_path) return ENAMETOOLONG;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return errno;
+  const int rc = ::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+  const int err = rc == 0 ? 0 : errno;
+  ::close(fd);
+  return err;
+}
+
+// Only a socket that no one answers on (left by a daemon that died) is
+// removed. Anything else at the path is someone's: a live socket (another
+// daemon's), a regular file, a link, a directory. Refused, and left as it is.
+error clear_stale_socket(const std::string& path) {
+  struct stat st {};
+  if (lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return {};
+    return {errc::os_error, "cannot look at the socket path " + path + ": " + std::strerror(errno)};
+  }
+  if (!S_ISSOCK(st.st_mode))
+    return {errc::exists, path + " exists and is not a socket; not replacing it (remove it, or choose another --socket)"};
+  const int answered = probe_socket(path);
+  if (answered == 0 || answered == EAGAIN)  // EAGAIN: a listener with a full backlog
+    return {errc::exists, "a process (another shmallocd?) is listening on " + path + "; not replacing its socket"};
+  if (answered != ECONNREFUSED)
+    return {errc::os_error, "cannot tell whether anyone listens on " + path + ": " + std::strerror(answered)};
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT)
+    return {errc::os_error, "cannot remove the stale socket " + path + ": " + std::strerror(errno)};
+  spdlog::info("removed the stale socket {} (no one listened on it)", path);
+  return {};
+}
 
 // A refusal is one small frame, sent without blocking; the caller closes.
 void send_refusal(int fd, errc code, const std::string& why) {
@@ -194,18 +244,9 @@ metrics::metrics_sample daemon::sample() {
 
 error daemon::bind_socket() {
   const std::string& path = settings_.socket_path;
-  const std::string dir = path.substr(0, path.rfind('/'));
-  if (!dir.empty() && mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST)
-    return {errc::os_error, "cannot create socket directory " + dir + ": " + std::strerror(errno)};
+  if (error e = make_socket_dir(path); e.code != errc::ok) return e;
+  if (error e = clear_stale_socket(path); e.code != errc::ok) return e;
   std::error_code ec;
-  // A socket file nobody answers on was left by a daemon that died: replace
-  // it. One that answers belongs to a live daemon: refuse.
-  if (access(path.c_str(), F_OK) == 0) {
-    stream::socket probe(io_);
-    probe.connect(stream::endpoint(path), ec);
-    if (!ec) return {errc::exists, "another shmallocd is listening on " + path};
-    ::unlink(path.c_str());
-  }
   acceptor_.open(stream(), ec);
   if (!ec) acceptor_.bind(stream::endpoint(path), ec);
   if (ec) return {errc::os_error, "cannot bind " + path + ": " + ec.message()};
@@ -364,11 +405,18 @@ void daemon::serve(session& s) {
     const auto notice = proto::make_reply(proto::msg::shutdown, 0, errc::unavailable, "shmallocd is stopping");
     ::send(s.fd, notice.data(), notice.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
   }
-  const bool keep = stopping_ && settings_.keep_heap;  // the client reattaches to the next daemon
+  // Once stopping, a client may still run, allocating from its spans
+  // without asking: they stay its own. With --keep-heap it reattaches them
+  // to the next daemon; without, the heap's name goes but the client's
+  // mapping stays until it detaches (taken back, its next free into one
+  // would abort as if it were the caller's fault).
+  const bool keep = stopping_;
   const bool registered = s.client.id != 0;  // observers and probes change nothing to check
   if (registered)
     spdlog::info("{} disconnected; {} spans {}", describe(s.client), s.client.spans.size(),
-                 keep ? "left to it in the kept heap" : "taken back");
+                 !keep                  ? "taken back"
+                 : settings_.keep_heap ? "left to it in the kept heap"
+                                       : "left to it until it detaches");
   {
     std::lock_guard lock(heap_mutex_);
     SHMALLOC_CRASH_POINT("daemon.session_end");

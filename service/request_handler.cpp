@@ -532,11 +532,11 @@ std::uint64_t estimated_bytes(std::uint64_t size, std::uint32_t rate) {
 }  // namespace
 
 // The sampled objects still live, by holder and call stack. Ages are on
-// CLOCK_MONOTONIC, the clock the clients stamped them with (not mheap's,
-// which tests may drive).
+// CLOCK_MONOTONIC, the clock the clients stamped them with (sample_clock_,
+// not mheap's clock, which tests drive for other ends).
 proto::site_table_msg request_handler::site_table(std::uint64_t older_than_ns) const {
   static_assert(proto::max_site_frames == profile_frames);
-  const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  const std::uint64_t now = sample_clock_();
   const heap_view& v = heap_->view();
   proto::site_table_msg t;
   t.capacity = max_profile_samples;

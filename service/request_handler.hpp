@@ -104,6 +104,10 @@ class request_handler {
   void set_settings(handler_settings s) noexcept { settings_ = s; }
   // The port the daemon's metrics endpoint listens on (0 = off), for stats.
   void set_metrics_port(std::uint16_t port) noexcept { metrics_port_ = port; }
+  // The clock the site table ages samples on: CLOCK_MONOTONIC, which the
+  // clients stamp them with. A test sets one far from the clock's origin:
+  // on a machine up less than ten minutes, no real stamp can be that old.
+  void set_sample_clock(mheap::clock_fn clock) noexcept { sample_clock_ = clock; }
   std::size_t clients() const noexcept { return clients_; }
 
   // The read-only reports (stats, classes, clients, pages, caches), from the
@@ -193,6 +197,7 @@ class request_handler {
   std::size_t clients_ = 0;
   std::uint64_t requests_ = 0;  // handled, for stats (the daemon's metrics count them by op)
   std::uint16_t metrics_port_ = 0;
+  mheap::clock_fn sample_clock_ = &mheap::monotonic_ns;
   std::uint64_t last_held_sample_ns_ = 0;
   std::map<std::uint32_t, client_state*> by_id_;  // live clients, for frees of their large objects
   std::map<std::uint32_t, orphan_group> orphans_;  // by old client id

@@ -59,12 +59,9 @@ error mheap::grow(std::uint32_t npages) noexcept {
   const region& pm = seg_->regions().page_map;
   const std::uint64_t map_from = round_up(committed * 4, os_page);
   const std::uint64_t map_to = round_up((committed + n) * 4, os_page);
-  error e = seg_->commit(pm.offset + map_from, map_to - map_from);
-  if (e.code == errc::ok) e = seg_->commit(arena_offset(page_id{static_cast<std::uint32_t>(committed)}), n * page_size);
-  if (e.code != errc::ok) {
-    bump(a.grow_failures);
-    return e;
-  }
+  error e = commit_counted(pm.offset + map_from, map_to - map_from);
+  if (e.code == errc::ok) e = commit_counted(arena_offset(page_id{static_cast<std::uint32_t>(committed)}), n * page_size);
+  if (e.code != errc::ok) return e;
   bump(a.metadata_committed_bytes, map_to - map_from);
   const page_id first{static_cast<std::uint32_t>(committed)};
   SHMALLOC_CRASH_POINT("mheap.grow");
@@ -73,6 +70,12 @@ error mheap::grow(std::uint32_t npages) noexcept {
   a.pages_committed.store(committed + n, std::memory_order_relaxed);
   bump(a.grow_count);
   return {};
+}
+
+error mheap::commit_counted(std::uint64_t offset, std::uint64_t bytes) noexcept {
+  error e = seg_->commit(offset, bytes);
+  if (e.code != errc::ok) bump(accounts().grow_failures);
+  return e;
 }
 
 // ---------------------------------------------------------------------------
@@ -89,12 +92,15 @@ result<span_id> mheap::new_descriptor() {
   }
   if (pool.high_water == pool.committed) {
     const std::uint32_t max = seg_->header().max_spans;
-    if (pool.committed >= max) return error{errc::no_memory, "span table is full"};
+    if (pool.committed >= max) {
+      bump(accounts().grow_failures);
+      return error{errc::no_memory, "span table is full"};
+    }
     const std::uint32_t add = std::min(descriptors_per_commit, max - pool.committed);
     const region& r = seg_->regions().spans;
     const std::uint64_t from = std::uint64_t{pool.committed} * sizeof(mspan);
     const std::uint64_t to = round_up(std::uint64_t{pool.committed + add} * sizeof(mspan), os_page);
-    if (error e = seg_->commit(r.offset + from, to - from); e.code != errc::ok) return e;
+    if (error e = commit_counted(r.offset + from, to - from); e.code != errc::ok) return e;
     pool.committed += add;
     bump(accounts().metadata_committed_bytes, to - from);
   }
@@ -140,7 +146,7 @@ result<std::uint32_t> mheap::assign_cache(std::uint32_t client) {
   const region& r = seg_->regions().caches;
   const std::uint64_t from = round_up(std::uint64_t{committed} * sizeof(mcache_slot), os_page);
   const std::uint64_t to = std::min(r.bytes, round_up((committed + 1ULL) * sizeof(mcache_slot), os_page) + 15 * os_page);
-  if (error e = seg_->commit(r.offset + from, to - from); e.code != errc::ok) return e;
+  if (error e = commit_counted(r.offset + from, to - from); e.code != errc::ok) return e;
   bump(a.metadata_committed_bytes, to - from);
   const auto now_committed = static_cast<std::uint32_t>(std::min<std::uint64_t>(to / sizeof(mcache_slot), max));
   a.caches_committed.store(now_committed, std::memory_order_relaxed);
@@ -184,7 +190,7 @@ error mheap::recommit(page_id first, std::uint32_t npages) noexcept {
   std::uint32_t released = 0;
   for (std::uint32_t p = first.value; p < first.value + npages; ++p) released += is_released(page_id{p});
   if (released == 0) return {};
-  if (error e = seg_->commit(arena_offset(first), std::uint64_t{npages} * page_size); e.code != errc::ok) return e;
+  if (error e = commit_counted(arena_offset(first), std::uint64_t{npages} * page_size); e.code != errc::ok) return e;
   for (std::uint32_t p = first.value; p < first.value + npages; ++p) {
     if (!is_released(page_id{p})) continue;
     released_[p / 64] &= ~(std::uint64_t{1} << (p % 64));

@@ -85,6 +85,10 @@ class mheap {
   result<span_id> new_descriptor();
   void free_descriptor(span_id id) noexcept;
   error recommit(page_id first, std::uint32_t npages) noexcept;
+  // The segment's commit, each failure counted in grow_failures: whatever
+  // part of the heap could not grow (pages, page map, span table, cache
+  // slots, released pages taken back), /dev/shm full is one alert.
+  error commit_counted(std::uint64_t offset, std::uint64_t bytes) noexcept;
   void set_page_map(page_id first, std::uint32_t npages, std::uint32_t entry) noexcept;
   void note_freed(page_id first, std::uint32_t npages) noexcept;
   std::uint64_t release_run(page_id first, std::uint32_t npages) noexcept;

@@ -53,6 +53,48 @@ bool intact(const void* p, std::size_t n) {
   return true;
 }
 
+// In a child: allocates, checks and frees objects of small, tiny and large
+// sizes in a ring of live ones, on two threads, while its daemon stops
+// (ready written once it runs), and for half a second after the heap's name
+// has gone. Allocations that need the daemon then fail (nullptr); nothing
+// else may. 0, or what went wrong.
+int churn_through_daemon_stop(const std::string& heap, int ready) {
+  constexpr std::size_t sizes[] = {3, 16, 48, 200, 1000, 3000, 20000, 100000};
+  std::atomic<bool> stop{false};
+  std::atomic<int> bad{0};
+  auto churn = [&](unsigned seed) {
+    std::minstd_rand rng(seed);
+    std::vector<std::pair<void*, std::size_t>> ring(256, {nullptr, 0});
+    for (std::uint64_t op = 0; !stop.load(std::memory_order_relaxed); ++op) {
+      auto& [p, n] = ring[rng() % ring.size()];
+      if (p != nullptr && !intact(p, n)) bad.store(2);
+      if (p != nullptr) shmalloc_free(p);
+      n = sizes[rng() % std::size(sizes)];
+      p = shmalloc_alloc(n);
+      if (p != nullptr) fill(p, n);
+    }
+    for (auto& [p, n] : ring) {
+      if (p != nullptr && !intact(p, n)) bad.store(2);
+      if (p != nullptr) shmalloc_free(p);
+    }
+  };
+  std::thread other(churn, 2);
+  std::thread first(churn, 1);
+  usleep(100000);
+  if (write(ready, "x", 1) != 1) return 4;
+  bool gone = false;
+  for (int i = 0; i < 1000 && !gone; ++i) {  // 10 s at most
+    gone = !segment::exists(heap);
+    usleep(10000);
+  }
+  usleep(500000);
+  stop.store(true);
+  first.join();
+  other.join();
+  shmalloc_detach();
+  return gone ? bad.load() : 3;
+}
+
 struct attached_daemon {
   daemon_process d{{"--keep-heap"}};
   attached_daemon() {
@@ -1211,6 +1253,35 @@ TEST_SUITE("libshmalloc") {
   // refused the heap), and a large free while it was away aborted.
   TEST_CASE("a daemon stopped with SIGTERM and --keep-heap leaves its clients' spans to them for the next one") {
     come_back_test(SIGTERM);
+  }
+
+  // Without --keep-heap a stopping daemon took back the spans of clients
+  // still running, and told them nothing: their next free into one aborted,
+  // blaming the caller ("not inside an allocated span"). It now leaves them
+  // their spans: the heap's name goes, their mapping stays until they detach.
+  TEST_CASE("a daemon stopped with SIGTERM without --keep-heap leaves running clients their spans until they detach") {
+    daemon_process d;
+    REQUIRE(d.started());
+    int ready[2];
+    REQUIRE(pipe(ready) == 0);
+    const pid_t child = fork();
+    if (child == 0) {
+      signal(SIGABRT, SIG_DFL);  // an abort ends the child, not through doctest's crash report
+      close(ready[0]);
+      if (shmalloc_attach(d.socket.c_str()) != 0) _exit(1);
+      _exit(churn_through_daemon_stop(d.heap, ready[1]));
+    }
+    close(ready[1]);
+    char c = 0;
+    CHECK(read(ready[0], &c, 1) == 1);
+    close(ready[0]);
+    CHECK(d.stop(SIGTERM) == 0);
+    CHECK_FALSE(segment::exists(d.heap));
+    int status = 0;
+    REQUIRE(waitpid(child, &status, 0) == child);
+    CHECK_MESSAGE(!WIFSIGNALED(status), "the client died of signal ", WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
   }
 
   // A thread's current tiny block carries a bias in its count while the

@@ -2,14 +2,18 @@
 // bad bytes, and the daemon's own lifecycle.
 #include <doctest/doctest.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <fcntl.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -95,6 +99,61 @@ double cpu_seconds(pid_t pid) {
 std::optional<raw_client::frame> greet(raw_client& c) {
   c.send_bytes(proto::make_request(msg::hello, 1, proto::encode(proto::hello_msg{layout_version, 1, "fd-test"})));
   return c.read_frame(3000);
+}
+
+// shmallocd started in dir, so that a relative --socket is relative to it,
+// with its stderr in dir/stderr; its pid.
+pid_t start_daemon_in(const std::string& dir, const std::vector<std::string>& args) {
+  static std::string path = SHMALLOC_DAEMON_PATH;
+  std::vector<char*> argv{path.data()};
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  const std::string err = dir + "/stderr";
+  const pid_t pid = fork();
+  if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    const int fd = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    if (fd < 0 || chdir(dir.c_str()) != 0) _exit(126);
+    dup2(fd, STDERR_FILENO);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+// Its exit code once it exits, within 5 s; -1 if it was still running (it
+// is killed then: it served where it should have refused).
+int exit_code_within_5s(pid_t pid) {
+  for (int i = 0; i < 500; ++i) {
+    int status = 0;
+    if (waitpid(pid, &status, WNOHANG) == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+  return -1;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// A temp directory, removed with everything in it when the test ends.
+struct temp_dir {
+  std::string path;
+  temp_dir() {
+    char tmpl[] = "/tmp/shmalloc-test-XXXXXX";
+    path = mkdtemp(tmpl);
+  }
+  ~temp_dir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+};
+
+std::vector<std::string> daemon_args(const std::string& heap, const std::string& socket) {
+  return {"--heap", heap, "--socket", socket, "--capacity", "64M", "--metrics", "off", "--log-level", "info"};
 }
 
 }  // namespace
@@ -302,6 +361,80 @@ TEST_SUITE("shmallocd") {
     CHECK(WIFEXITED(status));
     CHECK(WEXITSTATUS(status) == 0);
     CHECK_FALSE(segment::exists(d.heap));  // removed on a clean stop
+  }
+
+  TEST_CASE("--socket with no slash is a socket in the working directory, not a directory") {
+    temp_dir dir;
+    const std::string heap = unique_heap_name("relsock");
+    const pid_t pid = start_daemon_in(dir.path, daemon_args(heap, "rel.sock"));
+    REQUIRE(pid > 0);
+    const std::string socket = dir.path + "/rel.sock";
+    bool answered = false;
+    for (int i = 0; i < 500 && !answered; ++i) {
+      answered = raw_client(socket).connected();
+      if (!answered) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    struct stat st {};
+    CHECK(lstat(socket.c_str(), &st) == 0);
+    CHECK(S_ISSOCK(st.st_mode));
+    CHECK(answered);
+    kill(pid, SIGTERM);
+    CHECK(exit_code_within_5s(pid) == 0);
+    CHECK(lstat(socket.c_str(), &st) != 0);  // removed at the stop
+    segment::remove(heap);
+  }
+
+  TEST_CASE("a regular file, a link or a live socket at the socket path is refused and left as it is") {
+    temp_dir dir;
+    const std::string heap = unique_heap_name("sockpath");
+    auto refused = [&](const std::string& path, const std::string& why) {
+      const pid_t pid = start_daemon_in(dir.path, daemon_args(heap, path));
+      REQUIRE(pid > 0);
+      CHECK(exit_code_within_5s(pid) == 1);
+      const std::string err = read_file(dir.path + "/stderr");
+      CHECK_MESSAGE(err.find(why) != std::string::npos, err);
+      CHECK_FALSE(segment::exists(heap));  // the heap it made goes with it
+      segment::remove(heap);  // had it served (and been killed), nothing stays in /dev/shm
+    };
+    const std::string file = dir.path + "/file.sock";
+    std::ofstream(file) << "someone's data";
+    refused(file, "is not a socket");
+    CHECK(read_file(file) == "someone's data");
+
+    const std::string link = dir.path + "/link.sock";
+    REQUIRE(symlink(file.c_str(), link.c_str()) == 0);
+    refused(link, "is not a socket");
+    struct stat st {};
+    CHECK(lstat(link.c_str(), &st) == 0);
+    CHECK(S_ISLNK(st.st_mode));
+
+    // A listener that is not shmallocd at all: its socket stays.
+    const std::string live = dir.path + "/live.sock";
+    const int listener = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(listener >= 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, live.c_str(), sizeof addr.sun_path - 1);
+    REQUIRE(::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    REQUIRE(::listen(listener, 8) == 0);
+    refused(live, "is listening on " + live);
+    CHECK(lstat(live.c_str(), &st) == 0);
+    CHECK(S_ISSOCK(st.st_mode));
+    ::close(listener);
+
+    // Closed, the same socket file is stale: replaced.
+    const pid_t pid = start_daemon_in(dir.path, daemon_args(heap, live));
+    REQUIRE(pid > 0);
+    bool answered = false;
+    for (int i = 0; i < 500 && !answered; ++i) {
+      answered = raw_client(live).connected();
+      if (!answered) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    CHECK(answered);
+    kill(pid, SIGTERM);
+    CHECK(exit_code_within_5s(pid) == 0);
+    CHECK(read_file(dir.path + "/stderr").find("removed the stale socket") != std::string::npos);
+    segment::remove(heap);
   }
 
   TEST_CASE("SIGTERM tells clients, removes the socket and the heap, and exits 0") {
@@ -719,6 +852,27 @@ TEST_SUITE("shmallocd security and deadlines") {
     CHECK(proto::split_reply(r2->payload)->message.find("protocol version " + std::to_string(proto::protocol_version + 1)) !=
           std::string::npos);
     CHECK(c.eof());
+  }
+
+  TEST_CASE("docs/protocol.md names the protocol version the daemon speaks, and the one before is refused") {
+    const std::string docs = std::string(SHMALLOC_TEST_DATA_DIR) + "/../../docs/protocol.md";
+    std::ifstream in(docs);
+    REQUIRE_MESSAGE(in, "cannot read " << docs);
+    std::string title;
+    std::getline(in, title);
+    const std::string v = std::to_string(proto::protocol_version);
+    CHECK(title == "# The shmallocd control protocol (version " + v + ")");
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    CHECK(text.find("| 6 | u16 | version | the sender's protocol version (" + v + ") |") != std::string::npos);
+    daemon_process d;
+    REQUIRE(d.started());
+    raw_client c(d.socket);
+    auto old = proto::make_request(msg::stats, 1);
+    old[6] = proto::protocol_version - 1;
+    REQUIRE(c.send_bytes(old));
+    auto r = c.read_frame();
+    REQUIRE(r);
+    CHECK(r->status() == errc::protocol_error);
   }
 
   TEST_CASE("the socket has an explicit mode and peers of other uids are refused unless allowed") {

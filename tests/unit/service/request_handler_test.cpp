@@ -849,9 +849,17 @@ TEST_SUITE("request_handler reports") {
     CHECK(t->rows[0].bytes_held == r.bytes_held + 5 * page_size);
   }
 
+  // The site table's clock in these tests: a fixed "now" far from the
+  // clock's origin. The real CLOCK_MONOTONIC starts near 0 at boot, so on a
+  // machine up less than 700 s the stamps below would wrap around 0 (and
+  // the eleven-minute-old sample read as new); and a fixed now makes every
+  // age exact, however long a loaded machine takes between stamp and table.
+  constexpr std::uint64_t sample_now_ns = 1'000'000 * 1'000'000'000ULL;  // about 11.6 days
+  std::uint64_t sample_clock() noexcept { return sample_now_ns; }
+
   // A sampled allocation as a client makes one (client/profile.cpp): a large
   // object of client a's, its entry filled and published, allocated
-  // `age_s` seconds ago on CLOCK_MONOTONIC.
+  // `age_s` seconds before sample_clock's now.
   void sample_of(census_fixture& f, std::uint64_t size, std::uint64_t pc, std::uint64_t age_s) {
     auto got = ask(f.rh, f.a, msg::alloc_large, proto::encode(proto::alloc_large_msg{size, true}));
     REQUIRE(got.status == errc::ok);
@@ -860,9 +868,8 @@ TEST_SUITE("request_handler reports") {
     const heap_view& v = f.t.heap->view();
     profile_sample* e = profile_claim(v, large->handle);
     REQUIRE(e != nullptr);
-    const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
     e->size.store(size);
-    e->alloc_ns.store(now - age_s * 1'000'000'000);
+    e->alloc_ns.store(sample_now_ns - age_s * 1'000'000'000);
     e->rate.store(4096);
     e->frames.store(2);
     e->pc[0].store(pc);
@@ -874,6 +881,7 @@ TEST_SUITE("request_handler reports") {
 
   TEST_CASE("the site table groups live samples by holder and stack, scales them as pprof does, and ages them") {
     census_fixture f;
+    f.rh.set_sample_clock(&sample_clock);
     sample_of(f, 100, 0x401000, 0);      // site 1: one young object of 112 bytes' class
     sample_of(f, 100, 0x401000, 120);    // and one two minutes old
     sample_of(f, 40000, 0x402000, 700);  // site 2: a large object, eleven minutes old
@@ -901,8 +909,8 @@ TEST_SUITE("request_handler reports") {
     CHECK(small.samples == 2);
     CHECK(small.bytes == 200);
     CHECK(small.estimated_bytes == 2 * small_estimate);
-    CHECK(small.oldest_ns >= 120'000'000'000);
-    CHECK(small.newest_ns < 60'000'000'000);
+    CHECK(small.oldest_ns == 120'000'000'000);
+    CHECK(small.newest_ns == 0);
     CHECK(small.aged_bytes[0] == small_estimate);  // the old one is older than 10 s
     CHECK(small.aged_bytes[1] == small_estimate);  // and 60 s
     CHECK(small.aged_bytes[2] == 0);               // not 600 s
