@@ -74,8 +74,8 @@ SHMALLOC_FAST_PATH void free_slot_inline(mspan& s, std::uint32_t i, std::uint8_t
   if (SHMALLOC_UNLIKELY(s.owner_cache.load(std::memory_order_relaxed) != mc->token))
     return free_remote(s, i, size_class, p);
   const std::uint64_t bit = std::uint64_t{1} << (i % 64);
-  if (SHMALLOC_UNLIKELY((s.alloc_bits[i / 64] & bit) == 0)) bad_free(p, "double free");
-  s.alloc_bits[i / 64] &= ~bit;
+  if (SHMALLOC_UNLIKELY((s.alloc_bits[i / 64].load(std::memory_order_relaxed) & bit) == 0)) bad_free(p, "double free");
+  clear_alloc_bits(s.alloc_bits[i / 64], bit);
   bump(mc->stats->small_frees[size_class]);
 }
 

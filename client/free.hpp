@@ -67,10 +67,10 @@ SHMALLOC_FAST_PATH void free_object(void* p) noexcept {
   const std::uint8_t size_class = span_class{s.span_class}.size_class();
   mcache* mc = t_cache;
   if (SHMALLOC_UNLIKELY(s.owner_cache.load(std::memory_order_relaxed) != mc->token)) return free_other(p, s, i);
-  std::uint64_t& word = s.alloc_bits[i / 64];
-  std::uint64_t bits = word;
+  shared_atomic<std::uint64_t>& word = s.alloc_bits[i / 64];
+  std::uint64_t bits = word.load(std::memory_order_relaxed);
   if (SHMALLOC_UNLIKELY(!test_and_clear(bits, i))) return free_slow(p);
-  word = bits;
+  word.store(bits, std::memory_order_relaxed);
   bump(mc->stats->small_frees[size_class]);
 }
 

@@ -49,7 +49,7 @@ void* take_cached_large(runtime& r, std::size_t size) noexcept {
     }
     mspan& s = g_view.span(span_id{c.span});
     SHMALLOC_CRASH_POINT("large.cache_take");
-    s.alloc_bits[0] |= 1;  // allocated again, before it is returned (cache_large)
+    set_alloc_bits(s.alloc_bits[0], 1);  // allocated again, before it is returned (cache_large)
     return g_view.span_base(s);
   }
   return nullptr;
@@ -73,7 +73,7 @@ bool cache_large(runtime& r, void* p, const mspan& s) noexcept {
   // dies the daemon frees it instead of keeping it as a live object
   // (request_handler::reclaim); its holder writes a span's alloc bits.
   SHMALLOC_CRASH_POINT("large.cache_put");
-  g_view.span(span_id{id}).alloc_bits[0] &= ~std::uint64_t{1};
+  clear_alloc_bits(g_view.span(span_id{id}).alloc_bits[0], 1);
   SHMALLOC_CRASH_POINT("large.cache_put_done");
   return true;
 }

@@ -38,7 +38,7 @@ namespace shmalloc::client {
 // class is found with a shift.
 struct mcache_entry {
   std::uint64_t free_bits = 0;    // complemented *bits: 1 = free
-  std::uint64_t* bits = nullptr;  // &span->alloc_bits[word]; nullptr: no span held
+  shared_atomic<std::uint64_t>* bits = nullptr;  // &span->alloc_bits[word]; nullptr: no span held
   std::byte* word_base = nullptr; // slot word * 64's address in this process
   std::uint32_t elem_size = 0;
   std::uint32_t word = 0;         // which word of the span's bitmap bits points at
@@ -162,7 +162,7 @@ SHMALLOC_FAST_PATH void* alloc_small(std::uint8_t size_class, bool noscan, std::
   const std::uint32_t size = e.elem_size;
   const auto i = static_cast<std::uint32_t>(std::countr_zero(bits));
   e.free_bits = bits & (bits - 1);
-  *e.bits |= std::uint64_t{1} << i;  // published before the object is
+  set_alloc_bits(*e.bits, std::uint64_t{1} << i);  // published before the object is
   bump(mc->stats->small_allocs[size_class]);
   return base + std::size_t{i} * size;
 }

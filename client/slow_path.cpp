@@ -65,7 +65,7 @@ bool has_free_slot(const mspan& s) noexcept {
   for (std::uint32_t w = 0; w * 64 < s.nelems; ++w) {
     const std::uint32_t valid = s.nelems - w * 64;
     const std::uint64_t mask = valid >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << valid) - 1;
-    if ((~s.alloc_bits[w] & mask) != 0) return true;
+    if ((~s.alloc_bits[w].load(std::memory_order_relaxed) & mask) != 0) return true;
   }
   return false;
 }
@@ -75,7 +75,7 @@ bool has_free_slot(const mspan& s) noexcept {
 // free bits.
 bool load_word(mcache_entry& e, mspan& s, std::uint32_t from, std::uint32_t to = bitmap_words) noexcept {
   for (std::uint32_t w = from; w < to && w * 64 < s.nelems; ++w) {
-    std::uint64_t free = ~s.alloc_bits[w];
+    std::uint64_t free = ~s.alloc_bits[w].load(std::memory_order_relaxed);
     const std::uint32_t valid = s.nelems - w * 64;
     if (valid < 64) free &= (std::uint64_t{1} << valid) - 1;
     if (free != 0) {

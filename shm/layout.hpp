@@ -308,7 +308,9 @@ struct mspan {
   shared_atomic<std::uint8_t> parked_queued;
   std::uint8_t reserved2[2];
 
-  std::uint64_t alloc_bits[bitmap_words];  // 1 = allocated; written by the holder only
+  // 1 = allocated; written by the holder only (relaxed single-writer
+  // stores: the daemon reads them while a client holds the span).
+  shared_atomic<std::uint64_t> alloc_bits[bitmap_words];
   shared_atomic<std::uint32_t> parked_next;  // span id + 1 of the next on the parked queue, 0 = last
   std::uint32_t reserved3;
   std::uint64_t pad;                       // to a line boundary

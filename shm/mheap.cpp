@@ -242,11 +242,11 @@ result<span_id> mheap::alloc_span(std::uint32_t npages, span_class spc, mspan_st
   for (auto& w : s.remote_bits) w.store(0, std::memory_order_relaxed);
   s.alloc_count = 0;
   s.profile_sample.store(0, std::memory_order_relaxed);
-  std::memset(s.alloc_bits, 0, sizeof s.alloc_bits);
+  for (auto& w : s.alloc_bits) w.store(0, std::memory_order_relaxed);
   if (const std::uint32_t reserved = reserved_slots(spc.value); reserved != 0) {
     // Tiny span: its first blocks hold the per-block object counts.
     std::memset(view_.span_base(s), 0, std::size_t{reserved} * class_to_size(c));
-    for (std::uint32_t i = 0; i < reserved; ++i) s.alloc_bits[i / 64] |= std::uint64_t{1} << (i % 64);
+    for (std::uint32_t i = 0; i < reserved; ++i) set_alloc_bits(s.alloc_bits[i / 64], std::uint64_t{1} << (i % 64));
     s.alloc_count = static_cast<std::uint16_t>(reserved);
   }
   SHMALLOC_CRASH_POINT("mheap.alloc_init");
@@ -263,7 +263,7 @@ result<span_id> mheap::alloc_large(std::uint64_t bytes, bool noscan, std::uint32
   if (!id) return id;
   mspan& s = span(*id);
   SHMALLOC_CRASH_POINT("mheap.large_span");
-  s.alloc_bits[0] = 1;
+  s.alloc_bits[0].store(1, std::memory_order_relaxed);
   s.alloc_count = 1;
   heap_accounts& a = accounts();
   bump(a.large_spans);

@@ -36,11 +36,11 @@ errc heap_view::object_at(handle_t h, object_ref* out) const noexcept {
 
 std::int32_t span_alloc_object(mspan& s) noexcept {
   for (std::uint32_t w = 0; w * 64 < s.nelems; ++w) {
-    const std::uint64_t free = ~s.alloc_bits[w];
+    const std::uint64_t free = ~s.alloc_bits[w].load(std::memory_order_relaxed);
     if (free == 0) continue;
     const std::uint32_t i = w * 64 + static_cast<std::uint32_t>(std::countr_zero(free));
     if (i >= s.nelems) return -1;
-    s.alloc_bits[w] |= std::uint64_t{1} << (i % 64);
+    set_alloc_bits(s.alloc_bits[w], std::uint64_t{1} << (i % 64));
     ++s.alloc_count;
     return static_cast<std::int32_t>(i);
   }
@@ -50,8 +50,8 @@ std::int32_t span_alloc_object(mspan& s) noexcept {
 errc span_free_local(mspan& s, std::uint32_t i) noexcept {
   if (i >= s.nelems) return errc::bad_handle;
   const std::uint64_t bit = std::uint64_t{1} << (i % 64);
-  if ((s.alloc_bits[i / 64] & bit) == 0) return errc::double_free;
-  s.alloc_bits[i / 64] &= ~bit;
+  if ((s.alloc_bits[i / 64].load(std::memory_order_relaxed) & bit) == 0) return errc::double_free;
+  clear_alloc_bits(s.alloc_bits[i / 64], bit);
   --s.alloc_count;
   return errc::ok;
 }
@@ -136,7 +136,7 @@ std::uint32_t span_fold_remote(const heap_view&, mspan& s, errc* status, std::st
       *status = errc::corrupt;
       freed &= ~stray;
     }
-    if (const std::uint64_t twice = freed & ~s.alloc_bits[w]; twice != 0) {
+    if (const std::uint64_t twice = freed & ~s.alloc_bits[w].load(std::memory_order_relaxed); twice != 0) {
       // Freed again after the first free was folded: reported, not folded.
       if (why && *status != errc::double_free && *status != errc::corrupt)
         *why = "object " + std::to_string(w * 64 + static_cast<std::uint32_t>(std::countr_zero(twice))) +
@@ -144,7 +144,7 @@ std::uint32_t span_fold_remote(const heap_view&, mspan& s, errc* status, std::st
       if (*status == errc::ok) *status = errc::double_free;
       freed &= ~twice;
     }
-    s.alloc_bits[w] &= ~freed;
+    clear_alloc_bits(s.alloc_bits[w], freed);
     const auto n = static_cast<std::uint32_t>(std::popcount(freed));
     s.alloc_count = static_cast<std::uint16_t>(s.alloc_count - n);
     folded += n;

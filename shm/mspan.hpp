@@ -84,11 +84,23 @@ inline std::uint64_t object_bytes(const mspan& s) noexcept {
   return s.elem_size != 0 ? s.elem_size : std::uint64_t{s.npages} * page_size;
 }
 
-inline bool is_allocated(const mspan& s, std::uint32_t i) noexcept { return (s.alloc_bits[i / 64] >> (i % 64)) & 1; }
+inline bool is_allocated(const mspan& s, std::uint32_t i) noexcept {
+  return (s.alloc_bits[i / 64].load(std::memory_order_relaxed) >> (i % 64)) & 1;
+}
+
+// The holder's changes to a word of its span's alloc bits: a relaxed load
+// and store, never a read-modify-write (it is the only writer; others, the
+// daemon's reports, only read).
+inline void set_alloc_bits(shared_atomic<std::uint64_t>& w, std::uint64_t bits) noexcept {
+  w.store(w.load(std::memory_order_relaxed) | bits, std::memory_order_relaxed);
+}
+inline void clear_alloc_bits(shared_atomic<std::uint64_t>& w, std::uint64_t bits) noexcept {
+  w.store(w.load(std::memory_order_relaxed) & ~bits, std::memory_order_relaxed);
+}
 
 inline std::uint32_t count_allocated(const mspan& s) noexcept {
   std::uint32_t n = 0;
-  for (std::uint64_t w : s.alloc_bits) n += static_cast<std::uint32_t>(std::popcount(w));
+  for (const auto& w : s.alloc_bits) n += static_cast<std::uint32_t>(std::popcount(w.load(std::memory_order_relaxed)));
   return n;
 }
 

@@ -5,7 +5,8 @@
 # then, under TSan, the stress suite (the lock-free remote-free bitmaps from
 # threads and processes), libshmalloc's multi-thread tests (the span pool),
 # the shared cache's lock-free reads beside its writers, and the daemon
-# serving while its metrics endpoint scrapes the heap; then the libFuzzer
+# serving while its metrics endpoint scrapes the heap, and its reports reading
+# alloc bits a holder changes; then the libFuzzer
 # targets for 30 s each (tools/fuzz.sh, clang); last, the docker compose
 # stack built from this tree and checked end to end. The reliability
 # campaign's short runs are ctest labels of the normal build: soak (60 s),
@@ -36,6 +37,7 @@ TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/shm_stress_tests
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/client_tests -tc="four threads*,steady*"
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/cache_tests -tc="cache threads*"
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/service_unit_tests -ts="daemon in process"
+TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/service_unit_tests -tc="the client table reads a span's alloc bits*"
 TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/metrics/metrics_tests
 
 echo "== libFuzzer: frame, decode and config targets, 30 s each (tools/fuzz.sh)"

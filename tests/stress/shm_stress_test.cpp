@@ -852,7 +852,7 @@ void remote_free_rounds(workers_are kind, std::uint32_t nworkers, std::uint32_t 
       std::uint64_t expect[bitmap_words];
       for (std::uint32_t k = 0; k < bitmap_words; ++k) expect[k] = w->second[k];
       for (std::uint32_t i = 0; i < reserved_slots(s.span_class); ++i) expect[i / 64] |= std::uint64_t{1} << (i % 64);
-      for (std::uint32_t k = 0; k < bitmap_words; ++k) CHECK(s.alloc_bits[k] == expect[k]);
+      for (std::uint32_t k = 0; k < bitmap_words; ++k) CHECK(s.alloc_bits[k].load() == expect[k]);
       std::uint32_t n = 0;
       for (std::uint64_t x : expect) n += static_cast<std::uint32_t>(std::popcount(x));
       CHECK(s.alloc_count == n);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <atomic>
 #include <thread>
 
 #include "cache/census.hpp"
@@ -553,6 +554,30 @@ TEST_SUITE("control_protocol reports") {
 }
 
 TEST_SUITE("request_handler") {
+  TEST_CASE("the client table reads a span's alloc bits while its holder changes them (atomics on both sides, for TSan)") {
+    // One mapping for the holder's writes and the handler's reads, so that
+    // ThreadSanitizer sees both (across processes it sees neither).
+    test::test_heap t;
+    request_handler rh(*t.heap, {});
+    client_state holder, observer;
+    say_hello(rh, holder);
+    const auto ids = refill(rh, holder, span_class::make(5, false).value, 2);
+    mspan& span = t.heap->span(span_id{ids.at(0)});
+    std::atomic<bool> done{false};
+    std::thread writer([&] {  // as the holding thread's fast paths do
+      for (std::uint64_t i = 0; !done.load(); ++i) {
+        set_alloc_bits(span.alloc_bits[0], std::uint64_t{1} << (i % 64));
+        clear_alloc_bits(span.alloc_bits[0], std::uint64_t{1} << ((i + 32) % 64));
+      }
+    });
+    int tables = 0;
+    for (int i = 0; i < 200; ++i)
+      tables += ask(rh, observer, msg::clients, proto::encode_clients_request(proto::client_rows::basic)).status == errc::ok;
+    done = true;
+    writer.join();
+    CHECK(tables == 200);
+  }
+
   TEST_CASE("refill records ownership, release checks it, disconnect takes back the rest") {
     test::test_heap t;
     request_handler rh(*t.heap, {});
