@@ -433,9 +433,9 @@ std::optional<class_table_msg> decode_class_table(std::span<const std::uint8_t> 
   class_table_msg m;
   const std::uint16_t n = r.u16();
   if (r.failed() || n >= num_size_classes) return std::nullopt;
-  m.rows.resize(n);
   std::uint8_t last = 0;
-  for (class_row& row : m.rows) {
+  for (std::uint16_t i = 0; i < n; ++i) {  // grows as rows arrive: n alone is untrusted
+    class_row& row = m.rows.emplace_back();
     row.size_class = r.u8();
     row.object_size = r.u32();
     row.spans_partial = r.u32();
@@ -460,9 +460,9 @@ std::optional<advise_table_msg> decode_advise_table(std::span<const std::uint8_t
   m.heap_inuse_bytes = r.u64();
   const std::uint16_t n = r.u16();
   if (r.failed() || n >= num_size_classes) return std::nullopt;
-  m.rows.resize(n);
   std::uint8_t last = 0;
-  for (advise_row& row : m.rows) {
+  for (std::uint16_t i = 0; i < n; ++i) {  // grows as rows arrive: n alone is untrusted
+    advise_row& row = m.rows.emplace_back();
     row.size_class = r.u8();
     row.object_size = r.u32();
     row.objects_live = r.u64();
@@ -493,8 +493,8 @@ std::optional<leak_table_msg> decode_leak_table(std::span<const std::uint8_t> p)
   m.total = r.u32();
   const std::uint16_t n = r.u16();
   if (r.failed() || n > m.total) return std::nullopt;
-  m.rows.resize(n);
-  for (leak_row& row : m.rows) {
+  for (std::uint16_t i = 0; i < n; ++i) {  // grows as rows arrive: n alone is untrusted
+    leak_row& row = m.rows.emplace_back();
     row.id = r.u32();
     row.pid = r.u32();
     row.name = r.str(max_name);
@@ -507,9 +507,9 @@ std::optional<leak_table_msg> decode_leak_table(std::span<const std::uint8_t> p)
     const std::uint8_t classes = r.u8();
     if (r.failed() || row.id == 0 || classes >= num_size_classes || row.large_bytes > row.live_bytes)
       return std::nullopt;
-    row.classes.resize(classes);
     std::uint8_t last = 0;
-    for (leak_class& c : row.classes) {
+    for (std::uint8_t k = 0; k < classes; ++k) {
+      leak_class& c = row.classes.emplace_back();
       c.size_class = r.u8();
       c.objects = r.u64();
       if (r.failed() || c.size_class <= last || c.size_class >= num_size_classes) return std::nullopt;
@@ -533,8 +533,8 @@ std::optional<site_table_msg> decode_site_table(std::span<const std::uint8_t> p)
   m.live = r.u32();
   const std::uint16_t n = r.u16();
   if (r.failed() || m.live > m.capacity || n > max_site_rows || n > m.live) return std::nullopt;
-  m.rows.resize(n);
-  for (site_row& row : m.rows) {
+  for (std::uint16_t i = 0; i < n; ++i) {  // grows as rows arrive: n alone is untrusted
+    site_row& row = m.rows.emplace_back();
     row.client = r.u32();
     row.pid = r.u32();
     row.samples = r.u32();
