@@ -23,19 +23,14 @@ namespace shmalloc::service {
 using proto::msg;
 
 namespace {
-reply error_reply(msg type, const proto::frame_header& h, errc code, const std::string& why, bool close = false) {
-  return {proto::make_reply(type, h.request_id, code, why), close};
+reply no_body_error(const request& req) {
+  return req.fail(errc::protocol_error, std::string(proto::msg_name(req.header.type)) + " takes no body");
 }
-reply ok_reply(msg type, const proto::frame_header& h, const std::vector<std::uint8_t>& body = {}) {
-  return {proto::make_reply(type, h.request_id, errc::ok, {}, body), false};
-}
-// Reports that change nothing, so observers such as shmallocctl need not register.
-bool read_only(msg type) {
-  return type == msg::stats || type == msg::classes || type == msg::clients || type == msg::pages ||
-         type == msg::caches || type == msg::advise || type == msg::leaks || type == msg::leak_sites;
-}
-reply no_body_error(msg type, const proto::frame_header& h, const char* request) {
-  return error_reply(type, h, errc::protocol_error, std::string(request) + " takes no body");
+// A report whose request has no body: build() makes it.
+template <class Build>
+reply report(const request& req, Build build) {
+  if (!req.body.empty()) return no_body_error(req);
+  return req.ok(proto::encode(build()));
 }
 std::uint64_t unix_now_ns() {
   return static_cast<std::uint64_t>(
@@ -56,36 +51,36 @@ std::string describe(const client_state& c) {
   return out + ")";
 }
 
+reply request::fail(errc code, const std::string& why, bool close) const {
+  return {proto::make_reply(reply_type, header.request_id, code, why), close};
+}
+
+reply request::ok(const std::vector<std::uint8_t>& payload) const {
+  return {proto::make_reply(reply_type, header.request_id, errc::ok, {}, payload), false};
+}
+
+// Each request type goes to its on_ handler (the message table names both);
+// a failure before one is chosen is answered with ok's type.
 reply request_handler::handle(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
   ++requests_;
-  if (std::string why = proto::check_header(h); !why.empty())
-    return error_reply(msg::ok, h, errc::protocol_error, why, true);
+  const request refused{h, p, msg::ok};
+  if (std::string why = proto::check_header(h); !why.empty()) return refused.fail(errc::protocol_error, why, true);
+  if (c.id == 0 && proto::sender_of(h.type) != proto::sender::greeting && !proto::read_only(h.type))
+    return refused.fail(errc::protocol_error, "the first request must be hello");
   const auto type = static_cast<msg>(h.type);
-  if (c.id == 0 && type != msg::hello && !read_only(type))
-    return error_reply(msg::ok, h, errc::protocol_error, "the first request must be hello");
   switch (type) {
-    case msg::hello: return on_hello(c, h, p);
-    case msg::refill: return on_refill(c, h, p);
-    case msg::release: return on_release(c, h, p);
-    case msg::alloc_large: return on_alloc_large(c, h, p);
-    case msg::free_large: return on_free_large(c, h, p);
-    case msg::stats: return on_stats(c, h, p);
-    case msg::classes: return on_classes(c, h, p);
-    case msg::clients: return on_clients(c, h, p);
-    case msg::pages: return on_pages(c, h, p);
-    case msg::caches: return on_caches(c, h, p);
-    case msg::advise: return on_advise(c, h, p);
-    case msg::leaks: return on_leaks(c, h, p);
-    case msg::leak_sites: return on_leak_sites(c, h, p);
-    case msg::reattach: return on_reattach(c, h, p);
-    case msg::cache_open: return on_cache_open(c, h, p);
-    case msg::cache_close: return on_cache_close(c, h, p);
-    case msg::publish: return on_publish(c, h, p);
-    case msg::lookup: return on_lookup(c, h, p);
-    case msg::unpublish: return on_unpublish(c, h, p);
-    case msg::bye: return {proto::make_reply(msg::ok, h.request_id, errc::ok, {}), true};
-    default: return error_reply(msg::ok, h, errc::protocol_error, "unknown request type " + std::to_string(h.type));
+#define SHMALLOC_X(name, number, reply, who) \
+  case msg::name: return on_##name(c, request{h, p, msg::reply});
+    SHMALLOC_PROTO_REQUESTS(SHMALLOC_X)
+#undef SHMALLOC_X
+    default: return refused.fail(errc::protocol_error, "unknown request type " + std::to_string(h.type));
   }
+}
+
+reply request_handler::on_bye(client_state&, const request& req) {
+  reply r = req.ok();
+  r.close = true;  // the daemon closes once the ok is sent
+  return r;
 }
 
 namespace {
@@ -114,18 +109,18 @@ void request_handler::label_slot(const client_state& c, std::uint32_t slot) noex
   s.reattach_check = c.reattach_check;
 }
 
-reply request_handler::on_hello(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  if (c.id != 0) return error_reply(msg::welcome, h, errc::protocol_error, "hello was already said");
-  auto m = proto::decode_hello(p);
-  if (!m) return error_reply(msg::welcome, h, errc::protocol_error, "malformed hello");
+reply request_handler::on_hello(client_state& c, const request& req) {
+  if (c.id != 0) return req.fail(errc::protocol_error, "hello was already said");
+  auto m = proto::decode_hello(req.body);
+  if (!m) return req.fail(errc::protocol_error, "malformed hello");
   if (m->layout_version != layout_version)
-    return error_reply(msg::welcome, h, errc::layout_mismatch,
+    return req.fail(errc::layout_mismatch,
                        "client speaks heap layout version " + std::to_string(m->layout_version) + ", daemon " +
                            std::to_string(layout_version));
   std::uint32_t& next_id = heap_->state().next_client_id;
   if (next_id == 0 || next_id == mheap::daemon_client) next_id = 1;
   auto slot = heap_->assign_cache(next_id);
-  if (!slot) return error_reply(msg::welcome, h, slot.code(), slot.err().message);
+  if (!slot) return req.fail(slot.code(), slot.err().message);
   c.id = next_id++;
   c.name = m->name;
   c.pid_in_client = m->pid;
@@ -141,7 +136,7 @@ reply request_handler::on_hello(client_state& c, const proto::frame_header& h, s
   const segment_header& sh = heap_->seg().header();
   proto::welcome_msg w{c.id, c.cache_slot, sh.instance_id, sh.layout_version, sh.page_size,
                        sh.size_class_checksum, sh.capacity, heap_->seg().name(), token};
-  return ok_reply(msg::welcome, h, proto::encode(w));
+  return req.ok(proto::encode(w));
 }
 
 std::uint64_t request_handler::span_bytes(std::uint32_t span) const noexcept {
@@ -152,9 +147,9 @@ bool request_handler::over_quota(const client_state& c, std::uint64_t more) cons
   return settings_.quota_bytes != 0 && c.bytes_held + more > settings_.quota_bytes;
 }
 
-reply request_handler::on_refill(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  auto m = proto::decode_refill(p);
-  if (!m) return error_reply(msg::spans, h, errc::protocol_error, "malformed refill (span class 2..135, 1..64 spans)");
+reply request_handler::on_refill(client_state& c, const request& req) {
+  auto m = proto::decode_refill(req.body);
+  if (!m) return req.fail(errc::protocol_error, "malformed refill (span class 2..135, 1..64 spans)");
   const span_class spc{m->span_class};
   const std::uint64_t bytes = class_span_bytes(spc.size_class());
   proto::span_list_msg out;
@@ -177,24 +172,24 @@ reply request_handler::on_refill(client_state& c, const proto::frame_header& h, 
   }
   // Partial success still hands over what was carved: the client must not
   // lose spans the daemon now records as its own.
-  if (out.span_ids.empty()) return error_reply(msg::spans, h, failure.code, failure.message);
-  reply r = ok_reply(msg::spans, h, proto::encode(out));
+  if (out.span_ids.empty()) return req.fail(failure.code, failure.message);
+  reply r = req.ok(proto::encode(out));
   r.shortfall = failure.code;
   return r;
 }
 
-reply request_handler::on_release(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  auto m = proto::decode_span_list(p, proto::max_release);
-  if (!m) return error_reply(msg::ok, h, errc::protocol_error, "malformed release");
+reply request_handler::on_release(client_state& c, const request& req) {
+  auto m = proto::decode_span_list(req.body, proto::max_release);
+  if (!m) return req.fail(errc::protocol_error, "malformed release");
   // Checked whole before anything is released. A span named twice would
   // pass the ownership check twice and come off the client's bytes twice.
   std::set<std::uint32_t> named;
   for (std::uint32_t id : m->span_ids) {
     if (c.spans.count(id) == 0)
-      return error_reply(msg::ok, h, errc::bad_handle,
+      return req.fail(errc::bad_handle,
                          "span " + std::to_string(id) + " is not held by this client (double release?)");
     if (!named.insert(id).second)
-      return error_reply(msg::ok, h, errc::bad_handle, "span " + std::to_string(id) + " is named twice in one release");
+      return req.fail(errc::bad_handle, "span " + std::to_string(id) + " is named twice in one release");
   }
   // Each span is now a cached span of this client's, so uncache_span takes
   // it; what settling it may find wrong (a remote double free folded in) is
@@ -207,35 +202,34 @@ reply request_handler::on_release(client_state& c, const proto::frame_header& h,
     SHMALLOC_CRASH_POINT("handler.release");
     (void)heap_->central(span_class{s.span_class}).uncache_span(span_id{id});
   }
-  return ok_reply(msg::ok, h);
+  return req.ok();
 }
 
-reply request_handler::on_alloc_large(client_state& c, const proto::frame_header& h,
-                                      std::span<const std::uint8_t> p) {
-  auto m = proto::decode_alloc_large(p);
-  if (!m) return error_reply(msg::large, h, errc::protocol_error, "malformed alloc_large");
+reply request_handler::on_alloc_large(client_state& c, const request& req) {
+  auto m = proto::decode_alloc_large(req.body);
+  if (!m) return req.fail(errc::protocol_error, "malformed alloc_large");
   const std::uint64_t bytes = (m->bytes + page_size - 1) / page_size * page_size;
   if (m->bytes > heap_->seg().header().capacity || over_quota(c, bytes))
-    return error_reply(msg::large, h, m->bytes > heap_->seg().header().capacity ? errc::no_memory : errc::quota_exceeded,
+    return req.fail(m->bytes > heap_->seg().header().capacity ? errc::no_memory : errc::quota_exceeded,
                        "a large object of " + std::to_string(m->bytes) + " bytes does not fit the " +
                            (m->bytes > heap_->seg().header().capacity ? "heap" : "client quota"));
   SHMALLOC_CRASH_POINT("handler.alloc_large");
   auto id = heap_->alloc_large(m->bytes, m->noscan, c.id);
-  if (!id) return error_reply(msg::large, h, id.code(), id.err().message);
+  if (!id) return req.fail(id.code(), id.err().message);
   SHMALLOC_CRASH_POINT("handler.large_recorded");
   c.large.insert(id->value);
   c.bytes_held += bytes;
   const handle_t handle = heap_->view().handle_of(heap_->view().span_base(heap_->span(*id)));
-  return ok_reply(msg::large, h, proto::encode(proto::large_msg{id->value, handle}));
+  return req.ok(proto::encode(proto::large_msg{id->value, handle}));
 }
 
-reply request_handler::on_free_large(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  auto m = proto::decode_free_large(p);
-  if (!m) return error_reply(msg::ok, h, errc::protocol_error, "malformed free_large");
+reply request_handler::on_free_large(client_state& c, const request& req) {
+  auto m = proto::decode_free_large(req.body);
+  if (!m) return req.fail(errc::protocol_error, "malformed free_large");
   object_ref ref;
   if (m->handle >= heap_->seg().size() || heap_->view().object_at(m->handle, &ref) != errc::ok ||
       heap_->span(ref.span).state.load(std::memory_order_relaxed) != mspan_state::large)
-    return error_reply(msg::ok, h, errc::bad_handle, "handle " + std::to_string(m->handle) + " is not a large object");
+    return req.fail(errc::bad_handle, "handle " + std::to_string(m->handle) + " is not a large object");
   // Any process may free any object: the bytes come off the holder's quota.
   mspan& s = heap_->span(ref.span);
   if (auto it = by_id_.find(s.owner_client); it != by_id_.end()) {
@@ -249,31 +243,31 @@ reply request_handler::on_free_large(client_state& c, const proto::frame_header&
   }
   SHMALLOC_CRASH_POINT("handler.free_large");
   heap_->free_span(ref.span);
-  return ok_reply(msg::ok, h);
+  return req.ok();
 }
 
-reply request_handler::on_cache_open(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  if (!p.empty()) return error_reply(msg::cache_slot, h, errc::protocol_error, "cache_open takes no body");
+reply request_handler::on_cache_open(client_state& c, const request& req) {
+  if (!req.body.empty()) return no_body_error(req);
   const std::size_t held = 1 + c.extra_slots.size();  // the connection's own slot and the threads'
   if (settings_.max_caches_per_client != 0 && held >= settings_.max_caches_per_client)
-    return error_reply(msg::cache_slot, h, errc::quota_exceeded,
-                       "client holds " + std::to_string(held) + " cache slots, the most one client may (max-caches-per-client)");
+    return req.fail(errc::quota_exceeded,
+                    "client holds " + std::to_string(held) + " cache slots, the most one client may (max-caches-per-client)");
   auto slot = heap_->assign_cache(c.id);
-  if (!slot) return error_reply(msg::cache_slot, h, slot.code(), slot.err().message);
+  if (!slot) return req.fail(slot.code(), slot.err().message);
   label_slot(c, *slot);
   c.extra_slots.push_back(*slot);
-  return ok_reply(msg::cache_slot, h, proto::encode(proto::slot_msg{*slot}));
+  return req.ok(proto::encode(proto::slot_msg{*slot}));
 }
 
-reply request_handler::on_cache_close(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  auto m = proto::decode_slot(p);
-  if (!m) return error_reply(msg::ok, h, errc::protocol_error, "malformed cache_close");
+reply request_handler::on_cache_close(client_state& c, const request& req) {
+  auto m = proto::decode_slot(req.body);
+  if (!m) return req.fail(errc::protocol_error, "malformed cache_close");
   auto it = std::find(c.extra_slots.begin(), c.extra_slots.end(), m->slot);
   if (it == c.extra_slots.end())
-    return error_reply(msg::ok, h, errc::bad_handle, "cache slot " + std::to_string(m->slot) + " is not this client's");
+    return req.fail(errc::bad_handle, "cache slot " + std::to_string(m->slot) + " is not this client's");
   heap_->retire_cache(m->slot);
   c.extra_slots.erase(it);
-  return ok_reply(msg::ok, h);
+  return req.ok();
 }
 
 root_entry* request_handler::find_root(const std::string& name) const noexcept {
@@ -283,86 +277,71 @@ root_entry* request_handler::find_root(const std::string& name) const noexcept {
   return nullptr;
 }
 
-reply request_handler::on_publish(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  auto m = proto::decode_publish(p);
-  if (!m) return error_reply(msg::ok, h, errc::invalid_argument, "malformed publish (a name of 1 to 63 printable characters and a handle)");
+reply request_handler::on_publish(client_state&, const request& req) {
+  auto m = proto::decode_publish(req.body);
+  if (!m) return req.fail(errc::invalid_argument, "malformed publish (a name of 1 to 63 printable characters and a handle)");
   object_ref ref;
   if (m->handle >= heap_->seg().size() || heap_->view().object_at(m->handle, &ref) != errc::ok ||
       !is_allocated(heap_->span(ref.span), ref.index))
-    return error_reply(msg::ok, h, errc::bad_handle, "handle " + std::to_string(m->handle) + " is not an allocated object");
-  if (find_root(m->name) != nullptr) return error_reply(msg::ok, h, errc::exists, "root '" + m->name + "' already exists");
+    return req.fail(errc::bad_handle, "handle " + std::to_string(m->handle) + " is not an allocated object");
+  if (find_root(m->name) != nullptr) return req.fail(errc::exists, "root '" + m->name + "' already exists");
   auto* roots = heap_->seg().at<root_entry>(heap_->seg().regions().roots.offset);
   for (std::uint32_t i = 0; i < max_roots; ++i) {
     if (roots[i].handle != 0) continue;
     std::memset(roots[i].name, 0, sizeof roots[i].name);
     std::memcpy(roots[i].name, m->name.data(), m->name.size());
     roots[i].handle = m->handle;
-    return ok_reply(msg::ok, h);
+    return req.ok();
   }
-  return error_reply(msg::ok, h, errc::no_memory, "all " + std::to_string(max_roots) + " named roots are in use");
+  return req.fail(errc::no_memory, "all " + std::to_string(max_roots) + " named roots are in use");
 }
 
-reply request_handler::on_lookup(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  auto name = proto::decode_name(p);
-  if (!name) return error_reply(msg::root, h, errc::invalid_argument, "malformed root name");
+reply request_handler::on_lookup(client_state&, const request& req) {
+  auto name = proto::decode_name(req.body);
+  if (!name) return req.fail(errc::invalid_argument, "malformed root name");
   const root_entry* r = find_root(*name);
-  if (r == nullptr) return error_reply(msg::root, h, errc::not_found, "no root named '" + *name + "'");
-  return ok_reply(msg::root, h, proto::encode_root(r->handle));
+  if (r == nullptr) return req.fail(errc::not_found, "no root named '" + *name + "'");
+  return req.ok(proto::encode_root(r->handle));
 }
 
-reply request_handler::on_unpublish(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  auto name = proto::decode_name(p);
-  if (!name) return error_reply(msg::ok, h, errc::invalid_argument, "malformed root name");
+reply request_handler::on_unpublish(client_state&, const request& req) {
+  auto name = proto::decode_name(req.body);
+  if (!name) return req.fail(errc::invalid_argument, "malformed root name");
   root_entry* r = find_root(*name);
-  if (r == nullptr) return error_reply(msg::ok, h, errc::not_found, "no root named '" + *name + "'");
+  if (r == nullptr) return req.fail(errc::not_found, "no root named '" + *name + "'");
   r->handle = 0;
-  return ok_reply(msg::ok, h);
+  return req.ok();
 }
 
-reply request_handler::on_stats(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  if (!p.empty()) return no_body_error(msg::stats_reply, h, "stats");
-  return ok_reply(msg::stats_reply, h, proto::encode(stats()));
-}
+reply request_handler::on_stats(client_state&, const request& req) { return report(req, [&] { return stats(); }); }
 
-reply request_handler::on_classes(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  if (!p.empty()) return no_body_error(msg::class_table, h, "classes");
-  return ok_reply(msg::class_table, h, proto::encode(class_table()));
-}
+reply request_handler::on_classes(client_state&, const request& req) { return report(req, [&] { return class_table(); }); }
 
-reply request_handler::on_clients(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  const auto format = proto::decode_clients_request(p);
+reply request_handler::on_clients(client_state&, const request& req) {
+  const auto format = proto::decode_clients_request(req.body);
   if (!format)
-    return error_reply(msg::client_table, h, errc::protocol_error,
+    return req.fail(errc::protocol_error,
                        "malformed clients (an empty body, or u8 row format 0 or 1)");
-  return ok_reply(msg::client_table, h, proto::encode(client_table(*format)));
+  return req.ok(proto::encode(client_table(*format)));
 }
 
-reply request_handler::on_pages(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  if (!p.empty()) return no_body_error(msg::page_table, h, "pages");
-  return ok_reply(msg::page_table, h, proto::encode(page_table()));
-}
+reply request_handler::on_pages(client_state&, const request& req) { return report(req, [&] { return page_table(); }); }
 
-reply request_handler::on_caches(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  if (!p.empty()) return no_body_error(msg::cache_table, h, "caches");
-  return ok_reply(msg::cache_table, h, proto::encode(cache_table()));
-}
+reply request_handler::on_caches(client_state&, const request& req) { return report(req, [&] { return cache_table(); }); }
 
-reply request_handler::on_advise(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  if (!p.empty()) return no_body_error(msg::advise_table, h, "advise");
-  return ok_reply(msg::advise_table, h, proto::encode(advise_table()));
-}
+reply request_handler::on_advise(client_state&, const request& req) { return report(req, [&] { return advise_table(); }); }
 
-reply request_handler::on_leaks(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  const auto window = proto::decode_leaks_request(p);
+reply request_handler::on_leaks(client_state&, const request& req) {
+  const auto window = proto::decode_leaks_request(req.body);
   if (!window)
-    return error_reply(msg::leak_table, h, errc::protocol_error, "malformed leaks (an empty body, or u32 window 1..600 s)");
-  return ok_reply(msg::leak_table, h, proto::encode(leak_table(*window)));
+    return req.fail(errc::protocol_error, "malformed leaks (an empty body, or u32 window 1..600 s)");
+  return req.ok(proto::encode(leak_table(*window)));
 }
 
-reply request_handler::on_leak_sites(client_state&, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  const auto older_than = proto::decode_leak_sites_request(p);
-  if (!older_than) return error_reply(msg::site_table, h, errc::protocol_error, "malformed leak_sites (u64 older_than_ns)");
-  return ok_reply(msg::site_table, h, proto::encode(site_table(*older_than)));
+reply request_handler::on_leak_sites(client_state&, const request& req) {
+  const auto older_than = proto::decode_leak_sites_request(req.body);
+  if (!older_than) return req.fail(errc::protocol_error, "malformed leak_sites (u64 older_than_ns)");
+  return req.ok(proto::encode(site_table(*older_than)));
 }
 
 proto::stats_msg request_handler::stats() const {
@@ -797,16 +776,16 @@ std::size_t request_handler::expire_orphans(std::uint64_t grace_ns) {
   return expired;
 }
 
-reply request_handler::on_reattach(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p) {
-  auto m = proto::decode_reattach(p);
-  if (!m) return error_reply(msg::spans, h, errc::protocol_error, "malformed reattach");
+reply request_handler::on_reattach(client_state& c, const request& req) {
+  auto m = proto::decode_reattach(req.body);
+  if (!m) return req.fail(errc::protocol_error, "malformed reattach");
   auto it = orphans_.find(m->old_client_id);
   if (it == orphans_.end())
-    return error_reply(msg::spans, h, errc::not_found,
+    return req.fail(errc::not_found,
                        "no spans of an earlier client " + std::to_string(m->old_client_id) + " wait to be reattached");
   orphan_group& g = it->second;
   if (g.reattach_check == 0 || reattach_check_of(m->token) != g.reattach_check)
-    return error_reply(msg::spans, h, errc::permission_denied,
+    return req.fail(errc::permission_denied,
                        "the reattach token is not client " + std::to_string(m->old_client_id) + "'s");
   proto::span_list_msg taken;
   SHMALLOC_CRASH_POINT("handler.reattach");
@@ -828,7 +807,7 @@ reply request_handler::on_reattach(client_state& c, const proto::frame_header& h
   c.extra_slots.insert(c.extra_slots.end(), g.slots.begin(), g.slots.end());
   g.slots.clear();
   if (g.spans.empty() && g.large.empty()) orphans_.erase(it);
-  return ok_reply(msg::spans, h, proto::encode(taken));
+  return req.ok(proto::encode(taken));
 }
 
 }  // namespace shmalloc::service

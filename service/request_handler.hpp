@@ -1,6 +1,7 @@
 // request_handler.hpp: the daemon's answer to each control request, as a
 // pure function of (client, request) -> reply, tested without sockets (the
-// shape of Asio's HTTP server example). One small function per message type.
+// shape of Asio's HTTP server example). One small function per request of the
+// message table (shm/control_protocol.hpp), on_<name>.
 //
 // It owns the client registry: which spans and large objects each client
 // holds. Nothing here takes a lock: the daemon calls it only holding
@@ -72,6 +73,16 @@ struct reply {
   errc shortfall = errc::ok;
 };
 
+// A request being answered: its header and body, and the reply type the
+// message table gives it, so that a handler names neither.
+struct request {
+  const proto::frame_header& header;
+  std::span<const std::uint8_t> body;
+  proto::msg reply_type;
+  reply fail(errc code, const std::string& why, bool close = false) const;
+  reply ok(const std::vector<std::uint8_t>& payload = {}) const;
+};
+
 class request_handler {
  public:
   request_handler(mheap& heap, handler_settings settings) : heap_(&heap), settings_(settings) {}
@@ -135,26 +146,11 @@ class request_handler {
   void sample_held(std::uint64_t now, bool force);
 
  private:
-  reply on_hello(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_refill(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_release(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_alloc_large(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_free_large(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_cache_open(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_cache_close(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_publish(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_lookup(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_unpublish(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  // One handler per request of the message table (proto::SHMALLOC_PROTO_REQUESTS).
+#define SHMALLOC_X(name, ...) reply on_##name(client_state& c, const request& req);
+  SHMALLOC_PROTO_REQUESTS(SHMALLOC_X)
+#undef SHMALLOC_X
   root_entry* find_root(const std::string& name) const noexcept;
-  reply on_reattach(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_stats(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_classes(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_clients(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_pages(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_caches(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_advise(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_leaks(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_leak_sites(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   // Bytes of the objects its threads allocated and did not free (by its
   // cache slots' counters), plus its large objects; per_class (67 + 1
   // entries, or nullptr): the objects by size class.

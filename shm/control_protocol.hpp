@@ -17,6 +17,7 @@
 // not depend on Asio.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <span>
@@ -38,48 +39,129 @@ inline constexpr std::size_t max_container = 64;     // a container id: docker's
 inline constexpr std::uint16_t max_refill = 64;       // spans per refill
 inline constexpr std::uint16_t max_release = 1024;    // spans per release
 
-enum class msg : std::uint16_t {
-  hello = 1,        // c->d  u32 layout_version, u32 pid, str name [, str host, str container]
-  welcome = 2,      // d->c  u32 client_id, u32 cache_slot, u64 instance_id, u32 layout_version,
-                    //       u32 page_size, u64 size_class_checksum, u64 capacity, str heap_name
-  refill = 3,       // c->d  u8 span_class, u16 count
-  spans = 4,        // d->c  u16 count, count x u32 span_id
-  release = 5,      // c->d  u16 count, count x u32 span_id
-  alloc_large = 6,  // c->d  u64 bytes, u8 noscan
-  large = 7,        // d->c  u32 span_id, u64 handle
-  free_large = 8,   // c->d  u64 handle
-  stats = 9,        // c->d  (empty)
-  stats_reply = 10, // d->c  u16 count, count x u64 (stats_fields order)
-  bye = 11,         // c->d  (empty); the daemon replies ok and closes
-  ok = 12,          // d->c  (no body)
-  shutdown = 13,    // d->c  unsolicited: the daemon is stopping
-  reattach = 14,    // c->d  u32 old_client_id, u16 count, count x u32 span_id; reply: spans (those taken)
-  cache_open = 15,  // c->d  (empty): a cache slot for one more thread; reply cache_slot
-  cache_slot = 16,  // d->c  u32 slot
-  cache_close = 17, // c->d  u32 slot: the thread is gone; its counters are retired; reply ok
-  publish = 18,     // c->d  str name, u64 handle; reply ok
-  lookup = 19,      // c->d  str name; reply root
-  root = 20,        // d->c  u64 handle
-  unpublish = 21,   // c->d  str name; reply ok
-  // Read-only reports for observers (shmallocctl); like stats, allowed before hello.
-  classes = 22,      // c->d  (empty); reply class_table
-  class_table = 23,  // d->c  u16 count (<= 67), count x class_row, by class
-  clients = 24,      // c->d  (empty) or u8 client_rows; reply client_table
-  client_table = 25, // d->c  u32 total, u16 count (<= total), count x client_row (in the format asked), by id:
-                     //       as many as fit one frame
-  pages = 26,        // c->d  (empty); reply page_table
-  page_table = 27,   // d->c  u16 count, count x u64 (SHMALLOC_PROTO_PAGES order)
-  caches = 28,       // c->d  (empty); reply cache_table
-  cache_table = 29,  // d->c  u32 total, u16 count (<= total), count x cache_row, by name: as many as fit one frame
-  advise = 30,       // c->d  (empty); reply advise_table
-  advise_table = 31, // d->c  u64 heap_inuse_bytes, u16 count (<= 67), count x advise_row, by class
-  leaks = 32,        // c->d  (empty) or u32 window_s; reply leak_table
-  leak_table = 33,   // d->c  u64 window_ns, u32 total, u16 count (<= total), count x leak_row: top growers first,
-                     //       as many as fit one frame
-  leak_sites = 34,   // c->d  u64 older_than_ns; reply site_table
-  site_table = 35,   // d->c  u32 capacity, u32 live, u16 count (<= max_site_rows), count x site_row: the most
-                     //       estimated bytes first
+// The message table: every message once, by number. From it come the msg
+// enum, each message's name (the metrics' op label), who may send it and what
+// answers it; request_handler dispatches request `name` to on_name. A new
+// message is one line here, its handler, and its body's encode and decode.
+// Bodies (docs/protocol.md has the rows' layouts):
+//   hello        u32 layout_version, u32 pid, str name [, str host, str container]
+//   welcome      u32 client_id, u32 cache_slot, u64 instance_id, u32 layout_version, u32 page_size,
+//                u64 size_class_checksum, u64 capacity, str heap_name, u64 reattach_token
+//   refill       u8 span_class, u16 count
+//   spans        u16 count, count x u32 span_id
+//   release      u16 count, count x u32 span_id
+//   alloc_large  u64 bytes, u8 noscan
+//   large        u32 span_id, u64 handle
+//   free_large   u64 handle
+//   stats_reply  u16 count, count x u64 (SHMALLOC_PROTO_STATS order)
+//   shutdown     unsolicited: the daemon is stopping
+//   reattach     u32 old_client_id, u64 token, u16 count, count x u32 span_id; reply: the spans taken
+//   cache_open   (empty): a cache slot for one more thread
+//   cache_slot   u32 slot
+//   cache_close  u32 slot: the thread is gone; its counters are retired
+//   publish      str name, u64 handle
+//   lookup, unpublish  str name
+//   root         u64 handle
+//   class_table  u16 count (<= 67), count x class_row, by class
+//   clients      (empty) or u8 client_rows
+//   client_table u32 total, u16 count (<= total), count x client_row (in the format asked), by id: as many
+//                as fit one frame
+//   page_table   u16 count, count x u64 (SHMALLOC_PROTO_PAGES order)
+//   cache_table  u32 total, u16 count (<= total), count x cache_row, by name: as many as fit one frame
+//   advise_table u64 heap_inuse_bytes, u16 count (<= 67), count x advise_row, by class
+//   leaks        (empty) or u32 window_s
+//   leak_table   u64 window_ns, u32 total, u16 count (<= total), count x leak_row: top growers first, as
+//                many as fit one frame
+//   leak_sites   u64 older_than_ns
+//   site_table   u32 capacity, u32 live, u16 count (<= max_site_rows), count x site_row: the most
+//                estimated bytes first
+// The rest have empty bodies.
+//
+// Requests, X(name, number, reply, sender): sender says who may send it
+// (the sender enum below).
+#define SHMALLOC_PROTO_REQUESTS(X)               \
+  X(hello, 1, welcome, greeting)                 \
+  X(refill, 3, spans, client)                    \
+  X(release, 5, ok, client)                      \
+  X(alloc_large, 6, large, client)               \
+  X(free_large, 8, ok, client)                   \
+  X(stats, 9, stats_reply, observer)             \
+  X(bye, 11, ok, client)                         \
+  X(reattach, 14, spans, client)                 \
+  X(cache_open, 15, cache_slot, client)          \
+  X(cache_close, 17, ok, client)                 \
+  X(publish, 18, ok, client)                     \
+  X(lookup, 19, root, client)                    \
+  X(unpublish, 21, ok, client)                   \
+  X(classes, 22, class_table, observer)          \
+  X(clients, 24, client_table, observer)         \
+  X(pages, 26, page_table, observer)             \
+  X(caches, 28, cache_table, observer)           \
+  X(advise, 30, advise_table, observer)          \
+  X(leaks, 32, leak_table, observer)             \
+  X(leak_sites, 34, site_table, observer)
+// The daemon's replies and notices, X(name, number).
+#define SHMALLOC_PROTO_REPLIES(X)                                                              \
+  X(welcome, 2) X(spans, 4) X(large, 7) X(stats_reply, 10) X(ok, 12) X(shutdown, 13)          \
+  X(cache_slot, 16) X(root, 20) X(class_table, 23) X(client_table, 25) X(page_table, 27)      \
+  X(cache_table, 29) X(advise_table, 31) X(leak_table, 33) X(site_table, 35)
+
+// Who may send a message.
+enum class sender : std::uint8_t {
+  daemon,    // a reply or notice: never a request
+  greeting,  // hello: the first request of a client
+  client,    // a client's, after its hello
+  observer,  // a read-only report: anyone, before hello too (shmallocctl need not register)
 };
+
+enum class msg : std::uint16_t {
+#define SHMALLOC_X(name, number, ...) name = number,
+  SHMALLOC_PROTO_REQUESTS(SHMALLOC_X) SHMALLOC_PROTO_REPLIES(SHMALLOC_X)
+#undef SHMALLOC_X
+};
+
+// The highest message number: per-message arrays have max_msg + 1 rows.
+inline constexpr std::uint16_t max_msg = std::max({
+#define SHMALLOC_X(name, number, ...) std::uint16_t{number},
+    SHMALLOC_PROTO_REQUESTS(SHMALLOC_X) SHMALLOC_PROTO_REPLIES(SHMALLOC_X)
+#undef SHMALLOC_X
+});
+
+// Who may send type: daemon for replies and for numbers no message has.
+constexpr sender sender_of(std::uint16_t type) noexcept {
+  switch (static_cast<msg>(type)) {
+#define SHMALLOC_X(name, number, reply, who) \
+  case msg::name: return sender::who;
+    SHMALLOC_PROTO_REQUESTS(SHMALLOC_X)
+#undef SHMALLOC_X
+    default: return sender::daemon;
+  }
+}
+constexpr bool is_request(std::uint16_t type) noexcept { return sender_of(type) != sender::daemon; }
+// Reports that change nothing, so observers need not say hello first.
+constexpr bool read_only(std::uint16_t type) noexcept { return sender_of(type) == sender::observer; }
+
+// The message that answers a request (ok for anything else).
+constexpr msg reply_of(msg type) noexcept {
+  switch (type) {
+#define SHMALLOC_X(name, number, reply, who) \
+  case msg::name: return msg::reply;
+    SHMALLOC_PROTO_REQUESTS(SHMALLOC_X)
+#undef SHMALLOC_X
+    default: return msg::ok;
+  }
+}
+
+// A message's name as the table spells it; empty for a number no message has.
+constexpr std::string_view msg_name(std::uint16_t type) noexcept {
+  switch (static_cast<msg>(type)) {
+#define SHMALLOC_X(name, ...) \
+  case msg::name: return #name;
+    SHMALLOC_PROTO_REQUESTS(SHMALLOC_X) SHMALLOC_PROTO_REPLIES(SHMALLOC_X)
+#undef SHMALLOC_X
+  }
+  return {};
+}
 
 struct frame_header {
   std::uint32_t length = 0;
