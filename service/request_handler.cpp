@@ -143,6 +143,14 @@ std::uint64_t request_handler::span_bytes(std::uint32_t span) const noexcept {
   return std::uint64_t{heap_->span(span_id{span}).npages} * page_size;
 }
 
+std::size_t request_handler::slots_held(const client_state& c) noexcept {
+  return 1 + c.extra_slots.size();  // the connection's own slot and the threads'
+}
+
+bool request_handler::slots_fit(const client_state& c, std::size_t more) const noexcept {
+  return settings_.max_caches_per_client == 0 || slots_held(c) + more <= settings_.max_caches_per_client;
+}
+
 bool request_handler::over_quota(const client_state& c, std::uint64_t more) const noexcept {
   return settings_.quota_bytes != 0 && c.bytes_held + more > settings_.quota_bytes;
 }
@@ -248,10 +256,9 @@ reply request_handler::on_free_large(client_state& c, const request& req) {
 
 reply request_handler::on_cache_open(client_state& c, const request& req) {
   if (!req.body.empty()) return no_body_error(req);
-  const std::size_t held = 1 + c.extra_slots.size();  // the connection's own slot and the threads'
-  if (settings_.max_caches_per_client != 0 && held >= settings_.max_caches_per_client)
-    return req.fail(errc::quota_exceeded,
-                    "client holds " + std::to_string(held) + " cache slots, the most one client may (max-caches-per-client)");
+  if (!slots_fit(c, 1))
+    return req.fail(errc::quota_exceeded, "client holds " + std::to_string(slots_held(c)) +
+                                              " cache slots, the most one client may (max-caches-per-client)");
   auto slot = heap_->assign_cache(c.id);
   if (!slot) return req.fail(slot.code(), slot.err().message);
   label_slot(c, *slot);
@@ -803,11 +810,20 @@ reply request_handler::on_reattach(client_state& c, const request& req) {
   // after another restart they are grouped with it. Spans not claimed yet
   // wait for further reattach requests (with the same token) until the
   // grace period ends. The reply lists what was taken, perhaps nothing.
-  for (std::uint32_t slot : g.slots) label_slot(c, slot);
-  c.extra_slots.insert(c.extra_slots.end(), g.slots.begin(), g.slots.end());
-  g.slots.clear();
-  if (g.spans.empty() && g.large.empty()) orphans_.erase(it);
-  return req.ok(proto::encode(taken));
+  reply r = req.ok(proto::encode(taken));
+  if (!slots_fit(c, g.slots.size())) {
+    // Past max-caches-per-client the slots stay with the group, and count
+    // under the old id: threads may still write them, so they cannot be
+    // retired while the client lives, and its old hello slot, among them,
+    // holds the liveness lock that keeps the group waiting (orphan_alive).
+    r.shortfall = errc::quota_exceeded;
+  } else {
+    for (std::uint32_t slot : g.slots) label_slot(c, slot);
+    c.extra_slots.insert(c.extra_slots.end(), g.slots.begin(), g.slots.end());
+    g.slots.clear();
+  }
+  if (g.spans.empty() && g.large.empty() && g.slots.empty()) orphans_.erase(it);
+  return r;
 }
 
 }  // namespace shmalloc::service

@@ -161,6 +161,9 @@ class request_handler {
   // counter blocks) plus its large objects.
   std::uint64_t objects_held(const client_state& c) const noexcept;
   bool over_quota(const client_state& c, std::uint64_t more) const noexcept;
+  // Cache slots c holds, and whether it may take more (max_caches_per_client).
+  static std::size_t slots_held(const client_state& c) noexcept;
+  bool slots_fit(const client_state& c, std::size_t more) const noexcept;
   std::uint64_t span_bytes(std::uint32_t span) const noexcept;
   // Takes back owner's small spans (their free slots return to mcentral),
   // lets its large objects stay allocated with no holder, and retires cache
