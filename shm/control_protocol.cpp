@@ -107,58 +107,66 @@ std::string reader::str(std::size_t max_len) {
 
 // --- encode -----------------------------------------------------------------
 
+namespace {
+template <class T>
+std::vector<std::uint8_t> encode_fields(const T& m) {
+  writer w;
+  write_fields(w, m);
+  return std::move(w.bytes());
+}
+
+// A table: its own fields, u16 count, then each row's fields.
+template <class Table>
+std::vector<std::uint8_t> encode_table(const Table& m) {
+  writer w;
+  write_fields(w, m);
+  w.u16(static_cast<std::uint16_t>(m.rows.size()));
+  for (const auto& row : m.rows) write_fields(w, row);
+  return std::move(w.bytes());
+}
+
+// u16 count + count x u32: the span lists.
+void put_ids(writer& w, const std::vector<std::uint32_t>& ids) {
+  w.u16(static_cast<std::uint16_t>(ids.size()));
+  for (std::uint32_t id : ids) w.u32(id);
+}
+
+// u16 count + count x u64: the stats and page tables, fields in X-macro order.
+std::vector<std::uint8_t> encode_counters(std::initializer_list<std::uint64_t> fields) {
+  writer w;
+  w.u16(static_cast<std::uint16_t>(fields.size()));
+  for (std::uint64_t v : fields) w.u64(v);
+  return std::move(w.bytes());
+}
+}  // namespace
+
+void site_frames::put(writer& w, const site_row& r) const {
+  w.u8(static_cast<std::uint8_t>(r.pc.size()));
+  for (std::size_t f = 0; f < r.pc.size(); ++f) w.u64(r.pc[f]).u64(r.vma[f]);
+}
+
 std::vector<std::uint8_t> encode(const hello_msg& m) {
   writer w;
-  w.u32(m.layout_version).u32(m.pid).str(m.name);
+  write_fields(w, m);
   if (!m.host.empty() || !m.container.empty()) w.str(m.host).str(m.container);
   return std::move(w.bytes());
 }
-std::vector<std::uint8_t> encode(const welcome_msg& m) {
-  writer w;
-  w.u32(m.client_id).u32(m.cache_slot).u64(m.instance_id).u32(m.layout_version).u32(m.page_size);
-  w.u64(m.size_class_checksum).u64(m.capacity).str(m.heap_name).u64(m.reattach_token);
-  return std::move(w.bytes());
-}
-std::vector<std::uint8_t> encode(const refill_msg& m) {
-  writer w;
-  w.u8(m.span_class).u16(m.count);
-  return std::move(w.bytes());
-}
+std::vector<std::uint8_t> encode(const welcome_msg& m) { return encode_fields(m); }
+std::vector<std::uint8_t> encode(const refill_msg& m) { return encode_fields(m); }
+std::vector<std::uint8_t> encode(const alloc_large_msg& m) { return encode_fields(m); }
+std::vector<std::uint8_t> encode(const large_msg& m) { return encode_fields(m); }
+std::vector<std::uint8_t> encode(const free_large_msg& m) { return encode_fields(m); }
+std::vector<std::uint8_t> encode(const slot_msg& m) { return encode_fields(m); }
+std::vector<std::uint8_t> encode_publish(const root_msg& m) { return encode_fields(m); }
 std::vector<std::uint8_t> encode(const span_list_msg& m) {
   writer w;
-  w.u16(static_cast<std::uint16_t>(m.span_ids.size()));
-  for (std::uint32_t id : m.span_ids) w.u32(id);
+  put_ids(w, m.span_ids);
   return std::move(w.bytes());
 }
 std::vector<std::uint8_t> encode(const reattach_msg& m) {
   writer w;
-  w.u32(m.old_client_id).u64(m.token).u16(static_cast<std::uint16_t>(m.span_ids.size()));
-  for (std::uint32_t id : m.span_ids) w.u32(id);
-  return std::move(w.bytes());
-}
-std::vector<std::uint8_t> encode(const alloc_large_msg& m) {
-  writer w;
-  w.u64(m.bytes).u8(m.noscan ? 1 : 0);
-  return std::move(w.bytes());
-}
-std::vector<std::uint8_t> encode(const large_msg& m) {
-  writer w;
-  w.u32(m.span_id).u64(m.handle);
-  return std::move(w.bytes());
-}
-std::vector<std::uint8_t> encode(const free_large_msg& m) {
-  writer w;
-  w.u64(m.handle);
-  return std::move(w.bytes());
-}
-std::vector<std::uint8_t> encode(const slot_msg& m) {
-  writer w;
-  w.u32(m.slot);
-  return std::move(w.bytes());
-}
-std::vector<std::uint8_t> encode_publish(const root_msg& m) {
-  writer w;
-  w.str(m.name).u64(m.handle);
+  w.u32(m.old_client_id).u64(m.token);
+  put_ids(w, m.span_ids);
   return std::move(w.bytes());
 }
 std::vector<std::uint8_t> encode_name(const std::string& name) {
@@ -171,38 +179,26 @@ std::vector<std::uint8_t> encode_root(std::uint64_t handle) {
   w.u64(handle);
   return std::move(w.bytes());
 }
-namespace {
-// u16 count + count x u64: the stats and page tables, fields in X-macro order.
-std::vector<std::uint8_t> encode_fields(std::initializer_list<std::uint64_t> fields) {
-  writer w;
-  w.u16(static_cast<std::uint16_t>(fields.size()));
-  for (std::uint64_t v : fields) w.u64(v);
-  return std::move(w.bytes());
-}
-}  // namespace
 
 #define SHMALLOC_FIELD(name) m.name,
-std::vector<std::uint8_t> encode(const stats_msg& m) { return encode_fields({SHMALLOC_PROTO_STATS(SHMALLOC_FIELD)}); }
-std::vector<std::uint8_t> encode(const page_table_msg& m) { return encode_fields({SHMALLOC_PROTO_PAGES(SHMALLOC_FIELD)}); }
+std::vector<std::uint8_t> encode(const stats_msg& m) { return encode_counters({SHMALLOC_PROTO_STATS(SHMALLOC_FIELD)}); }
+std::vector<std::uint8_t> encode(const page_table_msg& m) { return encode_counters({SHMALLOC_PROTO_PAGES(SHMALLOC_FIELD)}); }
 #undef SHMALLOC_FIELD
 
-std::vector<std::uint8_t> encode(const class_table_msg& m) {
-  writer w;
-  w.u16(static_cast<std::uint16_t>(m.rows.size()));
-  for (const class_row& r : m.rows) {
-    w.u8(r.size_class).u32(r.object_size).u32(r.spans_partial).u32(r.spans_full).u32(r.spans_cached);
-    w.u64(r.objects_live).u64(r.bytes_in_use).u64(r.bytes_wasted).u64(r.mallocs).u64(r.frees);
-  }
-  return std::move(w.bytes());
-}
+std::vector<std::uint8_t> encode(const class_table_msg& m) { return encode_table(m); }
+std::vector<std::uint8_t> encode(const advise_table_msg& m) { return encode_table(m); }
+std::vector<std::uint8_t> encode(const leak_table_msg& m) { return encode_table(m); }
+std::vector<std::uint8_t> encode(const site_table_msg& m) { return encode_table(m); }
+std::vector<std::uint8_t> encode(const cache_table_msg& m) { return encode_table(m); }
 
-std::vector<std::uint8_t> encode(const advise_table_msg& m) {
+// Its rows in the format the request asked for.
+std::vector<std::uint8_t> encode(const client_table_msg& m) {
   writer w;
-  w.u64(m.heap_inuse_bytes).u16(static_cast<std::uint16_t>(m.rows.size()));
-  for (const advise_row& r : m.rows) {
-    w.u8(r.size_class).u32(r.object_size).u64(r.objects_live).u64(r.bytes_in_use);
-    for (std::uint32_t b : r.buckets) w.u32(b);
-    w.u64(r.requested_bytes);
+  write_fields(w, m);
+  w.u16(static_cast<std::uint16_t>(m.rows.size()));
+  for (const client_row& r : m.rows) {
+    write_fields(w, r);
+    if (m.format == client_rows::identity) write_list(w, r, wire<client_row>::identity_fields);
   }
   return std::move(w.bytes());
 }
@@ -214,32 +210,9 @@ std::vector<std::uint8_t> encode_leaks_request(std::uint32_t window_s) {
   return std::move(w.bytes());
 }
 
-std::vector<std::uint8_t> encode(const leak_table_msg& m) {
-  writer w;
-  w.u64(m.window_ns).u32(m.total).u16(static_cast<std::uint16_t>(m.rows.size()));
-  for (const leak_row& r : m.rows) {
-    w.u32(r.id).u32(r.pid).str(r.name).u64(r.bytes_held).u64(r.live_bytes).u64(r.live_bytes_then).u64(r.then_ago_ns);
-    w.u32(r.large_objects).u64(r.large_bytes).u8(static_cast<std::uint8_t>(r.classes.size()));
-    for (const leak_class& c : r.classes) w.u8(c.size_class).u64(c.objects);
-  }
-  return std::move(w.bytes());
-}
-
 std::vector<std::uint8_t> encode_leak_sites_request(std::uint64_t older_than_ns) {
   writer w;
   w.u64(older_than_ns);
-  return std::move(w.bytes());
-}
-
-std::vector<std::uint8_t> encode(const site_table_msg& m) {
-  writer w;
-  w.u32(m.capacity).u32(m.live).u16(static_cast<std::uint16_t>(m.rows.size()));
-  for (const site_row& r : m.rows) {
-    w.u32(r.client).u32(r.pid).u32(r.samples).u64(r.bytes).u64(r.estimated_bytes).u64(r.oldest_ns).u64(r.newest_ns);
-    for (std::uint64_t b : r.aged_bytes) w.u64(b);
-    w.u8(static_cast<std::uint8_t>(r.pc.size()));
-    for (std::size_t f = 0; f < r.pc.size(); ++f) w.u64(r.pc[f]).u64(r.vma[f]);
-  }
   return std::move(w.bytes());
 }
 
@@ -250,43 +223,95 @@ std::vector<std::uint8_t> encode_clients_request(client_rows format) {
   return std::move(w.bytes());
 }
 
-std::vector<std::uint8_t> encode(const client_table_msg& m) {
-  writer w;
-  w.u32(m.total).u16(static_cast<std::uint16_t>(m.rows.size()));
-  for (const client_row& r : m.rows) {
-    w.u32(r.id).u32(r.pid).str(r.name).u64(r.bytes_held).u64(r.objects_live);
-    w.u32(r.spans).u32(r.large_objects).u64(r.connected_unix_ns);
-    if (m.format == client_rows::identity) w.u32(r.pid_in_client).str(r.host).str(r.container);
-  }
-  return std::move(w.bytes());
-}
-
-std::vector<std::uint8_t> encode(const cache_table_msg& m) {
-  writer w;
-  w.u32(m.total).u16(static_cast<std::uint16_t>(m.rows.size()));
-  for (const cache_row& r : m.rows) {
-    w.str(r.name);
-#define SHMALLOC_X(name) w.u64(r.name);
-    SHMALLOC_PROTO_CACHE(SHMALLOC_X)
-#undef SHMALLOC_X
-  }
-  return std::move(w.bytes());
-}
-
 // --- decode -----------------------------------------------------------------
 
+namespace {
 template <class T>
 std::optional<T> finish(const reader& r, T value) {
   if (!r.done()) return std::nullopt;
   return value;
 }
 
+template <class T>
+std::optional<T> decode_fields(std::span<const std::uint8_t> p) {
+  reader r(p);
+  T m;
+  read_fields(r, m);
+  return finish(r, std::move(m));
+}
+
+// A table: its own fields, u16 count, then rows as they arrive (the count
+// alone is untrusted). head(m, n) judges the count against the table's own
+// fields; row(r, m, last) reads what the row's fields leave (if anything)
+// and judges the row just read, m.rows.back().
+template <class Table, class Head, class Row>
+std::optional<Table> read_table(std::span<const std::uint8_t> p, Table m, Head head, Row row) {
+  reader r(p);
+  read_fields(r, m);
+  const std::uint16_t n = r.u16();
+  if (r.failed() || !head(m, n)) return std::nullopt;
+  for (std::uint16_t i = 0; i < n; ++i) {
+    read_fields(r, m.rows.emplace_back());
+    if (r.failed() || !row(r, m.rows.back(), i == 0 ? nullptr : &m.rows[i - 1]) || r.failed()) return std::nullopt;
+  }
+  return finish(r, std::move(m));
+}
+
+template <class Table>
+bool at_most_total(const Table& m, std::uint16_t n) {
+  return n <= m.total;
+}
+template <class Table>
+bool at_most_classes(const Table&, std::uint16_t n) {
+  return n < num_size_classes;
+}
+// Rows by size class, strictly increasing.
+template <class Row>
+bool next_class(const Row& row, const Row* last) {
+  return row.size_class > (last != nullptr ? last->size_class : 0) && row.size_class < num_size_classes;
+}
+
+// Reads u16 count + count x u64 into fields; false unless the count is
+// exactly theirs.
+bool read_counters(reader& r, std::initializer_list<std::uint64_t*> fields) {
+  if (r.u16() != fields.size()) return false;
+  for (std::uint64_t* f : fields) *f = r.u64();
+  return !r.failed();
+}
+
+bool valid_root_name(const std::string& n) {
+  if (n.empty() || n.size() > max_root_name) return false;
+  for (char c : n)
+    if (c < 0x21 || c > 0x7e) return false;  // printable, no spaces
+  return true;
+}
+
+std::optional<std::vector<std::uint32_t>> read_ids(reader& r, std::uint16_t min_count, std::uint16_t max_count) {
+  const std::uint16_t n = r.u16();
+  if (r.failed() || n < min_count || n > max_count) return std::nullopt;
+  std::vector<std::uint32_t> ids;
+  ids.reserve(n);  // at most max_count: bounded
+  for (std::uint16_t i = 0; i < n; ++i) ids.push_back(r.u32());
+  return ids;
+}
+}  // namespace
+
+static_assert(max_root_name == root_name_bytes - 1);
+static_assert(max_class_rows == num_size_classes - 1);
+
+void site_frames::get(reader& r, site_row& row) const {
+  const std::uint8_t frames = r.u8();
+  if (frames > max_site_frames) r.fail();
+  for (std::uint8_t f = 0; f < frames && !r.failed(); ++f) {
+    row.pc.push_back(r.u64());
+    row.vma.push_back(r.u64());
+  }
+}
+
 std::optional<hello_msg> decode_hello(std::span<const std::uint8_t> p) {
   reader r(p);
   hello_msg m;
-  m.layout_version = r.u32();
-  m.pid = r.u32();
-  m.name = r.str(max_name);
+  read_fields(r, m);
   if (!r.failed() && !r.done()) {  // a client that says where it runs
     m.host = r.str(max_host);
     m.container = r.str(max_container);
@@ -294,98 +319,50 @@ std::optional<hello_msg> decode_hello(std::span<const std::uint8_t> p) {
   }
   return finish(r, std::move(m));
 }
-std::optional<welcome_msg> decode_welcome(std::span<const std::uint8_t> p) {
-  reader r(p);
-  welcome_msg m;
-  m.client_id = r.u32();
-  m.cache_slot = r.u32();
-  m.instance_id = r.u64();
-  m.layout_version = r.u32();
-  m.page_size = r.u32();
-  m.size_class_checksum = r.u64();
-  m.capacity = r.u64();
-  m.heap_name = r.str(255);
-  m.reattach_token = r.u64();
-  return finish(r, std::move(m));
+std::optional<welcome_msg> decode_welcome(std::span<const std::uint8_t> p) { return decode_fields<welcome_msg>(p); }
+std::optional<large_msg> decode_large(std::span<const std::uint8_t> p) { return decode_fields<large_msg>(p); }
+std::optional<free_large_msg> decode_free_large(std::span<const std::uint8_t> p) {
+  return decode_fields<free_large_msg>(p);
 }
+std::optional<slot_msg> decode_slot(std::span<const std::uint8_t> p) { return decode_fields<slot_msg>(p); }
+
 std::optional<refill_msg> decode_refill(std::span<const std::uint8_t> p) {
-  reader r(p);
-  refill_msg m;
-  m.span_class = r.u8();
-  m.count = r.u16();
+  auto m = decode_fields<refill_msg>(p);
   // Span classes 0 and 1 tag large spans: a refill names a small one.
-  if (m.span_class < 2 || m.span_class >= 136 || m.count == 0 || m.count > max_refill) return std::nullopt;
-  return finish(r, m);
+  if (!m || m->span_class < 2 || m->span_class >= 136 || m->count == 0 || m->count > max_refill) return std::nullopt;
+  return m;
 }
+std::optional<alloc_large_msg> decode_alloc_large(std::span<const std::uint8_t> p) {
+  auto m = decode_fields<alloc_large_msg>(p);
+  if (!m || m->bytes == 0) return std::nullopt;
+  return m;
+}
+std::optional<root_msg> decode_publish(std::span<const std::uint8_t> p) {
+  auto m = decode_fields<root_msg>(p);
+  if (!m || !valid_root_name(m->name) || m->handle == 0) return std::nullopt;
+  return m;
+}
+
 std::optional<span_list_msg> decode_span_list(std::span<const std::uint8_t> p, std::uint16_t max_count,
                                               std::uint16_t min_count) {
   reader r(p);
-  span_list_msg m;
-  const std::uint16_t n = r.u16();
-  if (r.failed() || n < min_count || n > max_count) return std::nullopt;
-  m.span_ids.reserve(n);
-  for (std::uint16_t i = 0; i < n; ++i) m.span_ids.push_back(r.u32());
-  return finish(r, std::move(m));
+  auto ids = read_ids(r, min_count, max_count);
+  if (!ids) return std::nullopt;
+  return finish(r, span_list_msg{std::move(*ids)});
 }
 std::optional<reattach_msg> decode_reattach(std::span<const std::uint8_t> p) {
   reader r(p);
   reattach_msg m;
   m.old_client_id = r.u32();
   m.token = r.u64();
-  const std::uint16_t n = r.u16();
-  if (r.failed() || m.old_client_id == 0 || n > max_release) return std::nullopt;
-  m.span_ids.reserve(n);
-  for (std::uint16_t i = 0; i < n; ++i) m.span_ids.push_back(r.u32());
-  return finish(r, std::move(m));
-}
-std::optional<alloc_large_msg> decode_alloc_large(std::span<const std::uint8_t> p) {
-  reader r(p);
-  alloc_large_msg m;
-  m.bytes = r.u64();
-  const std::uint8_t noscan = r.u8();
-  if (noscan > 1 || m.bytes == 0) return std::nullopt;
-  m.noscan = noscan == 1;
-  return finish(r, m);
-}
-std::optional<large_msg> decode_large(std::span<const std::uint8_t> p) {
-  reader r(p);
-  large_msg m;
-  m.span_id = r.u32();
-  m.handle = r.u64();
-  return finish(r, m);
-}
-std::optional<free_large_msg> decode_free_large(std::span<const std::uint8_t> p) {
-  reader r(p);
-  free_large_msg m;
-  m.handle = r.u64();
-  return finish(r, m);
-}
-std::optional<slot_msg> decode_slot(std::span<const std::uint8_t> p) {
-  reader r(p);
-  slot_msg m;
-  m.slot = r.u32();
-  return finish(r, m);
-}
-namespace {
-bool valid_root_name(const std::string& n) {
-  if (n.empty() || n.size() >= root_name_bytes) return false;
-  for (char c : n)
-    if (c < 0x21 || c > 0x7e) return false;  // printable, no spaces
-  return true;
-}
-}  // namespace
-
-std::optional<root_msg> decode_publish(std::span<const std::uint8_t> p) {
-  reader r(p);
-  root_msg m;
-  m.name = r.str(root_name_bytes - 1);
-  m.handle = r.u64();
-  if (!valid_root_name(m.name) || m.handle == 0) return std::nullopt;
+  auto ids = read_ids(r, 0, max_release);
+  if (!ids || m.old_client_id == 0) return std::nullopt;
+  m.span_ids = std::move(*ids);
   return finish(r, std::move(m));
 }
 std::optional<std::string> decode_name(std::span<const std::uint8_t> p) {
   reader r(p);
-  std::string name = r.str(root_name_bytes - 1);
+  std::string name = r.str(max_root_name);
   if (!valid_root_name(name)) return std::nullopt;
   return finish(r, std::move(name));
 }
@@ -395,28 +372,19 @@ std::optional<std::uint64_t> decode_root(std::span<const std::uint8_t> p) {
   if (handle == 0) return std::nullopt;
   return finish(r, handle);
 }
-namespace {
-// Reads u16 count + count x u64 into fields; false unless the count is
-// exactly theirs.
-bool decode_fields(reader& r, std::initializer_list<std::uint64_t*> fields) {
-  if (r.u16() != fields.size()) return false;
-  for (std::uint64_t* f : fields) *f = r.u64();
-  return !r.failed();
-}
-}  // namespace
 
 #define SHMALLOC_FIELD(name) &m.name,
 std::optional<stats_msg> decode_stats(std::span<const std::uint8_t> p) {
   reader r(p);
   stats_msg m;
-  if (!decode_fields(r, {SHMALLOC_PROTO_STATS(SHMALLOC_FIELD)})) return std::nullopt;
+  if (!read_counters(r, {SHMALLOC_PROTO_STATS(SHMALLOC_FIELD)})) return std::nullopt;
   return finish(r, m);
 }
 
 std::optional<page_table_msg> decode_page_table(std::span<const std::uint8_t> p) {
   reader r(p);
   page_table_msg m;
-  if (!decode_fields(r, {SHMALLOC_PROTO_PAGES(SHMALLOC_FIELD)})) return std::nullopt;
+  if (!read_counters(r, {SHMALLOC_PROTO_PAGES(SHMALLOC_FIELD)})) return std::nullopt;
   // Each part at most the whole, so that the sum cannot wrap.
   const bool parts_fit = m.pages_in_use <= m.pages_committed && m.pages_free <= m.pages_committed &&
                          m.pages_released <= m.pages_committed;
@@ -429,53 +397,20 @@ std::optional<page_table_msg> decode_page_table(std::span<const std::uint8_t> p)
 #undef SHMALLOC_FIELD
 
 std::optional<class_table_msg> decode_class_table(std::span<const std::uint8_t> p) {
-  reader r(p);
-  class_table_msg m;
-  const std::uint16_t n = r.u16();
-  if (r.failed() || n >= num_size_classes) return std::nullopt;
-  std::uint8_t last = 0;
-  for (std::uint16_t i = 0; i < n; ++i) {  // grows as rows arrive: n alone is untrusted
-    class_row& row = m.rows.emplace_back();
-    row.size_class = r.u8();
-    row.object_size = r.u32();
-    row.spans_partial = r.u32();
-    row.spans_full = r.u32();
-    row.spans_cached = r.u32();
-    row.objects_live = r.u64();
-    row.bytes_in_use = r.u64();
-    row.bytes_wasted = r.u64();
-    row.mallocs = r.u64();
-    row.frees = r.u64();
-    if (r.failed() || row.size_class <= last || row.size_class >= num_size_classes || row.object_size == 0 ||
-        row.object_size > max_small_size || row.bytes_wasted > row.bytes_in_use || row.objects_live > row.mallocs)
-      return std::nullopt;
-    last = row.size_class;
-  }
-  return finish(r, std::move(m));
+  return read_table(p, class_table_msg{}, at_most_classes<class_table_msg>,
+                    [](reader&, const class_row& row, const class_row* last) {
+                      return next_class(row, last) && row.object_size != 0 && row.object_size <= max_small_size &&
+                             row.bytes_wasted <= row.bytes_in_use && row.objects_live <= row.mallocs;
+                    });
 }
 
 std::optional<advise_table_msg> decode_advise_table(std::span<const std::uint8_t> p) {
-  reader r(p);
-  advise_table_msg m;
-  m.heap_inuse_bytes = r.u64();
-  const std::uint16_t n = r.u16();
-  if (r.failed() || n >= num_size_classes) return std::nullopt;
-  std::uint8_t last = 0;
-  for (std::uint16_t i = 0; i < n; ++i) {  // grows as rows arrive: n alone is untrusted
-    advise_row& row = m.rows.emplace_back();
-    row.size_class = r.u8();
-    row.object_size = r.u32();
-    row.objects_live = r.u64();
-    row.bytes_in_use = r.u64();
-    for (std::uint32_t& b : row.buckets) b = r.u32();
-    row.requested_bytes = r.u64();
-    // Each sample is a request no larger than the class's object size.
-    if (r.failed() || row.size_class <= last || row.size_class >= num_size_classes ||
-        row.object_size != class_to_size(row.size_class) || row.requested_bytes > row.samples() * row.object_size)
-      return std::nullopt;
-    last = row.size_class;
-  }
-  return finish(r, std::move(m));
+  return read_table(p, advise_table_msg{}, at_most_classes<advise_table_msg>,
+                    [](reader&, const advise_row& row, const advise_row* last) {
+                      // Each sample is a request no larger than the class's object size.
+                      return next_class(row, last) && row.object_size == class_to_size(row.size_class) &&
+                             row.requested_bytes <= row.samples() * row.object_size;
+                    });
 }
 
 std::optional<std::uint32_t> decode_leaks_request(std::span<const std::uint8_t> p) {
@@ -487,36 +422,15 @@ std::optional<std::uint32_t> decode_leaks_request(std::span<const std::uint8_t> 
 }
 
 std::optional<leak_table_msg> decode_leak_table(std::span<const std::uint8_t> p) {
-  reader r(p);
-  leak_table_msg m;
-  m.window_ns = r.u64();
-  m.total = r.u32();
-  const std::uint16_t n = r.u16();
-  if (r.failed() || n > m.total) return std::nullopt;
-  for (std::uint16_t i = 0; i < n; ++i) {  // grows as rows arrive: n alone is untrusted
-    leak_row& row = m.rows.emplace_back();
-    row.id = r.u32();
-    row.pid = r.u32();
-    row.name = r.str(max_name);
-    row.bytes_held = r.u64();
-    row.live_bytes = r.u64();
-    row.live_bytes_then = r.u64();
-    row.then_ago_ns = r.u64();
-    row.large_objects = r.u32();
-    row.large_bytes = r.u64();
-    const std::uint8_t classes = r.u8();
-    if (r.failed() || row.id == 0 || classes >= num_size_classes || row.large_bytes > row.live_bytes)
-      return std::nullopt;
-    std::uint8_t last = 0;
-    for (std::uint8_t k = 0; k < classes; ++k) {
-      leak_class& c = row.classes.emplace_back();
-      c.size_class = r.u8();
-      c.objects = r.u64();
-      if (r.failed() || c.size_class <= last || c.size_class >= num_size_classes) return std::nullopt;
-      last = c.size_class;
-    }
-  }
-  return finish(r, std::move(m));
+  return read_table(p, leak_table_msg{}, at_most_total<leak_table_msg>,
+                    [](reader&, const leak_row& row, const leak_row*) {
+                      const leak_class* last = nullptr;
+                      for (const leak_class& c : row.classes) {
+                        if (!next_class(c, last)) return false;
+                        last = &c;
+                      }
+                      return row.id != 0 && row.large_bytes <= row.live_bytes;
+                    });
 }
 
 std::optional<std::uint64_t> decode_leak_sites_request(std::span<const std::uint8_t> p) {
@@ -527,32 +441,13 @@ std::optional<std::uint64_t> decode_leak_sites_request(std::span<const std::uint
 }
 
 std::optional<site_table_msg> decode_site_table(std::span<const std::uint8_t> p) {
-  reader r(p);
-  site_table_msg m;
-  m.capacity = r.u32();
-  m.live = r.u32();
-  const std::uint16_t n = r.u16();
-  if (r.failed() || m.live > m.capacity || n > max_site_rows || n > m.live) return std::nullopt;
-  for (std::uint16_t i = 0; i < n; ++i) {  // grows as rows arrive: n alone is untrusted
-    site_row& row = m.rows.emplace_back();
-    row.client = r.u32();
-    row.pid = r.u32();
-    row.samples = r.u32();
-    row.bytes = r.u64();
-    row.estimated_bytes = r.u64();
-    row.oldest_ns = r.u64();
-    row.newest_ns = r.u64();
-    for (std::uint64_t& b : row.aged_bytes) b = r.u64();
-    const std::uint8_t frames = r.u8();
-    if (r.failed() || row.samples == 0 || row.oldest_ns < row.newest_ns || frames > max_site_frames ||
-        row.aged_bytes[0] > row.estimated_bytes || row.aged_bytes[1] > row.aged_bytes[0] || row.aged_bytes[2] > row.aged_bytes[1])
-      return std::nullopt;
-    for (std::uint8_t f = 0; f < frames; ++f) {
-      row.pc.push_back(r.u64());
-      row.vma.push_back(r.u64());
-    }
-  }
-  return finish(r, std::move(m));
+  return read_table(
+      p, site_table_msg{},
+      [](const site_table_msg& m, std::uint16_t n) { return m.live <= m.capacity && n <= max_site_rows && n <= m.live; },
+      [](reader&, const site_row& row, const site_row*) {
+        return row.samples != 0 && row.oldest_ns >= row.newest_ns && row.aged_bytes[0] <= row.estimated_bytes &&
+               row.aged_bytes[1] <= row.aged_bytes[0] && row.aged_bytes[2] <= row.aged_bytes[1];
+      });
 }
 
 std::optional<client_rows> decode_clients_request(std::span<const std::uint8_t> p) {
@@ -564,51 +459,25 @@ std::optional<client_rows> decode_clients_request(std::span<const std::uint8_t> 
 }
 
 std::optional<client_table_msg> decode_client_table(std::span<const std::uint8_t> p, client_rows format) {
-  reader r(p);
   client_table_msg m;
   m.format = format;
-  m.total = r.u32();
-  const std::uint16_t n = r.u16();
-  if (r.failed() || n > m.total) return std::nullopt;
-  std::uint32_t last = 0;
-  for (std::uint16_t i = 0; i < n; ++i) {  // grows as rows arrive: n alone is untrusted
-    client_row& row = m.rows.emplace_back();
-    row.id = r.u32();
-    row.pid = r.u32();
-    row.name = r.str(max_name);
-    row.bytes_held = r.u64();
-    row.objects_live = r.u64();
-    row.spans = r.u32();
-    row.large_objects = r.u32();
-    row.connected_unix_ns = r.u64();
-    if (format == client_rows::identity) {
-      row.pid_in_client = r.u32();
-      row.host = r.str(max_host);
-      row.container = r.str(max_container);
-      if (!valid_identity(row.host, max_host) || !valid_identity(row.container, max_container)) return std::nullopt;
-    }
-    if (r.failed() || row.id <= last) return std::nullopt;
-    last = row.id;
-  }
-  return finish(r, std::move(m));
+  return read_table(p, std::move(m), at_most_total<client_table_msg>,
+                    [format](reader& r, client_row& row, const client_row* last) {
+                      if (format == client_rows::identity) {
+                        read_list(r, row, wire<client_row>::identity_fields);
+                        if (!valid_identity(row.host, max_host) || !valid_identity(row.container, max_container))
+                          return false;
+                      }
+                      return row.id > (last != nullptr ? last->id : 0);
+                    });
 }
 
 std::optional<cache_table_msg> decode_cache_table(std::span<const std::uint8_t> p) {
-  reader r(p);
-  cache_table_msg m;
-  m.total = r.u32();
-  const std::uint16_t n = r.u16();
-  if (r.failed() || n > m.total) return std::nullopt;
-  for (std::uint16_t i = 0; i < n; ++i) {  // grows as rows arrive: n alone is untrusted
-    cache_row& row = m.rows.emplace_back();
-    row.name = r.str(max_cache_name);
-#define SHMALLOC_X(name) row.name = r.u64();
-    SHMALLOC_PROTO_CACHE(SHMALLOC_X)
-#undef SHMALLOC_X
-    // Names are unique (they come from root names) and sorted.
-    if (r.failed() || row.name.empty() || (i > 0 && row.name <= m.rows[i - 1].name)) return std::nullopt;
-  }
-  return finish(r, std::move(m));
+  return read_table(p, cache_table_msg{}, at_most_total<cache_table_msg>,
+                    [](reader&, const cache_row& row, const cache_row* last) {
+                      // Names are unique (they come from root names) and sorted.
+                      return !row.name.empty() && (last == nullptr || row.name > last->name);
+                    });
 }
 
 // --- where a client runs -----------------------------------------------------

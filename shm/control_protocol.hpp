@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "shm/errc.hpp"
+#include "shm/wire.hpp"
 
 namespace shmalloc::proto {
 
@@ -36,6 +37,9 @@ inline constexpr std::uint32_t max_payload = 64 * 1024;
 inline constexpr std::size_t max_name = 64;          // process and root names
 inline constexpr std::size_t max_host = 64;          // a hostname (Linux's HOST_NAME_MAX)
 inline constexpr std::size_t max_container = 64;     // a container id: docker's 64 hex digits at most
+inline constexpr std::size_t max_root_name = 63;     // layout.hpp's root_name_bytes, less the NUL
+inline constexpr std::size_t max_heap_name = 255;    // a shm_open name
+inline constexpr std::size_t max_class_rows = 67;    // size classes 1..67 (size_classes.hpp)
 inline constexpr std::uint16_t max_refill = 64;       // spans per refill
 inline constexpr std::uint16_t max_release = 1024;    // spans per release
 
@@ -176,40 +180,6 @@ frame_header decode_header(const std::uint8_t in[header_bytes]) noexcept;
 // Why a header cannot be accepted (bad length or version), or empty.
 std::string check_header(const frame_header& h);
 
-// Little-endian payload writer.
-class writer {
- public:
-  writer& u8(std::uint8_t v);
-  writer& u16(std::uint16_t v);
-  writer& u32(std::uint32_t v);
-  writer& u64(std::uint64_t v);
-  writer& str(const std::string& s);  // u16 length + bytes
-  std::vector<std::uint8_t>& bytes() noexcept { return buf_; }
-
- private:
-  std::vector<std::uint8_t> buf_;
-};
-
-// Bounds-checked reader; any short read sets failed() and yields zeros.
-class reader {
- public:
-  explicit reader(std::span<const std::uint8_t> in) noexcept : in_(in) {}
-  std::uint8_t u8() noexcept;
-  std::uint16_t u16() noexcept;
-  std::uint32_t u32() noexcept;
-  std::uint64_t u64() noexcept;
-  std::string str(std::size_t max_len);
-  bool failed() const noexcept { return failed_; }
-  // True when everything was read and nothing is left over.
-  bool done() const noexcept { return !failed_ && pos_ == in_.size(); }
-
- private:
-  bool take(std::size_t n) noexcept;
-  std::span<const std::uint8_t> in_;
-  std::size_t pos_ = 0;
-  bool failed_ = false;
-};
-
 // --- Messages ---------------------------------------------------------------
 
 // hello's host and container are optional and go together: a hello that
@@ -227,6 +197,11 @@ struct hello_msg {
   std::string name;
   std::string host;       // the client's hostname (that of its UTS namespace)
   std::string container;  // its container's id, short (12 hex digits, as docker ps shows it), or empty
+};
+template <>
+struct wire<hello_msg> {  // then host and container, optional (encode, decode_hello)
+  static constexpr std::tuple fields{field{"layout_version", &hello_msg::layout_version},
+                                     field{"pid", &hello_msg::pid}, field{"name", &hello_msg::name, max_name}};
 };
 // A host or container field fit to go in hello (and to be shown to an
 // operator): at most max bytes, each printable ASCII, no space. Empty is valid.
@@ -260,9 +235,26 @@ struct welcome_msg {
   // must show it to take over this client's spans and cache slots.
   std::uint64_t reattach_token = 0;
 };
+template <>
+struct wire<welcome_msg> {
+  static constexpr std::tuple fields{
+      field{"client_id", &welcome_msg::client_id},
+      field{"cache_slot", &welcome_msg::cache_slot},
+      field{"instance_id", &welcome_msg::instance_id},
+      field{"layout_version", &welcome_msg::layout_version},
+      field{"page_size", &welcome_msg::page_size},
+      field{"size_class_checksum", &welcome_msg::size_class_checksum},
+      field{"capacity", &welcome_msg::capacity},
+      field{"heap_name", &welcome_msg::heap_name, max_heap_name},
+      field{"reattach_token", &welcome_msg::reattach_token}};
+};
 struct refill_msg {
   std::uint8_t span_class = 0;
   std::uint16_t count = 0;
+};
+template <>
+struct wire<refill_msg> {
+  static constexpr std::tuple fields{field{"span_class", &refill_msg::span_class}, field{"count", &refill_msg::count}};
 };
 struct span_list_msg {  // spans (reply) and release (request)
   std::vector<std::uint32_t> span_ids;
@@ -276,19 +268,39 @@ struct alloc_large_msg {
   std::uint64_t bytes = 0;
   bool noscan = false;
 };
+template <>
+struct wire<alloc_large_msg> {
+  static constexpr std::tuple fields{field{"bytes", &alloc_large_msg::bytes}, field{"noscan", &alloc_large_msg::noscan}};
+};
 struct large_msg {
   std::uint32_t span_id = 0;
   std::uint64_t handle = 0;
 };
+template <>
+struct wire<large_msg> {
+  static constexpr std::tuple fields{field{"span_id", &large_msg::span_id}, field{"handle", &large_msg::handle}};
+};
 struct slot_msg {  // cache_slot (reply) and cache_close (request)
   std::uint32_t slot = 0;
+};
+template <>
+struct wire<slot_msg> {
+  static constexpr std::tuple fields{field{"slot", &slot_msg::slot}};
 };
 struct root_msg {  // publish (name and handle), lookup and unpublish (name only), root (handle only)
   std::string name;
   std::uint64_t handle = 0;
 };
+template <>
+struct wire<root_msg> {  // publish's body
+  static constexpr std::tuple fields{field{"name", &root_msg::name, max_root_name}, field{"handle", &root_msg::handle}};
+};
 struct free_large_msg {
   std::uint64_t handle = 0;
+};
+template <>
+struct wire<free_large_msg> {
+  static constexpr std::tuple fields{field{"handle", &free_large_msg::handle}};
 };
 
 // The daemon's stats reply, in this order (shmallocctl stats prints them).
@@ -323,8 +335,21 @@ struct class_row {
   std::uint64_t mallocs = 0;
   std::uint64_t frees = 0;
 };
+template <>
+struct wire<class_row> {
+  static constexpr std::tuple fields{
+      field{"class", &class_row::size_class},        field{"object_size", &class_row::object_size},
+      field{"spans_partial", &class_row::spans_partial}, field{"spans_full", &class_row::spans_full},
+      field{"spans_cached", &class_row::spans_cached},  field{"objects_live", &class_row::objects_live},
+      field{"bytes_in_use", &class_row::bytes_in_use},  field{"bytes_wasted", &class_row::bytes_wasted},
+      field{"mallocs", &class_row::mallocs},            field{"frees", &class_row::frees}};
+};
 struct class_table_msg {
   std::vector<class_row> rows;  // strictly increasing size_class
+};
+template <>
+struct wire<class_table_msg> {
+  static constexpr std::tuple<> fields{};
 };
 
 // The rows a clients request asks for: its body is empty (basic) or one u8.
@@ -354,12 +379,27 @@ struct client_row {
   std::string host;
   std::string container;
 };
-inline constexpr std::size_t client_row_fixed_bytes = 4 + 4 + 2 + 8 + 8 + 4 + 4 + 8;
-inline constexpr std::size_t client_row_identity_fixed_bytes = 4 + 2 + 2;  // added by identity rows
-inline constexpr std::size_t client_table_header_bytes = 4 + 2;
+template <>
+struct wire<client_row> {
+  static constexpr std::tuple fields{
+      field{"id", &client_row::id},
+      field{"pid", &client_row::pid},
+      field{"name", &client_row::name, max_name},
+      field{"bytes_held", &client_row::bytes_held},
+      field{"objects_live", &client_row::objects_live},
+      field{"spans", &client_row::spans},
+      field{"large_objects", &client_row::large_objects},
+      field{"connected_unix_ns", &client_row::connected_unix_ns}};
+  // Added by identity rows.
+  static constexpr std::tuple identity_fields{field{"pid_in_client", &client_row::pid_in_client},
+                                              field{"host", &client_row::host, max_host},
+                                              field{"container", &client_row::container, max_container}};
+};
+// Bytes of a row with empty strings, and what identity rows add to that.
+inline constexpr std::size_t client_row_fixed_bytes = fields_size(client_row{});
+inline constexpr std::size_t client_row_identity_fixed_bytes = list_size(client_row{}, wire<client_row>::identity_fields);
 inline std::size_t encoded_size(const client_row& r, client_rows format = client_rows::basic) noexcept {
-  return client_row_fixed_bytes + r.name.size() +
-         (format == client_rows::identity ? client_row_identity_fixed_bytes + r.host.size() + r.container.size() : 0);
+  return fields_size(r) + (format == client_rows::identity ? list_size(r, wire<client_row>::identity_fields) : 0);
 }
 // The most a reply body may take: the payload limit less an empty message text.
 inline constexpr std::size_t max_reply_body = max_payload - 2;
@@ -368,6 +408,11 @@ struct client_table_msg {
   std::vector<client_row> rows;
   client_rows format = client_rows::basic;  // not sent: the request chose it
 };
+template <>
+struct wire<client_table_msg> {  // then rows, in the format asked
+  static constexpr std::tuple fields{field{"total", &client_table_msg::total}};
+};
+inline constexpr std::size_t client_table_header_bytes = fields_size(client_table_msg{}) + 2;  // its fields, the u16 count
 
 // The page map summarised (shm/memstats.hpp's page_census). A decoder checks
 // pages_in_use + pages_free + pages_released == pages_committed <= pages_capacity.
@@ -398,15 +443,23 @@ struct cache_row {
   SHMALLOC_PROTO_CACHE(SHMALLOC_X)
 #undef SHMALLOC_X
 };
-#define SHMALLOC_X(name) +8
-inline constexpr std::size_t cache_row_fixed_bytes = 2 SHMALLOC_PROTO_CACHE(SHMALLOC_X);  // the name's length, 8 a counter
+template <>
+struct wire<cache_row> {
+#define SHMALLOC_X(name) , field{#name, &cache_row::name}
+  static constexpr std::tuple fields{field{"name", &cache_row::name, max_cache_name} SHMALLOC_PROTO_CACHE(SHMALLOC_X)};
 #undef SHMALLOC_X
-inline constexpr std::size_t cache_table_header_bytes = 4 + 2;
-inline std::size_t encoded_size(const cache_row& r) noexcept { return cache_row_fixed_bytes + r.name.size(); }
+};
+inline constexpr std::size_t cache_row_fixed_bytes = fields_size(cache_row{});  // with an empty name
+inline std::size_t encoded_size(const cache_row& r) noexcept { return fields_size(r); }
 struct cache_table_msg {
   std::uint32_t total = 0;  // caches in the heap; rows may hold fewer
   std::vector<cache_row> rows;  // strictly increasing names
 };
+template <>
+struct wire<cache_table_msg> {
+  static constexpr std::tuple fields{field{"total", &cache_table_msg::total}};
+};
+inline constexpr std::size_t cache_table_header_bytes = fields_size(cache_table_msg{}) + 2;  // its fields, the u16 count
 
 // One size class's sampled requested sizes (layout.hpp's request_stats,
 // summed over every cache slot and the retired ones) and what it holds:
@@ -426,9 +479,20 @@ struct advise_row {
     return n;
   }
 };
+template <>
+struct wire<advise_row> {
+  static constexpr std::tuple fields{
+      field{"class", &advise_row::size_class},         field{"object_size", &advise_row::object_size},
+      field{"objects_live", &advise_row::objects_live}, field{"bytes_in_use", &advise_row::bytes_in_use},
+      field{"buckets", &advise_row::buckets},           field{"requested_bytes", &advise_row::requested_bytes}};
+};
 struct advise_table_msg {
   std::uint64_t heap_inuse_bytes = 0;
   std::vector<advise_row> rows;  // strictly increasing size_class
+};
+template <>
+struct wire<advise_table_msg> {
+  static constexpr std::tuple fields{field{"heap_inuse_bytes", &advise_table_msg::heap_inuse_bytes}};
 };
 
 // A leaks request: the growth window in seconds (1..max_leak_window_s);
@@ -450,6 +514,10 @@ struct leak_class {
   std::uint8_t size_class = 0;
   std::uint64_t objects = 0;
 };
+template <>
+struct wire<leak_class> {
+  static constexpr std::tuple fields{field{"class", &leak_class::size_class}, field{"objects", &leak_class::objects}};
+};
 struct leak_row {
   std::uint32_t id = 0;
   std::uint32_t pid = 0;
@@ -463,16 +531,32 @@ struct leak_row {
   std::vector<leak_class> classes;
   std::int64_t growth() const noexcept { return static_cast<std::int64_t>(live_bytes - live_bytes_then); }
 };
-inline constexpr std::size_t leak_row_fixed_bytes = 4 + 4 + 2 + 8 + 8 + 8 + 8 + 4 + 8 + 1;
-inline constexpr std::size_t leak_table_header_bytes = 8 + 4 + 2;
-inline std::size_t encoded_size(const leak_row& r) noexcept {
-  return leak_row_fixed_bytes + r.name.size() + r.classes.size() * 9;
-}
+template <>
+struct wire<leak_row> {
+  static constexpr std::tuple fields{
+      field{"id", &leak_row::id},
+      field{"pid", &leak_row::pid},
+      field{"name", &leak_row::name, max_name},
+      field{"bytes_held", &leak_row::bytes_held},
+      field{"live_bytes", &leak_row::live_bytes},
+      field{"live_bytes_then", &leak_row::live_bytes_then},
+      field{"then_ago_ns", &leak_row::then_ago_ns},
+      field{"large_objects", &leak_row::large_objects},
+      field{"large_bytes", &leak_row::large_bytes},
+      field{"classes", &leak_row::classes, max_class_rows}};
+};
+inline constexpr std::size_t leak_row_fixed_bytes = fields_size(leak_row{});  // no name, no classes
+inline std::size_t encoded_size(const leak_row& r) noexcept { return fields_size(r); }
 struct leak_table_msg {
   std::uint64_t window_ns = 0;
   std::uint32_t total = 0;  // clients connected; rows may hold fewer
   std::vector<leak_row> rows;  // the biggest growth first
 };
+template <>
+struct wire<leak_table_msg> {
+  static constexpr std::tuple fields{field{"window_ns", &leak_table_msg::window_ns}, field{"total", &leak_table_msg::total}};
+};
+inline constexpr std::size_t leak_table_header_bytes = fields_size(leak_table_msg{}) + 2;  // its fields, the u16 count
 
 // The live sampled allocations (SHMALLOC_PROFILE_RATE; shm/profile.hpp),
 // grouped by client and call stack: u32 client (the span's holder; 0: none,
@@ -498,10 +582,30 @@ struct site_row {
   std::vector<std::uint64_t> pc;   // innermost first
   std::vector<std::uint64_t> vma;  // as many as pc
 };
+// A site's frames: u8 count (<= max_site_frames), then (pc, vma) pairs.
+struct site_frames {
+  std::string_view name = "frames";
+  void put(writer& w, const site_row& r) const;
+  void get(reader& r, site_row& row) const;
+  std::size_t size(const site_row& r) const noexcept { return 1 + 16 * r.pc.size(); }
+};
+template <>
+struct wire<site_row> {
+  static constexpr std::tuple fields{
+      field{"client", &site_row::client},       field{"pid", &site_row::pid},
+      field{"samples", &site_row::samples},     field{"bytes", &site_row::bytes},
+      field{"estimated_bytes", &site_row::estimated_bytes}, field{"oldest_ns", &site_row::oldest_ns},
+      field{"newest_ns", &site_row::newest_ns}, field{"aged_bytes", &site_row::aged_bytes},
+      site_frames{}};
+};
 struct site_table_msg {
   std::uint32_t capacity = 0;  // entries of the heap's profile table
   std::uint32_t live = 0;      // entries holding a live sample (all of them, also those of rows left out)
   std::vector<site_row> rows;
+};
+template <>
+struct wire<site_table_msg> {
+  static constexpr std::tuple fields{field{"capacity", &site_table_msg::capacity}, field{"live", &site_table_msg::live}};
 };
 
 std::vector<std::uint8_t> encode(const hello_msg& m);
