@@ -81,6 +81,7 @@ struct request {
   proto::msg reply_type;
   reply fail(errc code, const std::string& why, bool close = false) const;
   reply ok(const std::vector<std::uint8_t>& payload = {}) const;
+  reply no_body_error() const;  // for a request that takes none
 };
 
 class request_handler {
@@ -172,6 +173,8 @@ class request_handler {
   void reclaim(std::uint32_t owner, const std::set<std::uint32_t>& spans, const std::set<std::uint32_t>& large,
                const std::vector<std::uint32_t>& slots);
   bool holds(std::uint32_t owner, std::uint32_t id, mspan_state state) const noexcept;
+  // Drops c from the registry (what it held is reclaimed, or left to its id).
+  void forget(client_state& c);
 
   std::uint64_t reattach_check_of(std::uint64_t token) const noexcept;
   void label_slot(const client_state& c, std::uint32_t slot) noexcept;

@@ -304,15 +304,19 @@ struct wire<free_large_msg> {
 };
 
 // The daemon's stats reply, in this order (shmallocctl stats prints them).
-#define SHMALLOC_PROTO_STATS(X)                                   \
-  X(heap_sys_bytes) X(heap_inuse_bytes) X(heap_idle_bytes)        \
-  X(heap_released_bytes) X(heap_alloc_bytes) X(heap_unused_bytes) \
-  X(heap_objects) X(mallocs_total) X(frees_total)                 \
-  X(large_objects) X(large_bytes)                                 \
-  X(mspan_inuse_bytes) X(mspan_sys_bytes) X(metadata_sys_bytes)   \
-  X(clients) X(reclaimed_bytes_total) X(scavenged_bytes_total)    \
-  X(grow_failures) X(capacity_bytes) X(control_requests_total)    \
-  X(metrics_port)
+// Each counter is named once, by where the daemon takes it from: MEM a
+// heap_memstats field, CENSUS a heap_census function (shm/memstats.hpp),
+// DAEMON the daemon's own (request_handler::stats).
+#define SHMALLOC_PROTO_STATS_BY_SOURCE(MEM, CENSUS, DAEMON)                      \
+  MEM(heap_sys_bytes) MEM(heap_inuse_bytes) MEM(heap_idle_bytes)               \
+  MEM(heap_released_bytes) CENSUS(heap_alloc_bytes) CENSUS(heap_unused_bytes)  \
+  CENSUS(heap_objects) CENSUS(mallocs_total) CENSUS(frees_total)               \
+  MEM(large_objects) MEM(large_bytes)                                          \
+  MEM(mspan_inuse_bytes) MEM(mspan_sys_bytes) MEM(metadata_sys_bytes)          \
+  DAEMON(clients) MEM(reclaimed_bytes_total) MEM(scavenged_bytes_total)        \
+  MEM(grow_failures) MEM(capacity_bytes) DAEMON(control_requests_total)        \
+  DAEMON(metrics_port)
+#define SHMALLOC_PROTO_STATS(X) SHMALLOC_PROTO_STATS_BY_SOURCE(X, X, X)
 struct stats_msg {
 #define SHMALLOC_X(name) std::uint64_t name = 0;
   SHMALLOC_PROTO_STATS(SHMALLOC_X)
