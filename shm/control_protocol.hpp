@@ -400,8 +400,8 @@ struct wire<client_row> {
                                               field{"container", &client_row::container, max_container}};
 };
 // Bytes of a row with empty strings, and what identity rows add to that.
-inline constexpr std::size_t client_row_fixed_bytes = fields_size(client_row{});
-inline constexpr std::size_t client_row_identity_fixed_bytes = list_size(client_row{}, wire<client_row>::identity_fields);
+inline constexpr std::size_t client_row_fixed_bytes = empty_fields_size<client_row>();
+inline constexpr std::size_t client_row_identity_fixed_bytes = empty_list_size(wire<client_row>::identity_fields);
 inline std::size_t encoded_size(const client_row& r, client_rows format = client_rows::basic) noexcept {
   return fields_size(r) + (format == client_rows::identity ? list_size(r, wire<client_row>::identity_fields) : 0);
 }
@@ -416,7 +416,7 @@ template <>
 struct wire<client_table_msg> {  // then rows, in the format asked
   static constexpr std::tuple fields{field{"total", &client_table_msg::total}};
 };
-inline constexpr std::size_t client_table_header_bytes = fields_size(client_table_msg{}) + 2;  // its fields, the u16 count
+inline constexpr std::size_t client_table_header_bytes = empty_fields_size<client_table_msg>() + 2;  // its fields, the u16 count
 
 // The page map summarised (shm/memstats.hpp's page_census). A decoder checks
 // pages_in_use + pages_free + pages_released == pages_committed <= pages_capacity.
@@ -453,7 +453,7 @@ struct wire<cache_row> {
   static constexpr std::tuple fields{field{"name", &cache_row::name, max_cache_name} SHMALLOC_PROTO_CACHE(SHMALLOC_X)};
 #undef SHMALLOC_X
 };
-inline constexpr std::size_t cache_row_fixed_bytes = fields_size(cache_row{});  // with an empty name
+inline constexpr std::size_t cache_row_fixed_bytes = empty_fields_size<cache_row>();  // with an empty name
 inline std::size_t encoded_size(const cache_row& r) noexcept { return fields_size(r); }
 struct cache_table_msg {
   std::uint32_t total = 0;  // caches in the heap; rows may hold fewer
@@ -463,7 +463,7 @@ template <>
 struct wire<cache_table_msg> {
   static constexpr std::tuple fields{field{"total", &cache_table_msg::total}};
 };
-inline constexpr std::size_t cache_table_header_bytes = fields_size(cache_table_msg{}) + 2;  // its fields, the u16 count
+inline constexpr std::size_t cache_table_header_bytes = empty_fields_size<cache_table_msg>() + 2;  // its fields, the u16 count
 
 // One size class's sampled requested sizes (layout.hpp's request_stats,
 // summed over every cache slot and the retired ones) and what it holds:
@@ -549,7 +549,7 @@ struct wire<leak_row> {
       field{"large_bytes", &leak_row::large_bytes},
       field{"classes", &leak_row::classes, max_class_rows}};
 };
-inline constexpr std::size_t leak_row_fixed_bytes = fields_size(leak_row{});  // no name, no classes
+inline constexpr std::size_t leak_row_fixed_bytes = empty_fields_size<leak_row>();  // no name, no classes
 inline std::size_t encoded_size(const leak_row& r) noexcept { return fields_size(r); }
 struct leak_table_msg {
   std::uint64_t window_ns = 0;
@@ -560,7 +560,7 @@ template <>
 struct wire<leak_table_msg> {
   static constexpr std::tuple fields{field{"window_ns", &leak_table_msg::window_ns}, field{"total", &leak_table_msg::total}};
 };
-inline constexpr std::size_t leak_table_header_bytes = fields_size(leak_table_msg{}) + 2;  // its fields, the u16 count
+inline constexpr std::size_t leak_table_header_bytes = empty_fields_size<leak_table_msg>() + 2;  // its fields, the u16 count
 
 // The live sampled allocations (SHMALLOC_PROFILE_RATE; shm/profile.hpp),
 // grouped by client and call stack: u32 client (the span's holder; 0: none,
@@ -591,7 +591,8 @@ struct site_frames {
   std::string_view name = "frames";
   void put(writer& w, const site_row& r) const;
   void get(reader& r, site_row& row) const;
-  std::size_t size(const site_row& r) const noexcept { return 1 + 16 * r.pc.size(); }
+  std::size_t size(const site_row& r) const noexcept { return empty_size + 16 * r.pc.size(); }
+  static constexpr std::size_t empty_size = 1;
 };
 template <>
 struct wire<site_row> {

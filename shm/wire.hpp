@@ -16,6 +16,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace shmalloc::proto {
@@ -110,13 +111,13 @@ constexpr std::size_t value_size(bool) noexcept { return 1; }
 constexpr std::size_t value_size(std::uint16_t) noexcept { return 2; }
 constexpr std::size_t value_size(std::uint32_t) noexcept { return 4; }
 constexpr std::size_t value_size(std::uint64_t) noexcept { return 8; }
-constexpr std::size_t value_size(const std::string& v) noexcept { return 2 + v.size(); }
+inline std::size_t value_size(const std::string& v) noexcept { return 2 + v.size(); }
 template <class V, std::size_t N>
-constexpr std::size_t value_size(const V (&a)[N]) noexcept {
+std::size_t value_size(const V (&a)[N]) noexcept {
   return N * value_size(a[0]);
 }
 template <class R>
-constexpr std::size_t value_size(const std::vector<R>& rows) noexcept;
+std::size_t value_size(const std::vector<R>& rows) noexcept;
 
 // --- one field, as its list says --------------------------------------------
 
@@ -129,7 +130,7 @@ void get_field(reader& r, T& v, const field<T, M>& f) {
   get_value(r, v.*f.member, f.max);
 }
 template <class T, class M>
-constexpr std::size_t field_size(const T& v, const field<T, M>& f) noexcept {
+std::size_t field_size(const T& v, const field<T, M>& f) noexcept {
   return value_size(v.*f.member);
 }
 // A codec of its own (an odd shape: say, two lists sent interleaved).
@@ -142,7 +143,7 @@ void get_field(reader& r, T& v, const C& c) {
   c.get(r, v);
 }
 template <class T, class C>
-constexpr std::size_t field_size(const T& v, const C& c) noexcept {
+std::size_t field_size(const T& v, const C& c) noexcept {
   return c.size(v);
 }
 
@@ -158,7 +159,7 @@ void read_list(reader& r, T& v, const List& list) {
   std::apply([&](const auto&... f) { ((r.failed() ? void() : get_field(r, v, f)), ...); }, list);
 }
 template <class T, class List>
-constexpr std::size_t list_size(const T& v, const List& list) noexcept {
+std::size_t list_size(const T& v, const List& list) noexcept {
   return std::apply([&](const auto&... f) { return (std::size_t{0} + ... + field_size(v, f)); }, list);
 }
 
@@ -171,9 +172,35 @@ void read_fields(reader& r, T& v) {
   read_list(r, v, wire<T>::fields);
 }
 template <class T>
-constexpr std::size_t fields_size(const T& v) noexcept {
+std::size_t fields_size(const T& v) noexcept {
   return list_size(v, wire<T>::fields);
 }
+// Bytes of a value with its strings and lists empty, from its type alone
+// (what a row costs before its text: the fixed part of encoded sizes).
+template <class M>
+constexpr std::size_t empty_size() noexcept {
+  if constexpr (std::is_same_v<M, std::string>) return 2;
+  else if constexpr (std::is_array_v<M>) return std::extent_v<M> * empty_size<std::remove_extent_t<M>>();
+  else if constexpr (requires { typename M::value_type; }) return 1;  // a u8-counted list
+  else return std::is_same_v<M, bool> ? 1 : sizeof(M);
+}
+template <class T, class M>
+constexpr std::size_t empty_field_size(const field<T, M>&) noexcept {
+  return empty_size<M>();
+}
+template <class C>
+constexpr std::size_t empty_field_size(const C&) noexcept {
+  return C::empty_size;
+}
+template <class List>
+constexpr std::size_t empty_list_size(const List& list) noexcept {
+  return std::apply([](const auto&... f) { return (std::size_t{0} + ... + empty_field_size(f)); }, list);
+}
+template <class T>
+constexpr std::size_t empty_fields_size() noexcept {
+  return empty_list_size(wire<T>::fields);
+}
+
 // f(name, value) for each field of v that is a plain member, in order.
 template <class T, class F>
 void for_each_field(const T& v, F f) {
@@ -199,7 +226,7 @@ void get_value(reader& r, std::vector<R>& rows, std::size_t max) {
   for (std::uint8_t i = 0; i < n && !r.failed(); ++i) read_fields(r, rows.emplace_back());  // as they arrive
 }
 template <class R>
-constexpr std::size_t value_size(const std::vector<R>& rows) noexcept {
+std::size_t value_size(const std::vector<R>& rows) noexcept {
   std::size_t n = 1;
   for (const R& row : rows) n += fields_size(row);
   return n;
