@@ -29,7 +29,7 @@
 #ifdef BENCH_SHMALLOC
 #include <sys/socket.h>
 
-#include "shm/control_client.hpp"
+#include "proto/control_client.hpp"
 #include "shm/size_classes.hpp"
 #include "shmalloc/shmalloc.h"
 #define BENCH_ALLOC(n) shmalloc_alloc(n)

@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <string_view>
 
-#include "shm/control_protocol.hpp"
+#include "proto/control_protocol.hpp"
 #include "shm/errc.hpp"
 
 namespace shmalloc::metrics {

@@ -1,7 +1,7 @@
 // request_handler.hpp: the daemon's answer to each control request, as a
 // pure function of (client, request) -> reply, tested without sockets (the
 // shape of Asio's HTTP server example). One small function per request of the
-// message table (shm/control_protocol.hpp), on_<name>.
+// message table (proto/control_protocol.hpp), on_<name>.
 //
 // It owns the client registry: which spans and large objects each client
 // holds. Nothing here takes a lock: the daemon calls it only holding
@@ -20,7 +20,7 @@
 #include <string>
 #include <vector>
 
-#include "shm/control_protocol.hpp"
+#include "proto/control_protocol.hpp"
 #include "shm/mheap.hpp"
 
 namespace shmalloc::service {

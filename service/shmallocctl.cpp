@@ -22,7 +22,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
-#include "shm/control_client.hpp"
+#include "proto/control_client.hpp"
 #include "shm/layout.hpp"
 #include "shm/size_classes.hpp"
 #include "service/symbolize.hpp"

@@ -7,7 +7,7 @@
 #include <cstdlib>
 #include <new>
 
-#include "shm/control_protocol.hpp"
+#include "proto/control_protocol.hpp"
 #include "shm/size_classes.hpp"
 
 namespace {

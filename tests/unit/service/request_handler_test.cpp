@@ -14,7 +14,7 @@
 #include "cache/layout.hpp"
 #include "service/daemon.hpp"
 #include "service/request_handler.hpp"
-#include "shm/control_client.hpp"
+#include "proto/control_client.hpp"
 #include "shm/mspan.hpp"
 #include "shm/profile.hpp"
 #include "shm/verify.hpp"

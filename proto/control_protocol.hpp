@@ -13,8 +13,9 @@
 // A reply's payload starts with u16 n + n bytes of message text (empty on
 // success), then the reply's body. Decoders check every length and range and
 // that the payload is consumed exactly: every byte from a peer is untrusted.
-// This header belongs to shm/ because both sides must agree on it; it does
-// not depend on Asio.
+// proto/ sits above the heap (shm/) and uses only its header-only facts
+// (size classes, layout constants) and its error codes, so shmallocctl
+// links it without the heap; it does not depend on Asio.
 #pragma once
 
 #include <algorithm>
@@ -27,7 +28,7 @@
 #include <vector>
 
 #include "shm/errc.hpp"
-#include "shm/wire.hpp"
+#include "proto/wire.hpp"
 
 namespace shmalloc::proto {
 

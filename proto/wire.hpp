@@ -21,6 +21,18 @@
 
 namespace shmalloc::proto {
 
+// A little-endian integer into bytes, and back.
+template <class T>
+void put_le(std::uint8_t* out, T v) noexcept {
+  for (std::size_t i = 0; i < sizeof(T); ++i) out[i] = static_cast<std::uint8_t>(v >> (8 * i));
+}
+template <class T>
+T get_le(const std::uint8_t* in) noexcept {
+  T v = 0;
+  for (std::size_t i = 0; i < sizeof(T); ++i) v = static_cast<T>(v | static_cast<T>(T{in[i]} << (8 * i)));
+  return v;
+}
+
 // Little-endian payload writer.
 class writer {
  public:
