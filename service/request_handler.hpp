@@ -1,7 +1,10 @@
 // request_handler.hpp: the daemon's answer to each control request, as a
 // pure function of (client, request) -> reply, tested without sockets (the
 // shape of Asio's HTTP server example). One small function per request of the
-// message table (proto/control_protocol.hpp), on_<name>.
+// message table (proto/control_protocol.hpp), on_<name>, in a file by
+// concern: request_handler.cpp the dispatch, the registry and ownership
+// (hello, spans, large objects, cache slots, orphans and reattach);
+// reports.cpp the read-only reports; roots.cpp the named roots.
 //
 // It owns the client registry: which spans and large objects each client
 // holds. Nothing here takes a lock: the daemon calls it only holding
