@@ -15,7 +15,7 @@
 #include <string>
 
 #ifdef BENCH_SHMALLOC
-#include "shm/control_client.hpp"
+#include "proto/control_client.hpp"
 #include "shmalloc/shmalloc.h"
 #define BENCH_ALLOC(n) shmalloc_alloc(n)
 #define BENCH_FREE(p) shmalloc_free(p)

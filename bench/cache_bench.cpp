@@ -80,7 +80,7 @@
 #include <boost/unordered_map.hpp>
 
 #ifndef CACHE_BENCH_NO_SHMALLOC
-#include "shm/control_client.hpp"
+#include "proto/control_client.hpp"
 #include "shmalloc/cache.h"
 #include "shmalloc/shmalloc.h"
 #endif

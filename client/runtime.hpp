@@ -79,7 +79,7 @@
 
 #include "client/mcache.hpp"
 #include "client/span_pool.hpp"
-#include "shm/control_client.hpp"
+#include "proto/control_client.hpp"
 #include "shm/segment.hpp"
 
 namespace shmalloc::client {

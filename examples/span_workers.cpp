@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "shm/control_client.hpp"
+#include "proto/control_client.hpp"
 #include "shm/mspan.hpp"
 #include "shm/segment.hpp"
 

@@ -5,27 +5,7 @@
 namespace shmalloc::metrics {
 
 std::string_view op_name(std::size_t op) noexcept {
-  using proto::msg;
-  switch (static_cast<msg>(op)) {
-    case msg::hello: return "hello";
-    case msg::refill: return "refill";
-    case msg::release: return "release";
-    case msg::alloc_large: return "alloc_large";
-    case msg::free_large: return "free_large";
-    case msg::stats: return "stats";
-    case msg::bye: return "bye";
-    case msg::reattach: return "reattach";
-    case msg::cache_open: return "cache_open";
-    case msg::cache_close: return "cache_close";
-    case msg::publish: return "publish";
-    case msg::lookup: return "lookup";
-    case msg::unpublish: return "unpublish";
-    case msg::classes: return "classes";
-    case msg::clients: return "clients";
-    case msg::pages: return "pages";
-    case msg::caches: return "caches";
-    default: return "unknown";
-  }
+  return is_request(op) ? proto::msg_name(static_cast<std::uint16_t>(op)) : "unknown";
 }
 
 std::string_view reason_name(std::size_t reason) noexcept {
@@ -50,8 +30,6 @@ std::string_view reason_name(std::size_t reason) noexcept {
   }
   return "other";
 }
-
-bool is_request(std::size_t op) noexcept { return op != 0 && op_name(op) != "unknown"; }
 
 // Types that are not requests (replies, unknown numbers) share row 0, so a
 // peer sending junk cannot grow the label set.

@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <string_view>
 
-#include "shm/control_protocol.hpp"
+#include "proto/control_protocol.hpp"
 #include "shm/errc.hpp"
 
 namespace shmalloc::metrics {
@@ -22,12 +22,15 @@ namespace shmalloc::metrics {
 inline constexpr std::array<double, 12> control_duration_bounds{
     5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0};
 
-inline constexpr std::size_t max_ops = 32;     // msg values 1..31; 0 is "unknown"
+// One row per message number (the message table's), requests only in use;
+// row 0 is "unknown".
+inline constexpr std::size_t max_ops = proto::max_msg + 1;
 // errc values 0..15; cache/'s too_small (16) is never a daemon's reply and
 // would count with 15 as "other".
 inline constexpr std::size_t num_reasons = 16;
 
-// The op label of a request type ("unknown" for anything not a request).
+// The op label of a request type, its name in the message table ("unknown"
+// for anything not a request).
 std::string_view op_name(std::size_t op) noexcept;
 // The reason label of an error code: its enumerator's name.
 std::string_view reason_name(std::size_t reason) noexcept;
@@ -40,7 +43,9 @@ struct op_stats {
 };
 
 // True for the message types a client sends (the op label's values).
-bool is_request(std::size_t op) noexcept;
+constexpr bool is_request(std::size_t op) noexcept {
+  return op < max_ops && proto::is_request(static_cast<std::uint16_t>(op));
+}
 
 class control_stats {
  public:

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "shm/control_client.hpp"
+#include "proto/control_client.hpp"
 #include "shm/segment.hpp"
 
 namespace shmalloc::service {

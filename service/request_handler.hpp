@@ -1,6 +1,10 @@
 // request_handler.hpp: the daemon's answer to each control request, as a
 // pure function of (client, request) -> reply, tested without sockets (the
-// shape of Asio's HTTP server example). One small function per message type.
+// shape of Asio's HTTP server example). One small function per request of the
+// message table (proto/control_protocol.hpp), on_<name>, in a file by
+// concern: request_handler.cpp the dispatch, the registry and ownership
+// (hello, spans, large objects, cache slots, orphans and reattach);
+// reports.cpp the read-only reports; roots.cpp the named roots.
 //
 // It owns the client registry: which spans and large objects each client
 // holds. Nothing here takes a lock: the daemon calls it only holding
@@ -19,7 +23,7 @@
 #include <string>
 #include <vector>
 
-#include "shm/control_protocol.hpp"
+#include "proto/control_protocol.hpp"
 #include "shm/mheap.hpp"
 
 namespace shmalloc::service {
@@ -70,6 +74,17 @@ struct reply {
   // A request that succeeded in part (a refill cut short by the quota or a
   // full heap): the reply is ok, but metrics count the failure's reason.
   errc shortfall = errc::ok;
+};
+
+// A request being answered: its header and body, and the reply type the
+// message table gives it, so that a handler names neither.
+struct request {
+  const proto::frame_header& header;
+  std::span<const std::uint8_t> body;
+  proto::msg reply_type;
+  reply fail(errc code, const std::string& why, bool close = false) const;
+  reply ok(const std::vector<std::uint8_t>& payload = {}) const;
+  reply no_body_error() const;  // for a request that takes none
 };
 
 class request_handler {
@@ -139,26 +154,11 @@ class request_handler {
   void sample_held(std::uint64_t now, bool force);
 
  private:
-  reply on_hello(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_refill(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_release(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_alloc_large(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_free_large(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_cache_open(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_cache_close(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_publish(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_lookup(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_unpublish(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
+  // One handler per request of the message table (proto::SHMALLOC_PROTO_REQUESTS).
+#define SHMALLOC_X(name, ...) reply on_##name(client_state& c, const request& req);
+  SHMALLOC_PROTO_REQUESTS(SHMALLOC_X)
+#undef SHMALLOC_X
   root_entry* find_root(const std::string& name) const noexcept;
-  reply on_reattach(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_stats(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_classes(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_clients(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_pages(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_caches(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_advise(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_leaks(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
-  reply on_leak_sites(client_state& c, const proto::frame_header& h, std::span<const std::uint8_t> p);
   // Bytes of the objects its threads allocated and did not free (by its
   // cache slots' counters), plus its large objects; per_class (67 + 1
   // entries, or nullptr): the objects by size class.
@@ -169,6 +169,9 @@ class request_handler {
   // counter blocks) plus its large objects.
   std::uint64_t objects_held(const client_state& c) const noexcept;
   bool over_quota(const client_state& c, std::uint64_t more) const noexcept;
+  // Cache slots c holds, and whether it may take more (max_caches_per_client).
+  static std::size_t slots_held(const client_state& c) noexcept;
+  bool slots_fit(const client_state& c, std::size_t more) const noexcept;
   std::uint64_t span_bytes(std::uint32_t span) const noexcept;
   // Takes back owner's small spans (their free slots return to mcentral),
   // lets its large objects stay allocated with no holder, and retires cache
@@ -177,6 +180,8 @@ class request_handler {
   void reclaim(std::uint32_t owner, const std::set<std::uint32_t>& spans, const std::set<std::uint32_t>& large,
                const std::vector<std::uint32_t>& slots);
   bool holds(std::uint32_t owner, std::uint32_t id, mspan_state state) const noexcept;
+  // Drops c from the registry (what it held is reclaimed, or left to its id).
+  void forget(client_state& c);
 
   std::uint64_t reattach_check_of(std::uint64_t token) const noexcept;
   void label_slot(const client_state& c, std::uint32_t slot) noexcept;

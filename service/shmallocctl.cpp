@@ -22,7 +22,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
-#include "shm/control_client.hpp"
+#include "proto/control_client.hpp"
 #include "shm/layout.hpp"
 #include "shm/size_classes.hpp"
 #include "service/symbolize.hpp"
@@ -192,15 +192,13 @@ int ping(const daemon_options& o) {
 
 // ---- classes ----------------------------------------------------------------
 
-const std::vector<std::string> class_columns{"class",        "object_size",  "spans_partial", "spans_full",
-                                             "spans_cached", "objects_live", "bytes_in_use",  "bytes_wasted",
-                                             "mallocs",      "frees"};
+// A class row's columns and JSON keys are its wire fields (proto::wire<class_row>).
+const std::vector<std::string> class_columns = shmalloc::proto::field_names<shmalloc::proto::class_row>();
 
 json class_json(const shmalloc::proto::class_row& r) {
-  return {{"class", r.size_class},        {"object_size", r.object_size},   {"spans_partial", r.spans_partial},
-          {"spans_full", r.spans_full},   {"spans_cached", r.spans_cached}, {"objects_live", r.objects_live},
-          {"bytes_in_use", r.bytes_in_use}, {"bytes_wasted", r.bytes_wasted}, {"mallocs", r.mallocs},
-          {"frees", r.frees}};
+  json j;
+  shmalloc::proto::for_each_field(r, [&](std::string_view name, const auto& value) { j[std::string(name)] = value; });
+  return j;
 }
 
 // Per size class; only classes with a span or a malloc unless --all.

@@ -20,7 +20,14 @@
 //   mheap    free page runs, growth, and the scavenger (mheap.hpp).
 //   mcentral per span class, spans with free objects ("partial") and
 //            spans without ("full") (mcentral.hpp).
-//   mcache   per client thread: one span per span class (client/, later).
+//   mcache   per client thread: one span per span class (client/).
+//
+// Folders are layers, each a CMake target including only from those below
+// it: shm/ (this heap, and errc.hpp's error codes) <- proto/ (the control
+// protocol: its message table, the fields of each body, the socket's client
+// side) <- client/ (libshmalloc) and cache/ <- metrics/ <- service/
+// (shmallocd, whose reports are service/reports.cpp, and shmallocctl,
+// which links proto/ without the heap).
 //
 // Map of the segment (offsets from the segment base; every region's offset
 // and size is recorded in segment_header::regions, computed by

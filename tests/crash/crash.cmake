@@ -29,7 +29,7 @@ if(NOT SHMALLOC_SANITIZE)
   shmalloc_sources_of(shmalloc_client_static client_sources)
   add_library(shmalloc_client_crash STATIC ${client_sources})
   target_include_directories(shmalloc_client_crash PUBLIC ${PROJECT_SOURCE_DIR}/client/include)
-  target_link_libraries(shmalloc_client_crash PRIVATE shmalloc_shm_crash_objects PUBLIC pthread rt stdc++)
+  target_link_libraries(shmalloc_client_crash PRIVATE shmalloc_shm_crash_objects shmalloc_errc_objects shmalloc_proto_objects PUBLIC pthread rt stdc++)
   target_compile_definitions(shmalloc_client_crash PRIVATE SHMALLOC_CRASH_POINTS)
   shmalloc_warnings(shmalloc_client_crash)
 

@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "fuzz/replay.hpp"
-#include "shm/control_protocol.hpp"
+#include "proto/control_protocol.hpp"
 
 using namespace shmalloc;
 using bytes = std::vector<std::uint8_t>;

@@ -8,7 +8,7 @@ option(SHMALLOC_FUZZ "Build tests/fuzz as libFuzzer targets (clang)" OFF)
 if(SHMALLOC_FUZZ)
   # libFuzzer's coverage counters in the code under test too, not only in
   # the targets' own files.
-  foreach(lib shmalloc_shm_objects shmalloc_cache_census shmalloc_service_core)
+  foreach(lib shmalloc_shm_objects shmalloc_proto_objects shmalloc_cache_census shmalloc_service_core)
     target_compile_options(${lib} PRIVATE -fsanitize=fuzzer-no-link)
   endforeach()
   # But not the comparisons of the heap checker, which frame_fuzz runs after

@@ -217,6 +217,20 @@ TEST_SUITE("metrics") {
     CHECK(m.series.count(R"(shmalloc_control_request_failures_total{op="stats",reason="no_space"})") == 0);
   }
 
+  TEST_CASE("every request of the message table has its op label, the highest numbered too") {
+    metrics_sample s;
+    s.valid = true;
+    for (proto::msg type : {proto::msg::advise, proto::msg::leaks, proto::msg::leak_sites})
+      s.control.record(static_cast<std::uint16_t>(type), errc::ok, 1e-6);
+    const scrape m(render(heap_families(s, build)));
+    CHECK(m.at(R"(shmalloc_control_requests_total{op="advise"})") == 1);
+    CHECK(m.at(R"(shmalloc_control_requests_total{op="leaks"})") == 1);
+    CHECK(m.at(R"(shmalloc_control_requests_total{op="leak_sites"})") == 1);
+    CHECK(m.at(R"(shmalloc_control_requests_total{op="unknown"})") == 0);
+    for (std::uint16_t op = 1; op <= proto::max_msg; ++op)
+      if (proto::is_request(op)) CHECK(op_name(op) == proto::msg_name(op));
+  }
+
   TEST_CASE("a refill cut short counts as a failure; a refused header is not timed; connections are counted") {
     metrics_sample s;
     s.valid = true;

@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "shm/control_client.hpp"
-#include "shm/control_protocol.hpp"
+#include "proto/control_client.hpp"
+#include "proto/control_protocol.hpp"
 
 namespace shmalloc::test {
 

@@ -15,7 +15,7 @@
 #include "cache/layout.hpp"
 #include "service/daemon.hpp"
 #include "service/request_handler.hpp"
-#include "shm/control_client.hpp"
+#include "proto/control_client.hpp"
 #include "shm/mspan.hpp"
 #include "shm/profile.hpp"
 #include "shm/verify.hpp"
@@ -694,6 +694,43 @@ TEST_SUITE("request_handler") {
     CHECK(ask(rh, greedy, msg::cache_open).status == errc::ok);
     rh.disconnect(greedy);
     rh.disconnect(other);
+  }
+
+  TEST_CASE("a reattach passes the old group's cache slots only within max-caches-per-client, and its spans always") {
+    test::test_heap t;
+    handler_settings settings;
+    settings.max_caches_per_client = 3;
+    std::uint32_t old_id = 0;
+    std::uint64_t token = 0;
+    std::vector<std::uint32_t> spans;
+    {
+      request_handler before(*t.heap, settings);  // the daemon that stops, keeping the heap
+      client_state x;
+      token = say_hello(before, x);
+      old_id = x.id;
+      REQUIRE(ask(before, x, msg::cache_open).status == errc::ok);
+      REQUIRE(ask(before, x, msg::cache_open).status == errc::ok);  // three slots: the most it may hold
+      spans = refill(before, x, span_class::make(5, false).value, 2);
+      before.leave(x);
+    }
+    request_handler rh(*t.heap, settings);
+    rh.adopt_orphans();
+    client_state x2;
+    say_hello(rh, x2);  // one slot of its own: three more would make four
+    REQUIRE(rh.orphan_groups() == 1);
+    const auto frame = proto::make_request(msg::reattach, 7, proto::encode(proto::reattach_msg{old_id, token, spans}));
+    const reply r = rh.handle(x2, proto::decode_header(frame.data()),
+                              std::span<const std::uint8_t>(frame).subspan(proto::header_bytes));
+    CHECK(proto::decode_header(r.frame.data()).status == static_cast<std::uint32_t>(errc::ok));
+    CHECK(r.shortfall == errc::quota_exceeded);
+    CHECK(1 + x2.extra_slots.size() <= settings.max_caches_per_client);
+    CHECK(x2.spans.size() == spans.size());  // the spans are the client's whatever its slots
+    CHECK(rh.orphan_groups() == 1);           // the slots wait with the group, under the old id
+    rh.disconnect(x2);
+    rh.expire_orphans(0);
+    CHECK(rh.orphan_groups() == 0);
+    const verify_report v = verify_heap(*t.heap);
+    CHECK_MESSAGE(v.ok(), v.summary());
   }
 
   TEST_CASE("a refill cut short by the quota hands over what it carved") {

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "shm/control_protocol.hpp"
+#include "proto/control_protocol.hpp"
 #include "shm/errc.hpp"
 
 namespace shmalloc {

@@ -1,4 +1,4 @@
-#include "shm/control_client.hpp"
+#include "proto/control_client.hpp"
 
 #include <poll.h>
 #include <sys/socket.h>

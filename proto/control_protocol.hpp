@@ -13,10 +13,12 @@
 // A reply's payload starts with u16 n + n bytes of message text (empty on
 // success), then the reply's body. Decoders check every length and range and
 // that the payload is consumed exactly: every byte from a peer is untrusted.
-// This header belongs to shm/ because both sides must agree on it; it does
-// not depend on Asio.
+// proto/ sits above the heap (shm/) and uses only its header-only facts
+// (size classes, layout constants) and its error codes, so shmallocctl
+// links it without the heap; it does not depend on Asio.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <span>
@@ -26,6 +28,8 @@
 #include <vector>
 
 #include "shm/errc.hpp"
+#include "proto/identity.hpp"
+#include "proto/wire.hpp"
 
 namespace shmalloc::proto {
 
@@ -35,51 +39,135 @@ inline constexpr std::uint32_t max_payload = 64 * 1024;
 inline constexpr std::size_t max_name = 64;          // process and root names
 inline constexpr std::size_t max_host = 64;          // a hostname (Linux's HOST_NAME_MAX)
 inline constexpr std::size_t max_container = 64;     // a container id: docker's 64 hex digits at most
+inline constexpr std::size_t max_root_name = 63;     // layout.hpp's root_name_bytes, less the NUL
+inline constexpr std::size_t max_heap_name = 255;    // a shm_open name
+inline constexpr std::size_t max_class_rows = 67;    // size classes 1..67 (size_classes.hpp)
 inline constexpr std::uint16_t max_refill = 64;       // spans per refill
 inline constexpr std::uint16_t max_release = 1024;    // spans per release
 
-enum class msg : std::uint16_t {
-  hello = 1,        // c->d  u32 layout_version, u32 pid, str name [, str host, str container]
-  welcome = 2,      // d->c  u32 client_id, u32 cache_slot, u64 instance_id, u32 layout_version,
-                    //       u32 page_size, u64 size_class_checksum, u64 capacity, str heap_name
-  refill = 3,       // c->d  u8 span_class, u16 count
-  spans = 4,        // d->c  u16 count, count x u32 span_id
-  release = 5,      // c->d  u16 count, count x u32 span_id
-  alloc_large = 6,  // c->d  u64 bytes, u8 noscan
-  large = 7,        // d->c  u32 span_id, u64 handle
-  free_large = 8,   // c->d  u64 handle
-  stats = 9,        // c->d  (empty)
-  stats_reply = 10, // d->c  u16 count, count x u64 (stats_fields order)
-  bye = 11,         // c->d  (empty); the daemon replies ok and closes
-  ok = 12,          // d->c  (no body)
-  shutdown = 13,    // d->c  unsolicited: the daemon is stopping
-  reattach = 14,    // c->d  u32 old_client_id, u16 count, count x u32 span_id; reply: spans (those taken)
-  cache_open = 15,  // c->d  (empty): a cache slot for one more thread; reply cache_slot
-  cache_slot = 16,  // d->c  u32 slot
-  cache_close = 17, // c->d  u32 slot: the thread is gone; its counters are retired; reply ok
-  publish = 18,     // c->d  str name, u64 handle; reply ok
-  lookup = 19,      // c->d  str name; reply root
-  root = 20,        // d->c  u64 handle
-  unpublish = 21,   // c->d  str name; reply ok
-  // Read-only reports for observers (shmallocctl); like stats, allowed before hello.
-  classes = 22,      // c->d  (empty); reply class_table
-  class_table = 23,  // d->c  u16 count (<= 67), count x class_row, by class
-  clients = 24,      // c->d  (empty) or u8 client_rows; reply client_table
-  client_table = 25, // d->c  u32 total, u16 count (<= total), count x client_row (in the format asked), by id:
-                     //       as many as fit one frame
-  pages = 26,        // c->d  (empty); reply page_table
-  page_table = 27,   // d->c  u16 count, count x u64 (SHMALLOC_PROTO_PAGES order)
-  caches = 28,       // c->d  (empty); reply cache_table
-  cache_table = 29,  // d->c  u32 total, u16 count (<= total), count x cache_row, by name: as many as fit one frame
-  advise = 30,       // c->d  (empty); reply advise_table
-  advise_table = 31, // d->c  u64 heap_inuse_bytes, u16 count (<= 67), count x advise_row, by class
-  leaks = 32,        // c->d  (empty) or u32 window_s; reply leak_table
-  leak_table = 33,   // d->c  u64 window_ns, u32 total, u16 count (<= total), count x leak_row: top growers first,
-                     //       as many as fit one frame
-  leak_sites = 34,   // c->d  u64 older_than_ns; reply site_table
-  site_table = 35,   // d->c  u32 capacity, u32 live, u16 count (<= max_site_rows), count x site_row: the most
-                     //       estimated bytes first
+// The message table: every message once, by number. From it come the msg
+// enum, each message's name (the metrics' op label), who may send it and what
+// answers it; request_handler dispatches request `name` to on_name. A new
+// message is one line here, its handler, and its body's encode and decode.
+// Bodies (docs/protocol.md has the rows' layouts):
+//   hello        u32 layout_version, u32 pid, str name [, str host, str container]
+//   welcome      u32 client_id, u32 cache_slot, u64 instance_id, u32 layout_version, u32 page_size,
+//                u64 size_class_checksum, u64 capacity, str heap_name, u64 reattach_token
+//   refill       u8 span_class, u16 count
+//   spans        u16 count, count x u32 span_id
+//   release      u16 count, count x u32 span_id
+//   alloc_large  u64 bytes, u8 noscan
+//   large        u32 span_id, u64 handle
+//   free_large   u64 handle
+//   stats_reply  u16 count, count x u64 (SHMALLOC_PROTO_STATS order)
+//   shutdown     unsolicited: the daemon is stopping
+//   reattach     u32 old_client_id, u64 token, u16 count, count x u32 span_id; reply: the spans taken
+//   cache_open   (empty): a cache slot for one more thread
+//   cache_slot   u32 slot
+//   cache_close  u32 slot: the thread is gone; its counters are retired
+//   publish      str name, u64 handle
+//   lookup, unpublish  str name
+//   root         u64 handle
+//   class_table  u16 count (<= 67), count x class_row, by class
+//   clients      (empty) or u8 client_rows
+//   client_table u32 total, u16 count (<= total), count x client_row (in the format asked), by id: as many
+//                as fit one frame
+//   page_table   u16 count, count x u64 (SHMALLOC_PROTO_PAGES order)
+//   cache_table  u32 total, u16 count (<= total), count x cache_row, by name: as many as fit one frame
+//   advise_table u64 heap_inuse_bytes, u16 count (<= 67), count x advise_row, by class
+//   leaks        (empty) or u32 window_s
+//   leak_table   u64 window_ns, u32 total, u16 count (<= total), count x leak_row: top growers first, as
+//                many as fit one frame
+//   leak_sites   u64 older_than_ns
+//   site_table   u32 capacity, u32 live, u16 count (<= max_site_rows), count x site_row: the most
+//                estimated bytes first
+// The rest have empty bodies.
+//
+// Requests, X(name, number, reply, sender): sender says who may send it
+// (the sender enum below).
+#define SHMALLOC_PROTO_REQUESTS(X)               \
+  X(hello, 1, welcome, greeting)                 \
+  X(refill, 3, spans, client)                    \
+  X(release, 5, ok, client)                      \
+  X(alloc_large, 6, large, client)               \
+  X(free_large, 8, ok, client)                   \
+  X(stats, 9, stats_reply, observer)             \
+  X(bye, 11, ok, client)                         \
+  X(reattach, 14, spans, client)                 \
+  X(cache_open, 15, cache_slot, client)          \
+  X(cache_close, 17, ok, client)                 \
+  X(publish, 18, ok, client)                     \
+  X(lookup, 19, root, client)                    \
+  X(unpublish, 21, ok, client)                   \
+  X(classes, 22, class_table, observer)          \
+  X(clients, 24, client_table, observer)         \
+  X(pages, 26, page_table, observer)             \
+  X(caches, 28, cache_table, observer)           \
+  X(advise, 30, advise_table, observer)          \
+  X(leaks, 32, leak_table, observer)             \
+  X(leak_sites, 34, site_table, observer)
+// The daemon's replies and notices, X(name, number).
+#define SHMALLOC_PROTO_REPLIES(X)                                                              \
+  X(welcome, 2) X(spans, 4) X(large, 7) X(stats_reply, 10) X(ok, 12) X(shutdown, 13)          \
+  X(cache_slot, 16) X(root, 20) X(class_table, 23) X(client_table, 25) X(page_table, 27)      \
+  X(cache_table, 29) X(advise_table, 31) X(leak_table, 33) X(site_table, 35)
+
+// Who may send a message.
+enum class sender : std::uint8_t {
+  daemon,    // a reply or notice: never a request
+  greeting,  // hello: the first request of a client
+  client,    // a client's, after its hello
+  observer,  // a read-only report: anyone, before hello too (shmallocctl need not register)
 };
+
+enum class msg : std::uint16_t {
+#define SHMALLOC_X(name, number, ...) name = number,
+  SHMALLOC_PROTO_REQUESTS(SHMALLOC_X) SHMALLOC_PROTO_REPLIES(SHMALLOC_X)
+#undef SHMALLOC_X
+};
+
+// The highest message number: per-message arrays have max_msg + 1 rows.
+inline constexpr std::uint16_t max_msg = std::max({
+#define SHMALLOC_X(name, number, ...) std::uint16_t{number},
+    SHMALLOC_PROTO_REQUESTS(SHMALLOC_X) SHMALLOC_PROTO_REPLIES(SHMALLOC_X)
+#undef SHMALLOC_X
+});
+
+// Who may send type: daemon for replies and for numbers no message has.
+constexpr sender sender_of(std::uint16_t type) noexcept {
+  switch (static_cast<msg>(type)) {
+#define SHMALLOC_X(name, number, reply, who) \
+  case msg::name: return sender::who;
+    SHMALLOC_PROTO_REQUESTS(SHMALLOC_X)
+#undef SHMALLOC_X
+    default: return sender::daemon;
+  }
+}
+constexpr bool is_request(std::uint16_t type) noexcept { return sender_of(type) != sender::daemon; }
+// Reports that change nothing, so observers need not say hello first.
+constexpr bool read_only(std::uint16_t type) noexcept { return sender_of(type) == sender::observer; }
+
+// The message that answers a request (ok for anything else).
+constexpr msg reply_of(msg type) noexcept {
+  switch (type) {
+#define SHMALLOC_X(name, number, reply, who) \
+  case msg::name: return msg::reply;
+    SHMALLOC_PROTO_REQUESTS(SHMALLOC_X)
+#undef SHMALLOC_X
+    default: return msg::ok;
+  }
+}
+
+// A message's name as the table spells it; empty for a number no message has.
+constexpr std::string_view msg_name(std::uint16_t type) noexcept {
+  switch (static_cast<msg>(type)) {
+#define SHMALLOC_X(name, ...) \
+  case msg::name: return #name;
+    SHMALLOC_PROTO_REQUESTS(SHMALLOC_X) SHMALLOC_PROTO_REPLIES(SHMALLOC_X)
+#undef SHMALLOC_X
+  }
+  return {};
+}
 
 struct frame_header {
   std::uint32_t length = 0;
@@ -93,40 +181,6 @@ void encode_header(const frame_header& h, std::uint8_t out[header_bytes]) noexce
 frame_header decode_header(const std::uint8_t in[header_bytes]) noexcept;
 // Why a header cannot be accepted (bad length or version), or empty.
 std::string check_header(const frame_header& h);
-
-// Little-endian payload writer.
-class writer {
- public:
-  writer& u8(std::uint8_t v);
-  writer& u16(std::uint16_t v);
-  writer& u32(std::uint32_t v);
-  writer& u64(std::uint64_t v);
-  writer& str(const std::string& s);  // u16 length + bytes
-  std::vector<std::uint8_t>& bytes() noexcept { return buf_; }
-
- private:
-  std::vector<std::uint8_t> buf_;
-};
-
-// Bounds-checked reader; any short read sets failed() and yields zeros.
-class reader {
- public:
-  explicit reader(std::span<const std::uint8_t> in) noexcept : in_(in) {}
-  std::uint8_t u8() noexcept;
-  std::uint16_t u16() noexcept;
-  std::uint32_t u32() noexcept;
-  std::uint64_t u64() noexcept;
-  std::string str(std::size_t max_len);
-  bool failed() const noexcept { return failed_; }
-  // True when everything was read and nothing is left over.
-  bool done() const noexcept { return !failed_ && pos_ == in_.size(); }
-
- private:
-  bool take(std::size_t n) noexcept;
-  std::span<const std::uint8_t> in_;
-  std::size_t pos_ = 0;
-  bool failed_ = false;
-};
 
 // --- Messages ---------------------------------------------------------------
 
@@ -146,25 +200,11 @@ struct hello_msg {
   std::string host;       // the client's hostname (that of its UTS namespace)
   std::string container;  // its container's id, short (12 hex digits, as docker ps shows it), or empty
 };
-// A host or container field fit to go in hello (and to be shown to an
-// operator): at most max bytes, each printable ASCII, no space. Empty is valid.
-bool valid_identity(std::string_view s, std::size_t max) noexcept;
-// s made valid: cut to max bytes, every other byte replaced by '?'.
-std::string identity_text(std::string_view s, std::size_t max);
-// The short id (the first 12 of 64 hex digits) of the container that a
-// /proc/self/cgroup names, or empty: docker's cgroup v1 paths
-// (".../docker/<id>"), cgroup v2 with the systemd driver
-// ("/system.slice/docker-<id>.scope"; also cri-containerd-, crio- and
-// libpod- scopes) or cgroupfs ("/docker/<id>"). With a private cgroup
-// namespace (docker's default on cgroup v2) the file says "0::/": empty.
-std::string container_from_cgroup(std::string_view cgroup);
-// The same from a /proc/self/mountinfo: the runtime bind-mounts
-// /etc/hostname, /etc/hosts and /etc/resolv.conf from its directory for the
-// container (".../containers/<id>/hostname" for docker,
-// ".../overlay-containers/<id>/userdata/hostname" for podman), whatever the
-// cgroup namespace. Only those mount points count: the host's mount table
-// names every container's directory too (their /dev/shm mounts).
-std::string container_from_mountinfo(std::string_view mountinfo);
+template <>
+struct wire<hello_msg> {  // then host and container, optional (encode, decode_hello)
+  static constexpr std::tuple fields{field{"layout_version", &hello_msg::layout_version},
+                                     field{"pid", &hello_msg::pid}, field{"name", &hello_msg::name, max_name}};
+};
 struct welcome_msg {
   std::uint32_t client_id = 0;
   std::uint32_t cache_slot = 0;
@@ -178,9 +218,26 @@ struct welcome_msg {
   // must show it to take over this client's spans and cache slots.
   std::uint64_t reattach_token = 0;
 };
+template <>
+struct wire<welcome_msg> {
+  static constexpr std::tuple fields{
+      field{"client_id", &welcome_msg::client_id},
+      field{"cache_slot", &welcome_msg::cache_slot},
+      field{"instance_id", &welcome_msg::instance_id},
+      field{"layout_version", &welcome_msg::layout_version},
+      field{"page_size", &welcome_msg::page_size},
+      field{"size_class_checksum", &welcome_msg::size_class_checksum},
+      field{"capacity", &welcome_msg::capacity},
+      field{"heap_name", &welcome_msg::heap_name, max_heap_name},
+      field{"reattach_token", &welcome_msg::reattach_token}};
+};
 struct refill_msg {
   std::uint8_t span_class = 0;
   std::uint16_t count = 0;
+};
+template <>
+struct wire<refill_msg> {
+  static constexpr std::tuple fields{field{"span_class", &refill_msg::span_class}, field{"count", &refill_msg::count}};
 };
 struct span_list_msg {  // spans (reply) and release (request)
   std::vector<std::uint32_t> span_ids;
@@ -194,31 +251,55 @@ struct alloc_large_msg {
   std::uint64_t bytes = 0;
   bool noscan = false;
 };
+template <>
+struct wire<alloc_large_msg> {
+  static constexpr std::tuple fields{field{"bytes", &alloc_large_msg::bytes}, field{"noscan", &alloc_large_msg::noscan}};
+};
 struct large_msg {
   std::uint32_t span_id = 0;
   std::uint64_t handle = 0;
 };
+template <>
+struct wire<large_msg> {
+  static constexpr std::tuple fields{field{"span_id", &large_msg::span_id}, field{"handle", &large_msg::handle}};
+};
 struct slot_msg {  // cache_slot (reply) and cache_close (request)
   std::uint32_t slot = 0;
+};
+template <>
+struct wire<slot_msg> {
+  static constexpr std::tuple fields{field{"slot", &slot_msg::slot}};
 };
 struct root_msg {  // publish (name and handle), lookup and unpublish (name only), root (handle only)
   std::string name;
   std::uint64_t handle = 0;
 };
+template <>
+struct wire<root_msg> {  // publish's body
+  static constexpr std::tuple fields{field{"name", &root_msg::name, max_root_name}, field{"handle", &root_msg::handle}};
+};
 struct free_large_msg {
   std::uint64_t handle = 0;
 };
+template <>
+struct wire<free_large_msg> {
+  static constexpr std::tuple fields{field{"handle", &free_large_msg::handle}};
+};
 
 // The daemon's stats reply, in this order (shmallocctl stats prints them).
-#define SHMALLOC_PROTO_STATS(X)                                   \
-  X(heap_sys_bytes) X(heap_inuse_bytes) X(heap_idle_bytes)        \
-  X(heap_released_bytes) X(heap_alloc_bytes) X(heap_unused_bytes) \
-  X(heap_objects) X(mallocs_total) X(frees_total)                 \
-  X(large_objects) X(large_bytes)                                 \
-  X(mspan_inuse_bytes) X(mspan_sys_bytes) X(metadata_sys_bytes)   \
-  X(clients) X(reclaimed_bytes_total) X(scavenged_bytes_total)    \
-  X(grow_failures) X(capacity_bytes) X(control_requests_total)    \
-  X(metrics_port)
+// Each counter is named once, by where the daemon takes it from: MEM a
+// heap_memstats field, CENSUS a heap_census function (shm/memstats.hpp),
+// DAEMON the daemon's own (request_handler::stats).
+#define SHMALLOC_PROTO_STATS_BY_SOURCE(MEM, CENSUS, DAEMON)                      \
+  MEM(heap_sys_bytes) MEM(heap_inuse_bytes) MEM(heap_idle_bytes)               \
+  MEM(heap_released_bytes) CENSUS(heap_alloc_bytes) CENSUS(heap_unused_bytes)  \
+  CENSUS(heap_objects) CENSUS(mallocs_total) CENSUS(frees_total)               \
+  MEM(large_objects) MEM(large_bytes)                                          \
+  MEM(mspan_inuse_bytes) MEM(mspan_sys_bytes) MEM(metadata_sys_bytes)          \
+  DAEMON(clients) MEM(reclaimed_bytes_total) MEM(scavenged_bytes_total)        \
+  MEM(grow_failures) MEM(capacity_bytes) DAEMON(control_requests_total)        \
+  DAEMON(metrics_port)
+#define SHMALLOC_PROTO_STATS(X) SHMALLOC_PROTO_STATS_BY_SOURCE(X, X, X)
 struct stats_msg {
 #define SHMALLOC_X(name) std::uint64_t name = 0;
   SHMALLOC_PROTO_STATS(SHMALLOC_X)
@@ -241,8 +322,21 @@ struct class_row {
   std::uint64_t mallocs = 0;
   std::uint64_t frees = 0;
 };
+template <>
+struct wire<class_row> {
+  static constexpr std::tuple fields{
+      field{"class", &class_row::size_class},        field{"object_size", &class_row::object_size},
+      field{"spans_partial", &class_row::spans_partial}, field{"spans_full", &class_row::spans_full},
+      field{"spans_cached", &class_row::spans_cached},  field{"objects_live", &class_row::objects_live},
+      field{"bytes_in_use", &class_row::bytes_in_use},  field{"bytes_wasted", &class_row::bytes_wasted},
+      field{"mallocs", &class_row::mallocs},            field{"frees", &class_row::frees}};
+};
 struct class_table_msg {
   std::vector<class_row> rows;  // strictly increasing size_class
+};
+template <>
+struct wire<class_table_msg> {
+  static constexpr std::tuple<> fields{};
 };
 
 // The rows a clients request asks for: its body is empty (basic) or one u8.
@@ -272,12 +366,27 @@ struct client_row {
   std::string host;
   std::string container;
 };
-inline constexpr std::size_t client_row_fixed_bytes = 4 + 4 + 2 + 8 + 8 + 4 + 4 + 8;
-inline constexpr std::size_t client_row_identity_fixed_bytes = 4 + 2 + 2;  // added by identity rows
-inline constexpr std::size_t client_table_header_bytes = 4 + 2;
+template <>
+struct wire<client_row> {
+  static constexpr std::tuple fields{
+      field{"id", &client_row::id},
+      field{"pid", &client_row::pid},
+      field{"name", &client_row::name, max_name},
+      field{"bytes_held", &client_row::bytes_held},
+      field{"objects_live", &client_row::objects_live},
+      field{"spans", &client_row::spans},
+      field{"large_objects", &client_row::large_objects},
+      field{"connected_unix_ns", &client_row::connected_unix_ns}};
+  // Added by identity rows.
+  static constexpr std::tuple identity_fields{field{"pid_in_client", &client_row::pid_in_client},
+                                              field{"host", &client_row::host, max_host},
+                                              field{"container", &client_row::container, max_container}};
+};
+// Bytes of a row with empty strings, and what identity rows add to that.
+inline constexpr std::size_t client_row_fixed_bytes = empty_fields_size<client_row>();
+inline constexpr std::size_t client_row_identity_fixed_bytes = empty_list_size(wire<client_row>::identity_fields);
 inline std::size_t encoded_size(const client_row& r, client_rows format = client_rows::basic) noexcept {
-  return client_row_fixed_bytes + r.name.size() +
-         (format == client_rows::identity ? client_row_identity_fixed_bytes + r.host.size() + r.container.size() : 0);
+  return fields_size(r) + (format == client_rows::identity ? list_size(r, wire<client_row>::identity_fields) : 0);
 }
 // The most a reply body may take: the payload limit less an empty message text.
 inline constexpr std::size_t max_reply_body = max_payload - 2;
@@ -286,6 +395,11 @@ struct client_table_msg {
   std::vector<client_row> rows;
   client_rows format = client_rows::basic;  // not sent: the request chose it
 };
+template <>
+struct wire<client_table_msg> {  // then rows, in the format asked
+  static constexpr std::tuple fields{field{"total", &client_table_msg::total}};
+};
+inline constexpr std::size_t client_table_header_bytes = empty_fields_size<client_table_msg>() + 2;  // its fields, the u16 count
 
 // The page map summarised (shm/memstats.hpp's page_census). A decoder checks
 // pages_in_use + pages_free + pages_released == pages_committed <= pages_capacity.
@@ -316,15 +430,23 @@ struct cache_row {
   SHMALLOC_PROTO_CACHE(SHMALLOC_X)
 #undef SHMALLOC_X
 };
-#define SHMALLOC_X(name) +8
-inline constexpr std::size_t cache_row_fixed_bytes = 2 SHMALLOC_PROTO_CACHE(SHMALLOC_X);  // the name's length, 8 a counter
+template <>
+struct wire<cache_row> {
+#define SHMALLOC_X(name) , field{#name, &cache_row::name}
+  static constexpr std::tuple fields{field{"name", &cache_row::name, max_cache_name} SHMALLOC_PROTO_CACHE(SHMALLOC_X)};
 #undef SHMALLOC_X
-inline constexpr std::size_t cache_table_header_bytes = 4 + 2;
-inline std::size_t encoded_size(const cache_row& r) noexcept { return cache_row_fixed_bytes + r.name.size(); }
+};
+inline constexpr std::size_t cache_row_fixed_bytes = empty_fields_size<cache_row>();  // with an empty name
+inline std::size_t encoded_size(const cache_row& r) noexcept { return fields_size(r); }
 struct cache_table_msg {
   std::uint32_t total = 0;  // caches in the heap; rows may hold fewer
   std::vector<cache_row> rows;  // strictly increasing names
 };
+template <>
+struct wire<cache_table_msg> {
+  static constexpr std::tuple fields{field{"total", &cache_table_msg::total}};
+};
+inline constexpr std::size_t cache_table_header_bytes = empty_fields_size<cache_table_msg>() + 2;  // its fields, the u16 count
 
 // One size class's sampled requested sizes (layout.hpp's request_stats,
 // summed over every cache slot and the retired ones) and what it holds:
@@ -344,9 +466,20 @@ struct advise_row {
     return n;
   }
 };
+template <>
+struct wire<advise_row> {
+  static constexpr std::tuple fields{
+      field{"class", &advise_row::size_class},         field{"object_size", &advise_row::object_size},
+      field{"objects_live", &advise_row::objects_live}, field{"bytes_in_use", &advise_row::bytes_in_use},
+      field{"buckets", &advise_row::buckets},           field{"requested_bytes", &advise_row::requested_bytes}};
+};
 struct advise_table_msg {
   std::uint64_t heap_inuse_bytes = 0;
   std::vector<advise_row> rows;  // strictly increasing size_class
+};
+template <>
+struct wire<advise_table_msg> {
+  static constexpr std::tuple fields{field{"heap_inuse_bytes", &advise_table_msg::heap_inuse_bytes}};
 };
 
 // A leaks request: the growth window in seconds (1..max_leak_window_s);
@@ -368,6 +501,10 @@ struct leak_class {
   std::uint8_t size_class = 0;
   std::uint64_t objects = 0;
 };
+template <>
+struct wire<leak_class> {
+  static constexpr std::tuple fields{field{"class", &leak_class::size_class}, field{"objects", &leak_class::objects}};
+};
 struct leak_row {
   std::uint32_t id = 0;
   std::uint32_t pid = 0;
@@ -381,16 +518,32 @@ struct leak_row {
   std::vector<leak_class> classes;
   std::int64_t growth() const noexcept { return static_cast<std::int64_t>(live_bytes - live_bytes_then); }
 };
-inline constexpr std::size_t leak_row_fixed_bytes = 4 + 4 + 2 + 8 + 8 + 8 + 8 + 4 + 8 + 1;
-inline constexpr std::size_t leak_table_header_bytes = 8 + 4 + 2;
-inline std::size_t encoded_size(const leak_row& r) noexcept {
-  return leak_row_fixed_bytes + r.name.size() + r.classes.size() * 9;
-}
+template <>
+struct wire<leak_row> {
+  static constexpr std::tuple fields{
+      field{"id", &leak_row::id},
+      field{"pid", &leak_row::pid},
+      field{"name", &leak_row::name, max_name},
+      field{"bytes_held", &leak_row::bytes_held},
+      field{"live_bytes", &leak_row::live_bytes},
+      field{"live_bytes_then", &leak_row::live_bytes_then},
+      field{"then_ago_ns", &leak_row::then_ago_ns},
+      field{"large_objects", &leak_row::large_objects},
+      field{"large_bytes", &leak_row::large_bytes},
+      field{"classes", &leak_row::classes, max_class_rows}};
+};
+inline constexpr std::size_t leak_row_fixed_bytes = empty_fields_size<leak_row>();  // no name, no classes
+inline std::size_t encoded_size(const leak_row& r) noexcept { return fields_size(r); }
 struct leak_table_msg {
   std::uint64_t window_ns = 0;
   std::uint32_t total = 0;  // clients connected; rows may hold fewer
   std::vector<leak_row> rows;  // the biggest growth first
 };
+template <>
+struct wire<leak_table_msg> {
+  static constexpr std::tuple fields{field{"window_ns", &leak_table_msg::window_ns}, field{"total", &leak_table_msg::total}};
+};
+inline constexpr std::size_t leak_table_header_bytes = empty_fields_size<leak_table_msg>() + 2;  // its fields, the u16 count
 
 // The live sampled allocations (SHMALLOC_PROFILE_RATE; shm/profile.hpp),
 // grouped by client and call stack: u32 client (the span's holder; 0: none,
@@ -416,10 +569,31 @@ struct site_row {
   std::vector<std::uint64_t> pc;   // innermost first
   std::vector<std::uint64_t> vma;  // as many as pc
 };
+// A site's frames: u8 count (<= max_site_frames), then (pc, vma) pairs.
+struct site_frames {
+  std::string_view name = "frames";
+  void put(writer& w, const site_row& r) const;
+  void get(reader& r, site_row& row) const;
+  std::size_t size(const site_row& r) const noexcept { return empty_size + 16 * r.pc.size(); }
+  static constexpr std::size_t empty_size = 1;
+};
+template <>
+struct wire<site_row> {
+  static constexpr std::tuple fields{
+      field{"client", &site_row::client},       field{"pid", &site_row::pid},
+      field{"samples", &site_row::samples},     field{"bytes", &site_row::bytes},
+      field{"estimated_bytes", &site_row::estimated_bytes}, field{"oldest_ns", &site_row::oldest_ns},
+      field{"newest_ns", &site_row::newest_ns}, field{"aged_bytes", &site_row::aged_bytes},
+      site_frames{}};
+};
 struct site_table_msg {
   std::uint32_t capacity = 0;  // entries of the heap's profile table
   std::uint32_t live = 0;      // entries holding a live sample (all of them, also those of rows left out)
   std::vector<site_row> rows;
+};
+template <>
+struct wire<site_table_msg> {
+  static constexpr std::tuple fields{field{"capacity", &site_table_msg::capacity}, field{"live", &site_table_msg::live}};
 };
 
 std::vector<std::uint8_t> encode(const hello_msg& m);
