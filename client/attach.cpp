@@ -293,6 +293,7 @@ void after_fork_in_child() noexcept {
   std::fill(std::begin(r.class_spans), std::end(r.class_spans), 0u);
   r.caches.clear();  // the parent's threads' (their memory is a copy no thread of ours uses)
   r.large_cache.clear();
+  r.large_cache_count = 0;
   r.large_cache_bytes = 0;
   r.deferred_large_frees.clear();  // the parent frees them
   r.attached = false;

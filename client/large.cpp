@@ -32,20 +32,16 @@ constexpr std::uint64_t large_cache_max_bytes = 64ULL << 20;
 // most a quarter bigger), or nullptr.
 void* take_cached_large(runtime& r, std::size_t size) noexcept {
   const std::uint64_t need = (size + page_size - 1) / page_size;
-  std::size_t best = r.large_cache.size();
-  for (std::size_t i = 0; i < r.large_cache.size(); ++i) {
-    const std::uint32_t n = r.large_cache[i].npages;
-    if (n >= need && n <= need + need / 4 && (best == r.large_cache.size() || n < r.large_cache[best].npages)) best = i;
-    if (n == need) break;
-  }
-  if (best != r.large_cache.size()) {
-    const std::size_t i = best;
-    const runtime::cached_large c = r.large_cache[i];
-    r.large_cache.erase(r.large_cache.begin() + static_cast<std::ptrdiff_t>(i));
+  for (auto it = r.large_cache.lower_bound(static_cast<std::uint32_t>(std::min<std::uint64_t>(need, ~0u)));
+       it != r.large_cache.end() && it->first <= need + need / 4; it = r.large_cache.lower_bound(it->first)) {
+    const runtime::cached_large c = it->second.back();
+    it->second.pop_back();
+    if (it->second.empty()) r.large_cache.erase(it);
+    --r.large_cache_count;
     r.large_cache_bytes -= std::uint64_t{c.npages} * page_size;
     if (!still_ours(r, c)) {
       r.held.erase(c.span);
-      return take_cached_large(r, size);
+      continue;
     }
     mspan& s = g_view.span(span_id{c.span});
     SHMALLOC_CRASH_POINT("large.cache_take");
@@ -59,15 +55,18 @@ void* take_cached_large(runtime& r, std::size_t size) noexcept {
 // the cache has room; false otherwise.
 bool cache_large(runtime& r, void* p, const mspan& s) noexcept {
   const std::uint32_t id = g_view.span_id_of(s).value;
-  for (const auto& c : r.large_cache)
-    if (c.span == id) bad_free(p, "double free (of a large object)");
+  // One of ours cached is free in the heap's eyes (below): freeing it again
+  // is a double free. (Another process's second free of it goes to the
+  // daemon, and our trim drops it: still_ours.)
+  if (s.owner_client == r.client_id && !is_allocated(s, 0)) bad_free(p, "double free (of a large object)");
   const std::uint64_t bytes = std::uint64_t{s.npages} * page_size;
-  if (s.owner_client != r.client_id || r.large_cache.size() >= large_cache_entries ||
+  if (s.owner_client != r.client_id || r.large_cache_count >= large_cache_entries ||
       r.large_cache_bytes + bytes > large_cache_max_bytes)
     return false;
   // Constructed in place: a braced temporary is built on the stack in pieces and
   // copied out whole, which stalls on store forwarding (2 ns a free).
-  r.large_cache.emplace_back(id, s.npages, s.start.value, r.trim_epoch.load(std::memory_order_relaxed));
+  r.large_cache[s.npages].emplace_back(id, s.npages, s.start.value, r.trim_epoch.load(std::memory_order_relaxed));
+  ++r.large_cache_count;
   r.large_cache_bytes += bytes;
   // Free in the heap's eyes while it waits here, so that if this process
   // dies the daemon frees it instead of keeping it as a live object

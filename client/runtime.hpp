@@ -71,6 +71,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -163,7 +164,10 @@ struct runtime {
     std::uint32_t start;  // first page
     std::uint32_t epoch;  // trim_epoch when it was freed
   };
-  std::vector<cached_large> large_cache;
+  // By pages, the most recently freed last: a request takes the smallest
+  // size that fits, in O(log sizes).
+  std::map<std::uint32_t, std::vector<cached_large>> large_cache;
+  std::size_t large_cache_count = 0;
   std::uint64_t large_cache_bytes = 0;
   // Handles of large objects freed while the daemon was away (a restart):
   // freed by the next reconnect.

@@ -5,7 +5,9 @@
 // large objects); shmalloc_trim gives back everything at once, and detach
 // every cached large object (flush_large_cache).
 #include <atomic>
+#include <iterator>
 #include <mutex>
+#include <vector>
 
 #include "client/runtime.hpp"
 #include "shm/crash_point.hpp"
@@ -20,12 +22,20 @@ namespace {
 // does not want kept.
 template <class Keep>
 void trim_large_cache(runtime& r, Keep keep) {
-  std::size_t kept = 0;
-  for (const auto& c : r.large_cache) {
-    if (keep(c)) {
-      r.large_cache[kept++] = c;
-      continue;
+  std::vector<runtime::cached_large> gone;
+  for (auto it = r.large_cache.begin(); it != r.large_cache.end();) {
+    std::size_t kept = 0;
+    for (const auto& c : it->second) {
+      if (keep(c))
+        it->second[kept++] = c;
+      else
+        gone.push_back(c);
     }
+    it->second.resize(kept);
+    it = kept == 0 ? r.large_cache.erase(it) : std::next(it);
+  }
+  r.large_cache_count -= gone.size();
+  for (const auto& c : gone) {
     r.large_cache_bytes -= std::uint64_t{c.npages} * page_size;
     if (!still_ours(r, c)) {  // freed twice elsewhere: not ours to free again
       r.held.erase(c.span);
@@ -35,7 +45,6 @@ void trim_large_cache(runtime& r, Keep keep) {
     SHMALLOC_CRASH_POINT("trim.large_free");
     if (request_locked(r, proto::msg::free_large, proto::encode(proto::free_large_msg{h}))) r.held.erase(c.span);
   }
-  r.large_cache.resize(kept);
 }
 
 }  // namespace
