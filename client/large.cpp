@@ -91,6 +91,9 @@ SHMALLOC_SLOW_PATH void* take_large(std::size_t size, bool noscan) noexcept {
   tsan_acquire_cross_process();  // as for a refill: its pages may have held pushed objects
   SHMALLOC_CRASH_POINT("large.alloc_reply");
   r.held.insert(large->span_id);
+  // The daemon hands it over free (on_alloc_large): a death before this
+  // store lets the daemon's reclaim free it; from here it is the caller's.
+  g_view.span(span_id{large->span_id}).alloc_bits[0] |= 1;
   return g_view.pointer(large->handle);
 }
 
