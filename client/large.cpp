@@ -125,6 +125,7 @@ SHMALLOC_SLOW_PATH void* alloc_large(std::size_t size, bool noscan) noexcept {
 SHMALLOC_SLOW_PATH void free_large(void* p, mspan& s) noexcept {
   runtime& r = rt();
   const std::uint64_t bytes = object_bytes(s);
+  mcache* mc = ensure_cache();
   {
     std::lock_guard lock(r.mu);
     const std::uint64_t h = g_view.handle_of(p);
@@ -132,6 +133,14 @@ SHMALLOC_SLOW_PATH void free_large(void* p, mspan& s) noexcept {
       bad_free(p, "double free (of a large object)");
     profile_release(g_view, s);  // before it is cached or freed: a sample is a live object
     const bool up = r.attached || attach_locked(r, nullptr) == 0;
+    // Counted before it is free in the heap's eyes: a process that dies
+    // once its request is written still has it freed (the daemon reads
+    // what a dead peer sent), and counting after the reply lost the count.
+    if (mc != nullptr) {
+      bump(mc->stats->large_frees, std::uint64_t{1});
+      bump(mc->stats->large_free_bytes, bytes);
+    }
+    SHMALLOC_CRASH_POINT("large.free_counted");
     if (!cache_large(r, p, s)) {
       if (!up) {
         r.deferred_large_frees.push_back(h);  // the daemon is away: freed when the library reconnects
@@ -151,10 +160,6 @@ SHMALLOC_SLOW_PATH void free_large(void* p, mspan& s) noexcept {
     if (const std::uint64_t decay = g_cache_decay_ns.load(std::memory_order_relaxed);
         ++r.large_calls % trim_check_every == 0 && decay != never)
       trim_process_if_due_locked(r, decay, now_ns());
-  }
-  if (mcache* mc = ensure_cache(); mc != nullptr) {
-    bump(mc->stats->large_frees, std::uint64_t{1});
-    bump(mc->stats->large_free_bytes, bytes);
   }
 }
 
