@@ -55,9 +55,20 @@ void* take_cached_large(runtime& r, std::size_t size) noexcept {
   return nullptr;
 }
 
+// A large object's free, counted in the freeing thread's block (if it has
+// one) just before the object is free in the heap's eyes: a death between
+// the two is a few instructions; counting after the daemon's reply lost the
+// count of every free whose process died waiting for it (the daemon still
+// frees what a dead peer's request asked).
+void count_large_free(mcache* mc, std::uint64_t object_bytes) noexcept {
+  if (mc == nullptr) return;
+  bump(mc->stats->large_frees, std::uint64_t{1});
+  bump(mc->stats->large_free_bytes, object_bytes);
+}
+
 // REQUIRES: r.mu held. Keeps a large object this process allocated, if
-// the cache has room; false otherwise.
-bool cache_large(runtime& r, void* p, const mspan& s) noexcept {
+// the cache has room (and counts its free); false otherwise.
+bool cache_large(runtime& r, void* p, const mspan& s, mcache* mc, std::uint64_t object_bytes) noexcept {
   const std::uint32_t id = g_view.span_id_of(s).value;
   for (const auto& c : r.large_cache)
     if (c.span == id) bad_free(p, "double free (of a large object)");
@@ -65,15 +76,17 @@ bool cache_large(runtime& r, void* p, const mspan& s) noexcept {
   if (s.owner_client != r.client_id || r.large_cache.size() >= large_cache_entries ||
       r.large_cache_bytes + bytes > large_cache_max_bytes)
     return false;
+  count_large_free(mc, object_bytes);
+  // Free in the heap's eyes while it waits here, so that if this process
+  // dies the daemon frees it instead of keeping it as a live object
+  // (request_handler::reclaim); its holder writes a span's alloc bits.
+  // Before it is listed: a death in between leaves it to that reclaim too.
+  g_view.span(span_id{id}).alloc_bits[0] &= ~std::uint64_t{1};
+  SHMALLOC_CRASH_POINT("large.cache_put");
   // Constructed in place: a braced temporary is built on the stack in pieces and
   // copied out whole, which stalls on store forwarding (2 ns a free).
   r.large_cache.emplace_back(id, s.npages, s.start.value, r.trim_epoch.load(std::memory_order_relaxed));
   r.large_cache_bytes += bytes;
-  // Free in the heap's eyes while it waits here, so that if this process
-  // dies the daemon frees it instead of keeping it as a live object
-  // (request_handler::reclaim); its holder writes a span's alloc bits.
-  SHMALLOC_CRASH_POINT("large.cache_put");
-  g_view.span(span_id{id}).alloc_bits[0] &= ~std::uint64_t{1};
   SHMALLOC_CRASH_POINT("large.cache_put_done");
   return true;
 }
@@ -133,15 +146,12 @@ SHMALLOC_SLOW_PATH void free_large(void* p, mspan& s) noexcept {
       bad_free(p, "double free (of a large object)");
     profile_release(g_view, s);  // before it is cached or freed: a sample is a live object
     const bool up = r.attached || attach_locked(r, nullptr) == 0;
-    // Counted before it is free in the heap's eyes: a process that dies
-    // once its request is written still has it freed (the daemon reads
-    // what a dead peer sent), and counting after the reply lost the count.
-    if (mc != nullptr) {
-      bump(mc->stats->large_frees, std::uint64_t{1});
-      bump(mc->stats->large_free_bytes, bytes);
-    }
-    SHMALLOC_CRASH_POINT("large.free_counted");
-    if (!cache_large(r, p, s)) {
+    if (!cache_large(r, p, s, mc, bytes)) {
+      count_large_free(mc, bytes);
+      // Ours: free in the heap's eyes before it is asked, so that a death
+      // before the request is written has the daemon's reclaim free it.
+      // Another process's object is lost by such a death (in flight).
+      if (s.owner_client == r.client_id) s.alloc_bits[0] &= ~std::uint64_t{1};
       if (!up) {
         r.deferred_large_frees.push_back(h);  // the daemon is away: freed when the library reconnects
       } else {
