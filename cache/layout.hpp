@@ -76,9 +76,9 @@
 // free: a few instructions (no store into the entry between), the same
 // promise the allocator makes. For a
 // large entry that holds across the daemon's round trips too: a new large
-// object is free in the heap's eyes until its reply is taken (a writer that
-// dies waiting has it freed by the daemon), and a free is done once its
-// request is written; the one round trip that can lose an entry is the free
+// object is free in the heap's eyes until the allocator returns it (a
+// writer that dies before has it freed by the daemon), and a free is done
+// once its request is written; the one round trip that can lose an entry is the free
 // of one another process allocated, if the freer dies before writing it.
 // tests/crash (cache writers) kills a writer at points of put, replace,
 // erase, retire and reclaim and finds nothing lost there.

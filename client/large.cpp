@@ -29,7 +29,8 @@ constexpr std::size_t large_cache_entries = 256;
 constexpr std::uint64_t large_cache_max_bytes = 64ULL << 20;
 
 // REQUIRES: r.mu held. The smallest cached large span of the right size (at
-// most a quarter bigger), or nullptr.
+// most a quarter bigger), or nullptr; still free in the heap's eyes (its
+// caller marks it).
 void* take_cached_large(runtime& r, std::size_t size) noexcept {
   const std::uint64_t need = (size + page_size - 1) / page_size;
   std::size_t best = r.large_cache.size();
@@ -47,10 +48,8 @@ void* take_cached_large(runtime& r, std::size_t size) noexcept {
       r.held.erase(c.span);
       return take_cached_large(r, size);
     }
-    mspan& s = g_view.span(span_id{c.span});
     SHMALLOC_CRASH_POINT("large.cache_take");
-    s.alloc_bits[0] |= 1;  // allocated again, before it is returned (cache_large)
-    return g_view.span_base(s);
+    return g_view.span_base(g_view.span(span_id{c.span}));
   }
   return nullptr;
 }
@@ -104,26 +103,30 @@ SHMALLOC_SLOW_PATH void* take_large(std::size_t size, bool noscan) noexcept {
   tsan_acquire_cross_process();  // as for a refill: its pages may have held pushed objects
   SHMALLOC_CRASH_POINT("large.alloc_reply");
   r.held.insert(large->span_id);
-  // The daemon hands it over free (on_alloc_large): a death before this
-  // store lets the daemon's reclaim free it; from here it is the caller's.
-  g_view.span(span_id{large->span_id}).alloc_bits[0] |= 1;
-  return g_view.pointer(large->handle);
+  return g_view.pointer(large->handle);  // free in the heap's eyes, as the daemon hands it over (on_alloc_large)
 }
 
 }  // namespace
 
+// The object is taken free in the heap's eyes (from the daemon or this
+// process's cache), counted, and marked allocated last, just before it is
+// returned: a process that dies before has the daemon's reclaim free it,
+// and what a death can lose is the few instructions from here to where the
+// caller stores the pointer (the shared cache's pending slot, say).
 SHMALLOC_SLOW_PATH void* alloc_large_unsampled(std::size_t size, bool noscan) noexcept {
   void* p = take_large(size, noscan);
   if (p == nullptr) return nullptr;
+  mspan& s = g_view.span(g_view.span_of(p));
+  SHMALLOC_CRASH_POINT("large.alloc_taken");
   // Counted in this thread's block, which a thread whose first object is
   // large must open (else a free counted elsewhere would leave it one short).
   if (mcache* mc = ensure_cache(); mc != nullptr) {
     bump(mc->stats->large_allocs, std::uint64_t{1});
-    SHMALLOC_CRASH_POINT("large.alloc_counted");
     // The span's pages, which a cached span may have more of than asked:
     // what its free counts.
-    bump(mc->stats->large_alloc_bytes, object_bytes(g_view.span(g_view.span_of(p))));
+    bump(mc->stats->large_alloc_bytes, object_bytes(s));
   }
+  s.alloc_bits[0] |= 1;
   return p;
 }
 

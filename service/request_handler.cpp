@@ -223,9 +223,9 @@ reply request_handler::on_alloc_large(client_state& c, const proto::frame_header
   auto id = heap_->alloc_large(m->bytes, m->noscan, c.id);
   if (!id) return error_reply(msg::large, h, id.code(), id.err().message);
   SHMALLOC_CRASH_POINT("handler.large_recorded");
-  // Free in the heap's eyes until the client has it (client/large.cpp sets
-  // the bit on the reply): a client that dies waiting for this reply leaves
-  // a span its reclaim frees, not one kept as another process's object.
+  // Free in the heap's eyes until the client hands it out (client/large.cpp
+  // sets the bit): a client that dies waiting for this reply leaves a span
+  // its reclaim frees, not one kept as another process's object.
   heap_->span(*id).alloc_bits[0] = 0;
   c.large.insert(id->value);
   c.bytes_held += bytes;
