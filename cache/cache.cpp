@@ -22,6 +22,7 @@
 #include <xxhash.h>
 
 #include "cache/layout.hpp"
+#include "shm/crash_point.hpp"
 #include "shm/size_classes.hpp"
 #include "shm/errc.hpp"
 #include "shmalloc/cache.h"
@@ -297,6 +298,7 @@ bool is_linked(shmalloc_cache* c, cache_shard& s, handle_t h) noexcept {
 void repair_shard(shmalloc_cache* c, cache_shard& s) {
   // No allocation here (a throw would leave the shard locked for good):
   // membership is asked of each entry's own chain.
+  SHMALLOC_CRASH_POINT("cache.repair");
   std::uint64_t items = 0, bytes = 0;
   for_each_linked(c, s, [&](std::uint32_t, handle_t e) {
     ++items;
@@ -367,6 +369,7 @@ void resolve_pending(shmalloc_cache* c, std::uint32_t index) {
       // Cleared before the free: a death between leaks the entry; the other
       // order would leave pending naming freed memory, freed again later.
       const bool linked = is_linked(c, s, p);
+      SHMALLOC_CRASH_POINT("cache.resolve_pending");
       r.pending.store(null_handle, release);
       std::atomic_signal_fence(std::memory_order_seq_cst);
       if (!linked) shmalloc_free(entry_at(c, p));
@@ -391,12 +394,14 @@ void retire(shmalloc_cache* c, cache_shard& s, shared_atomic<handle_t>* link, ha
   std::atomic_signal_fence(std::memory_order_seq_cst);  // a death sees these in this order
   s.retired = h;
   std::atomic_signal_fence(std::memory_order_seq_cst);
+  SHMALLOC_CRASH_POINT("cache.retire_pushed");
   if (replacement != null_handle) {
     link->store(replacement, release);
   } else {
     link->store(e->next.load(relaxed), release);
     add(s.items, -1);
   }
+  SHMALLOC_CRASH_POINT("cache.retire_unlinked");
   e->retire_epoch = c->header->epoch.fetch_add(1);
   add(s.bytes, -static_cast<std::int64_t>(e->charge));
   add(s.retired_items, 1);
@@ -515,6 +520,7 @@ void reclaim(shmalloc_cache* c, cache_shard& s) {
       link = &e->retired_next;
       continue;
     }
+    SHMALLOC_CRASH_POINT("cache.reclaim_entry");
     *link = e->retired_next;  // off the list before the free: a death between leaks, never double-frees
     std::atomic_signal_fence(std::memory_order_seq_cst);
     add(s.retired_items, -1);
@@ -537,6 +543,13 @@ int put(shmalloc_cache* c, const void* key, std::size_t len, const void* value, 
   if (b == nullptr) return rc;
   auto* e = static_cast<cache_entry*>(shmalloc_alloc(bytes));
   if (e == nullptr) return fail(errc::no_memory);
+  const handle_t h = handle_of(c, e);
+  // Pending before the first store into the entry: that store may fault its
+  // page in (microseconds on a new large object), and a death there must
+  // leave it to be freed, not leaked. Until its hash is stored a prober
+  // looks in whatever shard its old bytes name, and finds it in none.
+  b->slot->pending.store(h, release);
+  SHMALLOC_CRASH_POINT("cache.put_pending");
   e->hash = hash_key(key, len);
   e->key_len = static_cast<std::uint32_t>(len);
   e->value_len = static_cast<std::uint32_t>(value_len);
@@ -545,15 +558,17 @@ int put(shmalloc_cache* c, const void* key, std::size_t len, const void* value, 
   e->expires_ns = ttl_ms == 0 ? 0 : now_ns() + std::min(ttl_ms, max_ttl_ms) * 1'000'000;
   e->referenced.store(0, relaxed);
   e->next.store(null_handle, relaxed);
-  const handle_t h = handle_of(c, e);
-  b->slot->pending.store(h, release);  // from here a death leaves it to be freed, not leaked
+  SHMALLOC_CRASH_POINT("cache.put_built");
   std::memcpy(const_cast<char*>(e->key()), key, len);
   if (value_len != 0) std::memcpy(const_cast<std::byte*>(e->value()), value, value_len);
   cache_shard& s = c->header->shards[shard_index(e->hash)];
   lock_shard(c, s, b->index);
+  SHMALLOC_CRASH_POINT("cache.put_locked");
   if (ttl_ms != 0 && s.has_ttl == 0) s.has_ttl = 1;
   link_entry(c, s, h);
+  SHMALLOC_CRASH_POINT("cache.put_linked");
   b->slot->pending.store(null_handle, release);
+  SHMALLOC_CRASH_POINT("cache.put_done");
   add(s.puts, 1);
   evict(c, s);
   if (reclaim_due(c, s)) reclaim(c, s);
@@ -568,6 +583,7 @@ int erase(shmalloc_cache* c, const void* key, std::size_t len) {
   const std::uint64_t h = hash_key(key, len);
   cache_shard& s = c->header->shards[shard_index(h)];
   lock_shard(c, s, b->index);
+  SHMALLOC_CRASH_POINT("cache.erase_locked");
   rc = fail(errc::not_found);
   shared_atomic<handle_t>* link = &buckets_of(c, s)[bucket_index(c->header, h)];
   for (handle_t cur = link->load(relaxed); cur != null_handle; cur = link->load(relaxed)) {

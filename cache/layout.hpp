@@ -53,10 +53,14 @@
 // (linking an entry, unlinking it, pushing it on the retire list) whose
 // order is chosen so that a death between two stores leaves a state the
 // repair recognises:
-//   put     the entry is built outside the lock, its handle stored in the
-//           writer's reader slot (pending) at once, then linked under the
-//           lock, and pending cleared. A dead slot's pending entry is freed
-//           if it is neither in its chain nor on the retire list.
+//   put     the entry's handle is stored in the writer's reader slot
+//           (pending) as the allocator returns it, before the first store
+//           into the entry (which may fault a page in: microseconds), then
+//           the entry is built outside the lock, linked under the lock, and
+//           pending cleared. A dead slot's pending entry is freed if it is
+//           neither in its chain nor on the retire list (an entry whose hash
+//           was never stored is looked for in the shard its old bytes name,
+//           and found in none).
 //   retire  (replace, erase, evict, expire) the entry is pushed on the retire
 //           list first, then unlinked. Repair drops from the retire list
 //           every entry still linked.
@@ -69,7 +73,15 @@
 // repair. Repair also recounts the shard's items and bytes from its chains. What a
 // death can still lose is the one object in flight between the allocator's
 // return and the pending store, or between leaving the retire list and the
-// free: a few instructions, the same promise the allocator makes.
+// free: a few instructions (no store into the entry between), the same
+// promise the allocator makes. For a
+// large entry that holds across the daemon's round trips too: a new large
+// object is free in the heap's eyes until the allocator returns it (a
+// writer that dies before has it freed by the daemon), and a free is done
+// once its request is written; the one round trip that can lose an entry is the free
+// of one another process allocated, if the freer dies before writing it.
+// tests/crash (cache writers) kills a writer at points of put, replace,
+// erase, retire and reclaim and finds nothing lost there.
 //
 // Eviction is CLOCK per shard: a hit sets the entry's referenced byte (only
 // if clear, so hot entries do not bounce their line); a put that takes the

@@ -206,6 +206,10 @@ reply request_handler::on_alloc_large(client_state& c, const request& req) {
   auto id = heap_->alloc_large(m->bytes, m->noscan, c.id);
   if (!id) return req.fail(id.code(), id.err().message);
   SHMALLOC_CRASH_POINT("handler.large_recorded");
+  // Free in the heap's eyes until the client hands it out (client/large.cpp
+  // sets the bit): a client that dies waiting for this reply leaves a span
+  // its reclaim frees, not one kept as another process's object.
+  heap_->span(*id).alloc_bits[0].store(0, std::memory_order_relaxed);
   c.large.insert(id->value);
   c.bytes_held += bytes;
   const handle_t handle = heap_->view().handle_of(heap_->view().span_base(heap_->span(*id)));

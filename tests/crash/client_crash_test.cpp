@@ -169,6 +169,27 @@ void run_lane(const daemon_process& d, const std::vector<std::uint64_t>& points,
                            " lost in flight");
 }
 
+
+// The cache campaign (issue 23, item 3): what the heap holds, as its walk
+// and the daemon's counters say.
+struct figures {
+  std::uint64_t live = 0, heap_objects = 0, heap_alloc_bytes = 0, large_objects = 0, large_bytes = 0;
+  bool operator==(const figures&) const = default;
+  std::string text() const {
+    return "live " + std::to_string(live) + ", heap_objects " + std::to_string(heap_objects) + ", heap_alloc_bytes " +
+           std::to_string(heap_alloc_bytes) + ", large_objects " + std::to_string(large_objects) + ", large_bytes " +
+           std::to_string(large_bytes);
+  }
+};
+
+figures figures_of(const daemon_process& d, mheap& h, std::uint64_t want_live, verify_report* report) {
+  const heap_look l = look_at(d.pid(), d.socket, h, want_live);
+  *report = l.report;
+  raw_client c(d.socket);
+  const proto::stats_msg s = daemon_stats(c);
+  return {l.live, s.heap_objects, s.heap_alloc_bytes, s.large_objects, s.large_bytes};
+}
+
 }  // namespace
 
 TEST_CASE("a client killed at any crash point loses at most the object in flight and the daemon takes back the rest") {
@@ -222,4 +243,73 @@ TEST_CASE("a client killed at any crash point loses at most the object in flight
   CHECK(all.runs == points.size());
   CHECK(all.max_lost_per_kill <= 1);
   for (auto& d : daemons) check_heap_after(*d);
+}
+
+// A cache writer (crash_workload cache) killed at hits spread over its run
+// (SHMALLOC_CRASH_POINTS_CACHE, default 300): the cache's own points in put,
+// replace, erase, reclaim and repair, and the client library's under them
+// (large objects of up to 250,000 bytes among them). After each kill a
+// second process checks the cache, erases every key and leaves; with no
+// client left, the heap must hold exactly what it held before the run and
+// the daemon's counters must not have moved: no kill, in the cache or in
+// the allocator under it, loses anything. (The allocator's own campaign
+// above allows one object in flight per kill: its caller there has nowhere
+// to put it before it returns; the cache's put has its pending slot.)
+TEST_CASE("a cache writer killed at any crash point of put or erase loses nothing and leaves the counters exact") {
+  const std::uint64_t n = count_from_env("SHMALLOC_CRASH_POINTS_CACHE", 300);
+  daemon_process d({"--keep-heap"}, "crash-cache");
+  REQUIRE(d.started());
+  const std::string log = d.dir + "/crash.log";
+  auto run = [&](const char* mode, std::uint64_t at, bool armed) {
+    child_env env(at, armed, log);
+    return wait_status(spawn({SHMALLOC_CRASH_WORKLOAD_PATH, mode, d.socket, d.dir}, env));
+  };
+  REQUIRE(run("cache-clean", 0, false) == 0);  // makes the cache: its header and buckets stay
+  REQUIRE(run("cache", 0, true) == 0);         // counts the hits of a whole run
+  const std::uint64_t total = total_hits(log);
+  REQUIRE(total > 0);
+  REQUIRE(run("cache-clean", 0, false) == 0);
+  REQUIRE(wait_no_clients(d.socket));
+  auto seg = segment::attach(d.heap);
+  REQUIRE(seg);
+  mheap h(*seg.value());
+  verify_report report;
+  figures base = figures_of(d, h, 0, &report);
+  base = figures_of(d, h, base.live, &report);
+  REQUIRE(report.ok());
+
+  const std::uint64_t only = count_from_env("SHMALLOC_CRASH_AT_ONLY", 0);
+  const std::vector<std::uint64_t> points = only != 0 ? std::vector<std::uint64_t>{only} : spread(total, n);
+  std::uint64_t kills = 0;
+  std::map<std::string, std::uint64_t> by_point;
+  std::vector<std::string> failures;
+  for (const std::uint64_t at : points) {
+    std::remove(log.c_str());
+    const int rc = run("cache", at, true);
+    std::uint64_t hit = 0;
+    const std::string point = last_point(log, &hit);
+    const std::string where = "SHMALLOC_CRASH_AT=" + std::to_string(at) + " (" + point + ")";
+    if (rc == 128 + SIGKILL && !point.empty()) {
+      ++kills;
+      ++by_point[point];
+    } else if (rc != 0) {
+      failures.push_back(where + ": the writer ended with " + std::to_string(rc));
+    }
+    if (!wait_no_clients(d.socket)) failures.push_back(where + ": the writer stays registered");
+    if (const int crc = run("cache-clean", 0, false); crc != 0)
+      failures.push_back(where + ": the cache does not check out (cache-clean ended with " + std::to_string(crc) + ")");
+    if (!wait_no_clients(d.socket)) failures.push_back(where + ": the cleaner stays registered");
+    const figures now = figures_of(d, h, base.live, &report);
+    if (!report.ok()) failures.push_back(where + ": heap check: " + report.summary());
+    if (!failures.empty()) break;  // the first failure is the one to reproduce
+    if (now != base) failures.push_back(where + ": the heap went from " + base.text() + " to " + now.text());
+  }
+  std::printf("cache crash points: %llu hits in a full run, %zu runs (%llu killed), %zu distinct points hit\n",
+              static_cast<unsigned long long>(total), points.size(), static_cast<unsigned long long>(kills),
+              by_point.size());
+  for (const auto& [p, k] : by_point) std::printf("  %-28s %llu\n", p.c_str(), static_cast<unsigned long long>(k));
+  for (const auto& f : failures) FAIL_CHECK(f);
+  CHECK(failures.empty());
+  CHECK(kills > 0);
+  check_heap_after(d);
 }

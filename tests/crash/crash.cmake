@@ -5,6 +5,7 @@
 #   shmalloc_shm_crash_objects  shm/ with SHMALLOC_CRASH_POINTS
 #   shmalloc_client_crash       libshmalloc (static) over them
 #   shmallocd_crash             the daemon over them
+#   shmalloc_cache_crash        the shared cache (cache/) over the client
 # libshmalloc and shmallocd themselves never change. Not in sanitizer builds.
 if(NOT SHMALLOC_SANITIZE)
   function(shmalloc_sources_of target out)
@@ -45,10 +46,18 @@ if(NOT SHMALLOC_SANITIZE)
   target_link_libraries(shmallocd_crash PRIVATE shmalloc::service)
   shmalloc_warnings(shmallocd_crash)
 
+  # The shared cache over it, with the points of its put and erase paths.
+  add_library(shmalloc_cache_crash STATIC ${PROJECT_SOURCE_DIR}/cache/cache.cpp)
+  target_include_directories(shmalloc_cache_crash PUBLIC ${PROJECT_SOURCE_DIR}/cache/include)
+  target_include_directories(shmalloc_cache_crash PRIVATE ${PROJECT_SOURCE_DIR} ${XXHASH_INCLUDE_DIR})
+  target_link_libraries(shmalloc_cache_crash PUBLIC shmalloc_client_crash pthread)
+  target_compile_definitions(shmalloc_cache_crash PRIVATE SHMALLOC_CRASH_POINTS)
+  shmalloc_warnings(shmalloc_cache_crash)
+
   # The client's workload (crash points in it) and the daemon campaign's
   # client (the production library).
   add_executable(crash_workload ${CMAKE_CURRENT_LIST_DIR}/crash_workload.cpp)
-  target_link_libraries(crash_workload PRIVATE shmalloc_client_crash)
+  target_link_libraries(crash_workload PRIVATE shmalloc_cache_crash shmalloc_client_crash)
   target_include_directories(crash_workload PRIVATE ${PROJECT_SOURCE_DIR})
   shmalloc_warnings(crash_workload)
 

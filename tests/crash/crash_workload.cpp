@@ -12,6 +12,13 @@
 //       <dir>/record say is held, removes the record, unpublishes the run's
 //       names, and allocates new foreign objects into <dir>/foreign.
 //   crash_workload clean <socket> <dir>  the same without new foreign objects.
+//   crash_workload cache <socket> <dir>  puts values of mixed sizes (large
+//       ones among them) into the shared cache "crash-cache" and erases some
+//       keys: the cache's put, replace, erase and reclaim paths.
+//   crash_workload cache-clean <socket> <dir>  opens that cache (making it
+//       if need be), checks it (which settles a dead writer's slot), erases
+//       every key and checks again, so that the cache holds nothing retired
+//       either; exits 0 only if both checks found nothing wrong.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -20,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "shmalloc/cache.h"
 #include "shmalloc/shmalloc.h"
 #include "tests/crash/crash_record.hpp"
 
@@ -161,11 +169,50 @@ int prep(const std::string& dir, int foreign) {
   return 0;
 }
 
+constexpr char cache_name[] = "crash-cache";
+constexpr std::uint64_t cache_budget = 64ULL << 20;
+constexpr int cache_keys = 32;
+constexpr std::size_t cache_value_sizes[] = {100, 3000, 20000, 40000, 100000, 250000};
+
+std::string cache_key(int i) { return "key:" + std::to_string(i); }
+
+int cache_run() {
+  shmalloc_cache* c = nullptr;
+  if (shmalloc_cache_open(cache_name, cache_budget, &c) != 0) return 3;
+  std::vector<char> value(cache_value_sizes[std::size(cache_value_sizes) - 1], 'v');
+  for (int i = 0; i < 120; ++i) {
+    const std::string k = cache_key(i % cache_keys);
+    const std::size_t n = cache_value_sizes[static_cast<std::size_t>(i * 5 + i / cache_keys) % std::size(cache_value_sizes)];
+    if (shmalloc_cache_put(c, k.data(), k.size(), value.data(), n, 0) != 0) return 4;
+    if (i % 4 == 3) {
+      const std::string gone = cache_key((i * 7) % cache_keys);
+      shmalloc_cache_erase(c, gone.data(), gone.size());
+    }
+  }
+  shmalloc_cache_close(c);
+  shmalloc_detach();
+  return 0;
+}
+
+int cache_clean() {
+  shmalloc_cache* c = nullptr;
+  if (shmalloc_cache_open(cache_name, cache_budget, &c) != 0) return 3;
+  if (shmalloc_cache_check(c) != 0) return 4;
+  for (int i = 0; i < cache_keys; ++i) shmalloc_cache_erase(c, cache_key(i).data(), cache_key(i).size());
+  if (shmalloc_cache_check(c) != 0) return 5;
+  shmalloc_cache_stats s{};
+  shmalloc_cache_stats_get(c, &s);
+  if (s.items != 0 || s.retired_items != 0) return 6;
+  shmalloc_cache_close(c);
+  shmalloc_detach();
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 4) {
-    std::fprintf(stderr, "usage: crash_workload run|prep|clean <socket> <dir>\n");
+    std::fprintf(stderr, "usage: crash_workload run|prep|clean|cache|cache-clean <socket> <dir>\n");
     return 2;
   }
   if (shmalloc_attach(argv[2]) != 0) return 2;
@@ -173,5 +220,7 @@ int main(int argc, char** argv) {
   if (mode == "run") return run(argv[3]);
   if (mode == "prep") return prep(argv[3], foreign_objects);
   if (mode == "clean") return prep(argv[3], 0);
+  if (mode == "cache") return cache_run();
+  if (mode == "cache-clean") return cache_clean();
   return 2;
 }

@@ -1287,6 +1287,8 @@ TEST_SUITE("daemon in process") {
       REQUIRE(object);
       auto seg = segment::attach(s.heap.name);
       REQUIRE(seg);
+      // The daemon hands a large object over free; its client marks it (client/large.cpp).
+      set_alloc_bits(mheap(*seg.value()).span(span_id{object->span_id}).alloc_bits[0], 1);
       fill_counters(init_cache_header(*seg.value(), object->handle, "inproc", 8ULL << 20));
       REQUIRE(c.request(msg::publish, proto::encode_publish({"cache:inproc", object->handle})));
       const std::string scrape = test::http_get(d.value()->metrics_port());
