@@ -72,6 +72,32 @@ out=docs/benchmarks.md
 
 # Median, min and max per case and allocator (the median of an even count:
 # the mean of the middle two).
+# The rows of an allocator table from a summary (case,allocator,median,min,
+# max): per case, each allocator's median (min..max) in `format`, then the
+# ratios asked for as a/b (medians). Only the cases whose name starts with
+# `prefix`, which is taken off.
+allocator_rows() {  # file, prefix, format, ratios...
+  local file=$1 prefix=$2 format=$3
+  shift 3
+  awk -F, -v prefix="$prefix" -v fmt="$format" -v ratios="$*" '
+    prefix == "" || index($1, prefix) == 1 {
+      c = substr($1, length(prefix) + 1); med[c, $2] = $3; lo[c, $2] = $4; hi[c, $2] = $5
+      if (!(c in seen)) { seen[c] = 1; cases[++k] = c }
+    }
+    function ratio(c, a, b) { return (((c, a) in med) && ((c, b) in med) && med[c, b] > 0) ? sprintf("%.2f", med[c, a] / med[c, b]) : "–" }
+    END {
+      split("glibc jemalloc tcmalloc mimalloc boost.interprocess shmalloc", al, " ")
+      n = split(ratios, rs, " ")
+      for (i = 1; i <= k; i++) {
+        c = cases[i]; line = "| " c " |"
+        for (j = 1; j <= 6; j++)
+          line = line (((c, al[j]) in med) ? sprintf(" " fmt " (" fmt ".." fmt ") |", med[c, al[j]], lo[c, al[j]], hi[c, al[j]]) : " – |")
+        for (r = 1; r <= n; r++) { split(rs[r], ab, "/"); line = line " " ratio(c, ab[1], ab[2]) " |" }
+        print line
+      }
+    }' "$file" | sort -t'|' -k2,2n
+}
+
 summarize() {
   sort -t, -k1,1 -k2,2 -k3,3g "$1" | awk -F, '
   { key = $1 "," $2; v[key, ++n[key]] = $3; if (!(key in seen)) { seen[key] = 1; order[++k] = key } }
@@ -154,19 +180,7 @@ summarize "$work/raw.csv" >"$work/summary.csv"
   echo
   echo "| case | glibc | jemalloc | TCMalloc | mimalloc | Boost.Interprocess | shmalloc | shmalloc / mimalloc | shmalloc / glibc | Boost.Interprocess / shmalloc |"
   echo "|---|---|---|---|---|---|---|---|---|---|"
-  awk -F, '
-    { med[$1, $2] = $3; lo[$1, $2] = $4; hi[$1, $2] = $5; if (!($1 in seen)) { seen[$1] = 1; cases[++k] = $1 } }
-    function ratio(c, a, b) { return (((c, a) in med) && ((c, b) in med) && med[c, b] > 0) ? sprintf("%.2f", med[c, a] / med[c, b]) : "–" }
-    END {
-      split("glibc jemalloc tcmalloc mimalloc boost.interprocess shmalloc", al, " ")
-      for (i = 1; i <= k; i++) {
-        c = cases[i]; line = "| " c " |"
-        for (j = 1; j <= 6; j++)
-          line = line (((c, al[j]) in med) ? sprintf(" %.1f (%.1f..%.1f) |", med[c, al[j]], lo[c, al[j]], hi[c, al[j]]) : " – |")
-        line = line " " ratio(c, "shmalloc", "mimalloc") " | " ratio(c, "shmalloc", "glibc") " | " ratio(c, "boost.interprocess", "shmalloc") " |"
-        print line
-      }
-    }' "$work/summary.csv" | sort -t'|' -k2,2n
+  allocator_rows "$work/summary.csv" "" "%.1f" shmalloc/mimalloc shmalloc/glibc boost.interprocess/shmalloc
   echo
   echo "## Targets"
   echo
@@ -350,18 +364,7 @@ summarize "$work/churn_raw.csv" >"$work/churn_summary.csv"
   echo
   echo "| case | glibc | jemalloc | TCMalloc | mimalloc | Boost.Interprocess | shmalloc | shmalloc / glibc | shmalloc / mimalloc |"
   echo "|---|---|---|---|---|---|---|---|---|"
-  awk -F, '
-    $1 ~ /^rate:/ { c = substr($1, 6); med[c, $2] = $3; lo[c, $2] = $4; hi[c, $2] = $5; if (!(c in seen)) { seen[c] = 1; cases[++k] = c } }
-    function ratio(c, a, b) { return (((c, a) in med) && ((c, b) in med) && med[c, b] > 0) ? sprintf("%.2f", med[c, a] / med[c, b]) : "–" }
-    END {
-      split("glibc jemalloc tcmalloc mimalloc boost.interprocess shmalloc", al, " ")
-      for (i = 1; i <= k; i++) {
-        c = cases[i]; line = "| " c " |"
-        for (j = 1; j <= 6; j++)
-          line = line (((c, al[j]) in med) ? sprintf(" %.2f (%.2f..%.2f) |", med[c, al[j]], lo[c, al[j]], hi[c, al[j]]) : " – |")
-        print line " " ratio(c, "shmalloc", "glibc") " | " ratio(c, "shmalloc", "mimalloc") " |"
-      }
-    }' "$work/churn_summary.csv" | sort -t'|' -k2,2n
+  allocator_rows "$work/churn_summary.csv" "rate:" "%.2f" shmalloc/glibc shmalloc/mimalloc
   echo
   echo "### Committed / live and control round trips at the steady state"
   echo
