@@ -71,4 +71,10 @@ cmake --build "$work/proj/build" >/dev/null
 LD_LIBRARY_PATH=$libdir "$work/proj/build/uses_shared"
 "$work/proj/build/uses_static"
 LD_LIBRARY_PATH=$libdir "$work/proj/build/uses_cache"
-echo "install_test: 5 programs built against the installed package and ran"
+# The C++ cache header says what it needs, where g++ 12's default standard
+# would only say that std::span is unknown.
+if echo '#include <shmalloc/cache.hpp>' | c++ -std=c++17 -fsyntax-only -I"$prefix/include" -x c++ - 2>"$work/cxx17.txt"; then
+  echo "install_test: shmalloc/cache.hpp compiled as C++17"; exit 1
+fi
+grep -q 'shmalloc/cache.hpp needs C++20' "$work/cxx17.txt" || { cat "$work/cxx17.txt"; exit 1; }
+echo "install_test: 5 programs built against the installed package and ran; cache.hpp refuses C++17 by name"

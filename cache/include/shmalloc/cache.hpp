@@ -12,6 +12,10 @@
 // a miss is not an error.
 #pragma once
 
+#if __cplusplus < 202002L
+#error "shmalloc/cache.hpp needs C++20 (-std=c++20, or CMake's cxx_std_20): it uses std::span. From C or older C++, use shmalloc/cache.h"
+#endif
+
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
