@@ -33,11 +33,17 @@ constexpr std::uint64_t large_cache_max_bytes = 64ULL << 20;
 // caller marks it).
 void* take_cached_large(runtime& r, std::size_t size) noexcept {
   const std::uint64_t need = (size + page_size - 1) / page_size;
+  // A size's list stays when it empties (its node and storage are reused
+  // by the next free of that size: a pair of large allocation and free
+  // would otherwise allocate and free both); the trim drops empty lists.
   for (auto it = r.large_cache.lower_bound(static_cast<std::uint32_t>(std::min<std::uint64_t>(need, ~0u)));
-       it != r.large_cache.end() && it->first <= need + need / 4; it = r.large_cache.lower_bound(it->first)) {
+       it != r.large_cache.end() && it->first <= need + need / 4;) {
+    if (it->second.empty()) {
+      ++it;
+      continue;
+    }
     const runtime::cached_large c = it->second.back();
     it->second.pop_back();
-    if (it->second.empty()) r.large_cache.erase(it);
     --r.large_cache_count;
     r.large_cache_bytes -= std::uint64_t{c.npages} * page_size;
     if (!still_ours(r, c)) {
