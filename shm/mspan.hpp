@@ -153,8 +153,13 @@ void park_span(const heap_view& v, mspan& s, std::uint32_t slot) noexcept;
 // span on it, after clearing its parked_queued (a later free pushes it
 // again). Other processes write the queue, so the walk trusts nothing: an
 // id past the span table, or more spans than the table holds, ends it (the
-// spans lost that way are found by the process's trim). Returns the number
-// of spans visited.
+// spans lost that way are found by the process's trim). A span can also
+// leave a queue while still linked in it: the process's trim may pool it
+// and give it back, and the daemon hand it to another process that parks
+// it; that process's pushes then relink it, and a walk of the old queue
+// wanders into the new one, clearing flags whose spans it cannot claim.
+// Those spans wait for their process's trim too. Returns the number of
+// spans visited.
 template <class Visit>
 std::uint32_t take_parked_queue(const heap_view& v, std::uint32_t slot, Visit&& visit) {
   if (v.slots == nullptr || slot >= v.max_caches) return 0;
