@@ -104,7 +104,11 @@ static_assert(sizeof(spare_queue) == 320);
 // everything else the fast paths and every slow path read.
 struct alignas(64) mcache {
   mcache_entry alloc[num_span_classes];
-  std::uint32_t token = ~0u;     // slot + 1, stored in mspan::owner_cache; ~0u never matches
+  // slot + 1, stored in mspan::owner_cache; ~0u never matches: the static
+  // empty cache's, and that of a cache a detach emptied (its thread
+  // outlived the detach, forget_thread_caches_locked), which its thread's
+  // next slow path replaces.
+  std::uint32_t token = ~0u;
   std::uint32_t slot = 0;
   stats_block* stats = nullptr;  // this thread's slot in the segment
   // The tiny allocator (Go's tiny, tinyoffset): the current 16-byte block of
@@ -132,9 +136,6 @@ struct alignas(64) mcache {
   // and its random stream (0: not drawn yet).
   std::int64_t profile_countdown = 0;
   std::uint64_t profile_rng = 0;
-  // The attachment it was opened under (runtime::generation): a cache of an
-  // earlier one (its thread outlived a detach) holds nothing of the heap.
-  std::uint32_t generation = 0;
 };
 static_assert(offsetof(mcache, slow_calls) / 64 == offsetof(mcache, token) / 64,
               "the fields every slow path reads share the free fast path's line");

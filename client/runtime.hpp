@@ -147,10 +147,8 @@ struct runtime {
   std::vector<std::uint32_t> spare_slots;
   bool attached = false;
   bool atfork_registered = false;
-  // Bumped by each detach: thread caches opened before it are stale, and
-  // `caches` lists every open one (ensure_cache adds, release removes) so
-  // that detach can empty them (forget_thread_caches_locked).
-  std::atomic<std::uint32_t> generation{1};
+  // Every open thread cache (ensure_cache adds, release removes), so that
+  // detach can empty them (forget_thread_caches_locked).
   std::set<mcache*> caches;
   span_pool pool;
   std::vector<std::uint32_t> full;  // spans to give back, in batches (trim, detach)
@@ -224,6 +222,9 @@ void fold(mcache* mc, mspan& s) noexcept;
 // Gives up a span this thread holds, which stays the process's: pooled if
 // it has a free slot, else parked.
 void drop_span(runtime& r, std::uint8_t spc, mspan& s) noexcept;
+// Claims the parked span s as `token`, folds it, and pools it if a slot is
+// free, else parks it again; false if it was not ours to claim.
+bool unpark_locally(runtime& r, mcache* mc, mspan& s, std::uint32_t slot, std::uint32_t token) noexcept;
 // Pools the spans on the process's parked queue that got a free slot,
 // claiming each as `token` while it folds (~0u: a thread with no cache).
 void drain_parked(runtime& r, mcache* mc, std::uint32_t token) noexcept;

@@ -107,6 +107,22 @@ void drop_span(runtime& r, std::uint8_t spc, mspan& s) noexcept {
   park_span(g_view, s, r.parked_slot.load(std::memory_order_relaxed));
 }
 
+// Claims the parked span s (as `token`), folds its remote frees, and pools
+// it if that freed a slot, else parks it again. False if s was not ours to
+// claim (another thread took it, or it is no longer parked by us).
+bool unpark_locally(runtime& r, mcache* mc, mspan& s, std::uint32_t slot, std::uint32_t token) noexcept {
+  if (s.span_class >= num_span_classes || !claim_parked(s, slot, token)) return false;
+  SHMALLOC_CRASH_POINT("parked.claimed");
+  fold(mc, s);
+  if (has_free_slot(s)) {
+    s.owner_cache.store(0, std::memory_order_release);
+    r.pool.push(s.span_class, g_view.span_id_of(s).value);
+  } else {
+    park_span(g_view, s, slot);
+  }
+  return true;
+}
+
 // Pools what is on the process's parked queue: each span still parked is
 // claimed (as `token`), folded, and pooled if that freed a slot, else
 // parked again. Lock-free: any thread may drain; each span on the queue
@@ -114,17 +130,7 @@ void drop_span(runtime& r, std::uint8_t spc, mspan& s) noexcept {
 void drain_parked(runtime& r, mcache* mc, std::uint32_t token) noexcept {
   const std::uint32_t slot = r.parked_slot.load(std::memory_order_relaxed);
   r.draining.fetch_add(1, std::memory_order_relaxed);
-  take_parked_queue(g_view, slot, [&](mspan& s) {
-    if (s.span_class >= num_span_classes || !claim_parked(s, slot, token)) return;
-    SHMALLOC_CRASH_POINT("parked.claimed");
-    fold(mc, s);
-    if (has_free_slot(s)) {
-      s.owner_cache.store(0, std::memory_order_release);
-      r.pool.push(s.span_class, g_view.span_id_of(s).value);
-    } else {
-      park_span(g_view, s, slot);
-    }
-  });
+  take_parked_queue(g_view, slot, [&](mspan& s) { unpark_locally(r, mc, s, slot, token); });
   r.draining.fetch_sub(1, std::memory_order_release);
 }
 
@@ -291,7 +297,7 @@ thread_local thread_cache_guard t_guard;
 
 mcache* ensure_cache() {
   runtime& r = rt();
-  if (t_cache != &empty_cache && t_cache->generation == r.generation.load(std::memory_order_relaxed)) return t_cache;
+  if (t_cache->token != ~0u) return t_cache;  // neither the empty cache nor one a detach emptied
   std::lock_guard lock(r.mu);
   if (t_cache != &empty_cache) {  // opened before a detach: emptied by it, ours to delete
     r.caches.erase(t_cache);
@@ -324,7 +330,6 @@ mcache* ensure_cache() {
   mc->slot = slot;
   mc->token = slot + 1;
   mc->stats = &r.seg->at<mcache_slot>(r.seg->regions().caches.offset)[slot].stats;
-  mc->generation = r.generation.load(std::memory_order_relaxed);
   r.caches.insert(mc);
   (void)&t_guard;  // constructs the guard, so the thread's exit gives the cache back
   t_cache = mc;
@@ -339,7 +344,7 @@ void release_thread_cache() noexcept {
   // heap under the drops (the trim check on their free path only tries it).
   std::lock_guard lock(r.mu);
   r.caches.erase(mc);
-  if (mc->generation != r.generation.load(std::memory_order_relaxed)) {  // a detach emptied it
+  if (mc->token == ~0u) {  // a detach emptied it
     t_cache = &empty_cache;
     delete mc;
     return;
@@ -360,7 +365,6 @@ void release_thread_cache() noexcept {
 }
 
 void forget_thread_caches_locked(runtime& r) noexcept {
-  r.generation.fetch_add(1, std::memory_order_relaxed);
   for (mcache* mc : r.caches) {
     // Its fast paths miss from now on and their slow path opens a new
     // cache; its frees find no span of its own (the token matches none).

@@ -81,14 +81,7 @@ void for_each_parked_locked(runtime& r, std::uint32_t slot, F f) {
 void pool_freed_parked_locked(runtime& r, mcache* mc) {
   const std::uint32_t slot = r.parked_slot.load(std::memory_order_relaxed);
   for_each_parked_locked(r, slot, [&](mspan& s) {
-    if (!remote_pending(s) || !claim_parked(s, slot, ~0u)) return;
-    fold(mc, s);
-    if (count_allocated(s) < s.nelems) {
-      s.owner_cache.store(0, std::memory_order_release);
-      r.pool.push(s.span_class, g_view.span_id_of(s).value);
-    } else {
-      park_span(g_view, s, slot);
-    }
+    if (remote_pending(s)) unpark_locally(r, mc, s, slot, ~0u);
   });
 }
 
@@ -136,14 +129,14 @@ void trim_thread_locked(runtime& r, mcache* mc, bool everything) {
     const bool active = ((mc->active[spc / 64] >> (spc % 64)) & 1) != 0 || e.free_bits != mc->free_bits_at_trim[spc];
     const bool idle = !everything && !active;
     mc->spares[spc].filter(
-        [&](spare_queue::entry e, std::uint8_t k) {
+        [&](spare_queue::entry spare, std::uint8_t k) {
           if (idle) return false;
-          if (!everything && (e.used || k < mcache::spares_kept_by_trim)) return true;
-          mspan& s = g_view.span(span_id{e.id});
+          if (!everything && (spare.used || k < mcache::spares_kept_by_trim)) return true;
+          mspan& s = g_view.span(span_id{spare.id});
           fold(mc, s);
           return count_allocated(s) != 0;
         },
-        [&](spare_queue::entry e) { give_back_locked(r, static_cast<std::uint8_t>(spc), g_view.span(span_id{e.id})); });
+        [&](spare_queue::entry spare) { give_back_locked(r, static_cast<std::uint8_t>(spc), g_view.span(span_id{spare.id})); });
     if (mspan* s = e.span(); s != nullptr && (idle || (everything && (fold(mc, *s), count_allocated(*s) == 0)))) {
       give_back_locked(r, static_cast<std::uint8_t>(spc), *s);
       e = mcache_entry{};
